@@ -1,0 +1,117 @@
+"""The :class:`Report`: what the model says about one volume.
+
+A report is produced by :meth:`tomoscribe.model.scribe.Scribe.generate` and
+consumed by the writers in :mod:`tomoscribe.writers`; writers never run the
+model. Slice indices refer to ``Volume.slices``; the label map lies on the
+source volume's own grid, so every voxel maps back to a source slice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+#: Anatomical structures the default model knows. The key is used in label
+#: names, findings and the writers' code tables (tomoscribe.writers.codes).
+ORGANS: tuple[str, ...] = (
+    "body",
+    "right lung",
+    "left lung",
+    "liver",
+    "spleen",
+    "right kidney",
+    "left kidney",
+)
+
+#: Kinds of focal finding, keyed by the organ they lie in.
+LESION_KINDS: dict[str, str] = {
+    "liver": "hypodense lesion",
+    "right lung": "nodule",
+    "left lung": "nodule",
+    "spleen": "hypodense lesion",
+    "right kidney": "cyst",
+    "left kidney": "cyst",
+}
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One segment of the label map.
+
+    Attributes:
+        label: value of its voxels in :attr:`Report.label_map` (1..255).
+        name: human-readable label, e.g. ``"liver"`` or ``"liver lesion 1"``.
+        structure: the organ key (one of :data:`ORGANS`) it is or lies in.
+        kind: ``"organ"`` or ``"lesion"``.
+    """
+
+    label: int
+    name: str
+    structure: str
+    kind: str
+
+
+@dataclass
+class Finding:
+    """One finding of the report.
+
+    Attributes:
+        text: the sentence as the model wrote it.
+        structure: the organ key it concerns.
+        key_slices: indices into ``Volume.slices`` that show it best, most
+            relevant first (at least one).
+        segment: label of its segment in the label map, or ``None``.
+        size_mm: longest in-plane diameter measured on the label map, if any.
+        volume_ml: volume of its segment in millilitres, if any.
+    """
+
+    text: str
+    structure: str
+    key_slices: list[int]
+    segment: int | None = None
+    size_mm: float | None = None
+    volume_ml: float | None = None
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A question put to the model and its answer."""
+
+    question: str
+    answer: str
+    key_slices: tuple[int, ...] = ()
+
+
+@dataclass
+class Report:
+    """The model's draft report for one volume.
+
+    Attributes:
+        findings: positive findings; empty for a normal study.
+        impression: one or a few sentences.
+        text: the full generated report text (findings then impression).
+        answers: one :class:`Answer` per question asked.
+        slice_scores: ``(D,)`` float32 relevance of each slice, sums to 1.
+        label_map: ``(D, H, W)`` uint8 on the source volume's grid; 0 is
+            background, other values are :attr:`Segment.label`.
+        segments: the segments present in ``label_map``.
+        model_name, model_version: identity of the model that wrote it.
+    """
+
+    findings: list[Finding]
+    impression: str
+    text: str
+    answers: list[Answer] = field(default_factory=list)
+    slice_scores: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+    label_map: np.ndarray = field(default_factory=lambda: np.zeros((0, 0, 0), np.uint8))
+    segments: list[Segment] = field(default_factory=list)
+    model_name: str = "tomoscribe-tiny"
+    model_version: str = "0.1.0"
+
+    def segment(self, label: int) -> Segment:
+        """Return the segment with this label (``KeyError`` if absent)."""
+        for seg in self.segments:
+            if seg.label == label:
+                return seg
+        raise KeyError(label)
