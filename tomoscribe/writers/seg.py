@@ -1,0 +1,166 @@
+"""DICOM Segmentation (SEG) of a report's label map.
+
+:func:`build_seg` turns :attr:`Report.label_map` (``(D, H, W)`` uint8 on the
+source grid) into a BINARY highdicom Segmentation of the source series: one
+segment per :attr:`Report.segments` entry that has voxels, numbered 1..N in
+label order, coded with :mod:`tomoscribe.writers.codes`, identified as
+tomoscribe's AI algorithm. Frame ``k`` of the label map is stored against the
+source instance of ``Volume.slices[k]``; frames without any segment are left
+out.
+
+Decision: a report whose label map holds no voxel of any segment gets no SEG
+(:func:`build_seg` returns ``None``): an empty segmentation says nothing a
+viewer can show, and a SEG needs at least one frame.
+"""
+
+from __future__ import annotations
+
+import highdicom as hd
+import numpy as np
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
+
+from tomoscribe import MANUFACTURER, SOFTWARE_NAME
+from tomoscribe.errors import ReportError
+from tomoscribe.report import Report
+from tomoscribe.volume import Volume
+from tomoscribe.writers import identity
+from tomoscribe.writers.codes import segment_coding
+from tomoscribe.writers.common import check_segments, source_headers, study_uid_of
+
+
+def _checked_label_map(report: Report, volume: Volume) -> np.ndarray:
+    """The label map as ``(D, H, W)`` uint8, checked against the volume and segments."""
+    label_map = np.asarray(report.label_map)
+    if label_map.shape != volume.shape:
+        raise ReportError(
+            f"label map has shape {label_map.shape}, the volume {volume.shape}"
+        )
+    if not np.issubdtype(label_map.dtype, np.integer) and label_map.dtype != np.bool_:
+        raise ReportError(f"label map has dtype {label_map.dtype}; expected integers")
+    if label_map.size and (int(label_map.min()) < 0 or int(label_map.max()) > 255):
+        raise ReportError("label map values must lie in 0..255")
+    label_map = label_map.astype(np.uint8, copy=False)
+    known = {seg.label for seg in report.segments}
+    present = {int(v) for v in np.unique(label_map)} - {0}
+    unknown = sorted(present - known)
+    if unknown:
+        raise ReportError(f"label map holds label(s) {unknown} that no segment describes")
+    return label_map
+
+
+def segment_numbers(report: Report) -> dict[int, int]:
+    """Segment number in the SEG of each label that has voxels, ``{label: number}``.
+
+    Numbers run 1..N in increasing label order; segments without voxels are
+    left out (and have no number).
+    """
+    label_map = np.asarray(report.label_map)
+    present = {int(v) for v in np.unique(label_map)} if label_map.size else set()
+    labels = sorted(seg.label for seg in report.segments if seg.label in present)
+    return {label: number for number, label in enumerate(labels, start=1)}
+
+
+def segment_tracking_uid(study_uid: str, model_version: str, label: int) -> str:
+    """Deterministic Tracking UID of one segment (same job, same UID)."""
+    return str(generate_uid(entropy_srcs=[SOFTWARE_NAME, study_uid, model_version,
+                                          "segment", str(label)]))
+
+
+def _source_images(volume: Volume, headers: list[Dataset]) -> list[Dataset]:
+    """One header per slice, in slice order (``label_map[k]`` <-> result ``[k]``)."""
+    by_uid = {str(h.SOPInstanceUID): h for h in headers}
+    images: list[Dataset] = []
+    seen: set[str] = set()
+    for k, ref in enumerate(volume.slices):
+        if ref.frame_number is not None or int(by_uid.get(ref.sop_instance_uid, Dataset())
+                                               .get("NumberOfFrames", 1) or 1) > 1:
+            raise ReportError("SEG of a multi-frame source series is not supported yet")
+        if ref.sop_instance_uid not in by_uid:
+            raise ReportError(f"slice {k} refers to instance {ref.sop_instance_uid} "
+                              "which the volume's headers lack")
+        if ref.sop_instance_uid in seen:
+            raise ReportError(f"slice {k} repeats source instance {ref.sop_instance_uid}")
+        seen.add(ref.sop_instance_uid)
+        images.append(by_uid[ref.sop_instance_uid])
+    return images
+
+
+def build_seg(report: Report, volume: Volume) -> hd.seg.Segmentation | None:
+    """Build the SEG of ``report``'s label map on ``volume``'s source series.
+
+    Args:
+        report: the model's report; ``label_map`` is ``(D, H, W)`` on the
+            volume's grid, ``segments`` describes its non-zero values.
+        volume: the volume the report was made from, with its source headers.
+
+    Returns:
+        A BINARY Segmentation with one segment per non-empty report segment,
+        or ``None`` when no segment has any voxel.
+
+    Raises:
+        ReportError: a malformed report (unnamed or duplicate segment, unknown
+            structure or label, label map of the wrong shape) or a volume whose
+            headers cannot be referenced.
+    """
+    identity.check_identity(report)
+    check_segments(report)
+    label_map = _checked_label_map(report, volume)
+    headers = source_headers(volume)
+    study_uid = study_uid_of(volume)
+    numbers = segment_numbers(report)
+    if not numbers:
+        return None
+    source_images = _source_images(volume, headers)
+
+    lut = np.zeros(256, dtype=np.uint8)
+    descriptions: list[hd.seg.SegmentDescription] = []
+    algorithm = identity.algorithm_identification(report)
+    for segment in sorted(report.segments, key=lambda s: s.label):
+        if segment.label not in numbers:
+            continue
+        number = numbers[segment.label]
+        lut[segment.label] = number
+        coding = segment_coding(segment)
+        descriptions.append(
+            hd.seg.SegmentDescription(
+                segment_number=number,
+                segment_label=segment.name,
+                segmented_property_category=coding.category,
+                segmented_property_type=coding.type,
+                algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+                algorithm_identification=algorithm,
+                tracking_uid=segment_tracking_uid(study_uid, report.model_version, segment.label),
+                tracking_id=segment.name,
+                anatomic_regions=None if coding.anatomic_region is None
+                else [coding.anatomic_region],
+            )
+        )
+    pixel_array = lut[label_map]  # (D, H, W) segment numbers 0..N
+
+    series_uid, sop_uid = identity.output_uids(study_uid, report.model_version, "seg")
+    try:
+        seg = hd.seg.Segmentation(
+            source_images=source_images,
+            pixel_array=pixel_array,
+            segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+            segment_descriptions=descriptions,
+            series_instance_uid=series_uid,
+            series_number=identity.SEG_SERIES_NUMBER,
+            sop_instance_uid=sop_uid,
+            instance_number=1,
+            manufacturer=MANUFACTURER,
+            manufacturer_model_name=report.model_name,
+            software_versions=identity.software_versions(report),
+            device_serial_number=identity.device_serial_number(report),
+            content_label="TOMOSCRIBE",
+            content_description=f"{SOFTWARE_NAME} draft segmentation",
+            content_creator_name=None,
+            omit_empty_frames=True,
+            series_description=identity.SEG_SERIES_DESCRIPTION,
+            contributing_equipment=[identity.contributing_equipment(report)],
+            specific_character_set="ISO_IR 192",  # UTF-8: model text is free Unicode
+        )
+    except (ValueError, TypeError, AttributeError, KeyError) as exc:
+        raise ReportError(f"cannot build the segmentation: {exc}") from exc
+    return seg
