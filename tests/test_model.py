@@ -1,0 +1,147 @@
+"""Model modules: shapes, preprocessing round trips, grammar, a training step, Scribe."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tomoscribe.errors import ModelError
+from tomoscribe.model.dcformer import DCFormerEncoder, DecomposedConv3d
+from tomoscribe.model.network import NetConfig, ScribeNet
+from tomoscribe.model.preprocess import canonical_orientation, labels_to_model_grid, prepare
+from tomoscribe.model.scribe import Scribe
+from tomoscribe.model.text import (
+    WordTokenizer,
+    findings_to_text,
+    impression_of,
+    parse_findings,
+    sentence_case,
+)
+from tomoscribe.phantom import make_phantom, render_acquisition
+from tomoscribe.train import make_sample, save_model, seg_loss
+from tomoscribe.volume import SliceRef, Volume
+
+SMALL = NetConfig(model_shape=(16, 32, 32), channels=(8, 8, 16, 16))
+
+
+def test_decomposed_conv_shapes_and_parameter_count() -> None:
+    conv = DecomposedConv3d(4, 6, kernel_size=7)
+    y = conv(torch.randn(2, 4, 8, 10, 12))
+    assert y.shape == (2, 6, 8, 10, 12)
+    weights = sum(p.numel() for n, p in conv.named_parameters() if n.endswith("0.weight"))
+    assert weights == 3 * 7 * 4 * 6  # three 1D kernels, not 7^3
+
+
+def test_encoder_stage_shapes() -> None:
+    enc = DCFormerEncoder(2, (8, 16, 24, 32), (1, 1, 1, 1), (5, 5, 3, 3))
+    feats = enc(torch.randn(1, 2, 32, 64, 64))
+    assert [tuple(f.shape) for f in feats] == [
+        (1, 8, 16, 32, 32), (1, 16, 8, 16, 16), (1, 24, 4, 8, 8), (1, 32, 2, 4, 4)]
+
+
+def test_network_shapes_and_training_step_lowers_loss() -> None:
+    torch.manual_seed(0)
+    net = ScribeNet(SMALL)
+    x = torch.rand(2, 2, *SMALL.model_shape)
+    y = torch.randint(0, SMALL.num_classes, (2, *SMALL.model_shape))
+    tokens, logits = net.encode(x)
+    assert tokens.shape == (2, net.num_image_tokens, SMALL.width)
+    assert logits.shape == (2, SMALL.num_classes, *SMALL.model_shape)
+    tok = WordTokenizer()
+    ids = torch.tensor([tok.encode("<report> liver : one hypodense lesion .") + [tok.eos_id]] * 2)
+    opt = torch.optim.AdamW(net.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(6):
+        tokens, logits = net.encode(x)
+        loss = seg_loss(logits, y, torch.ones(SMALL.num_classes)) + net.lm_loss(tokens, ids)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+
+
+def test_grammar_round_trip() -> None:
+    text = findings_to_text([("liver", "hypodense lesion"), ("liver", "hypodense lesion"),
+                             ("left kidney", "cyst")])
+    assert text == ("liver : two hypodense lesions . left kidney : one cyst . "
+                    "impression : liver lesions , left kidney cyst .")
+    parsed = parse_findings(text)
+    assert [(p.organ, p.count) for p in parsed] == [("liver", 2), ("left kidney", 1)]
+    assert impression_of(text) == "liver lesions , left kidney cyst ."
+    assert parse_findings(findings_to_text([])) == []
+    assert sentence_case("liver : one cyst . impression : x .") == "Liver: one cyst. Impression: x."
+    tok = WordTokenizer()
+    assert tok.decode(tok.encode(text)) == text
+    assert tok.encode("zebra")[0] == tok.unk_id
+
+
+@pytest.mark.parametrize("perm", [(0, 1, 2), (1, 0, 2), (2, 1, 0)])
+@pytest.mark.parametrize("flip", [False, True])
+def test_reorientation_is_exactly_undone(perm: tuple[int, int, int], flip: bool) -> None:
+    ph = make_phantom(4, shape=(20, 40, 40))
+    hu, labels, aff = render_acquisition(ph)
+    # present the same data as if acquired in another orientation
+    src_hu = np.transpose(hu, perm)
+    src_lab = np.transpose(labels, perm)
+    src_aff = np.eye(4)
+    src_aff[:3, :3] = aff[:3, :3][:, list(perm)]
+    src_aff[:3, 3] = aff[:3, 3]
+    if flip:
+        src_hu, src_lab = src_hu[::-1], src_lab[::-1]
+        n = src_hu.shape[0] - 1
+        src_aff[:3, 3] = src_aff[:3, 3] + n * src_aff[:3, 0]
+        src_aff[:3, 0] = -src_aff[:3, 0]
+    p, f = canonical_orientation(src_aff)
+    x, grid = prepare(np.ascontiguousarray(src_hu), src_aff, (20, 40, 40))
+    x0, _grid0 = prepare(hu, aff, (20, 40, 40))
+    assert torch.allclose(x, x0, atol=1e-5), (p, f)
+    on_model = labels_to_model_grid(np.ascontiguousarray(src_lab), grid)
+    back = grid.to_source_labels(on_model)
+    assert back.shape == src_lab.shape
+    assert (back == src_lab).mean() > 0.97
+
+
+def test_make_sample_shapes() -> None:
+    s = make_sample(2, (16, 32, 32))
+    assert s["x"].shape == (2, 16, 32, 32)  # type: ignore[union-attr]
+    assert s["y"].shape == (16, 32, 32)  # type: ignore[union-attr]
+
+
+def _volume(seed: int, shape: tuple[int, int, int]) -> Volume:
+    ph = make_phantom(seed, lesion_probability=1.0, shape=shape)
+    hu, _labels, aff = render_acquisition(ph)
+    slices = [SliceRef(f"1.2.3.{k}", "1.2.840.10008.5.1.4.1.1.2") for k in range(shape[0])]
+    return Volume(hu, aff, slices)
+
+
+def test_scribe_save_load_encode_generate(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    net = ScribeNet(SMALL)
+    save_model(net, tmp_path, {"version": "9.9"})
+    scribe = Scribe.load(tmp_path)
+    assert scribe.version == "9.9"
+    vol = _volume(1, (24, 48, 48))
+    enc = scribe.encode(vol)
+    assert enc.seg_logits.shape[2:] == SMALL.model_shape
+    report = scribe.generate(enc, ["is there a lesion in the liver ?"])
+    assert report.label_map.shape == vol.shape
+    assert report.slice_scores.shape == (24,)
+    assert abs(float(report.slice_scores.sum()) - 1.0) < 1e-4
+    assert len(report.answers) == 1
+    for f in report.findings:
+        assert f.key_slices and all(0 <= k < 24 for k in f.key_slices)
+    labels = {s.label for s in report.segments}
+    assert set(np.unique(report.label_map)) - {0} <= labels
+
+
+def test_scribe_load_refuses_bad_folder(tmp_path: Path) -> None:
+    with pytest.raises(ModelError, match=r"lacks config\.json"):
+        Scribe.load(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    (tmp_path / "model.pt").write_bytes(b"junk")
+    with pytest.raises(ModelError, match="cannot load model"):
+        Scribe.load(tmp_path)

@@ -1,0 +1,1 @@
+"""The tomoscribe model: encoders, projector, language model, segmentation head."""

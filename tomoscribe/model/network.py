@@ -1,0 +1,141 @@
+"""The default tomoscribe network: encoder, segmentation head, projector, LM.
+
+::
+
+    x (B, 2, D, H, W)
+      -> DCFormerEncoder -> stage features f1..f4
+      -> SegHead(f1..f4, x) -> seg logits (B, K, D, H, W), decoder features
+      -> MixerProjector(f3, f4) -> 24 image tokens ┐
+      -> RegionTokens(decoder features, logits) -> 7 organ tokens ┘-> prefix
+      -> causal LM (transformers GPT-2, fed through ``inputs_embeds``):
+         [prefix][<report> report text <eos>]  or  [prefix][<question> q <answer> a <eos>]
+
+The language model is any ``transformers`` causal LM whose input embeddings
+we can call: the default is a 2-layer GPT-2 of width 128 built from
+:class:`NetConfig`, trained here with the word vocabulary of
+:mod:`tomoscribe.model.text`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tomoscribe.model.dcformer import DCFormerEncoder
+from tomoscribe.model.projector import MixerProjector, RegionTokens
+from tomoscribe.model.seghead import SegHead
+from tomoscribe.model.text import VOCAB
+
+
+@dataclass
+class NetConfig:
+    """Hyper-parameters of :class:`ScribeNet` (saved as ``config.json``)."""
+
+    model_shape: tuple[int, int, int] = (48, 96, 96)
+    in_channels: int = 2
+    channels: tuple[int, ...] = (16, 32, 64, 96)
+    depths: tuple[int, ...] = (1, 1, 2, 1)
+    kernels: tuple[int, ...] = (7, 7, 5, 3)
+    num_classes: int = 9
+    organ_classes: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 7)
+    lesion_class: int = 8
+    width: int = 128
+    lm_layers: int = 2
+    lm_heads: int = 4
+    max_positions: int = 96
+    vocab: tuple[str, ...] = field(default_factory=lambda: VOCAB)
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, object]) -> NetConfig:
+        kw = dict(d)
+        for key in ("model_shape", "channels", "depths", "kernels", "organ_classes", "vocab"):
+            if key in kw:
+                kw[key] = tuple(kw[key])  # type: ignore[arg-type]
+        return cls(**kw)  # type: ignore[arg-type]
+
+
+def build_lm(cfg: NetConfig) -> nn.Module:
+    """The default causal LM: a small GPT-2 from ``transformers``."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    conf = GPT2Config(
+        vocab_size=len(cfg.vocab),
+        n_positions=cfg.max_positions,
+        n_embd=cfg.width,
+        n_layer=cfg.lm_layers,
+        n_head=cfg.lm_heads,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    return GPT2LMHeadModel(conf)
+
+
+class ScribeNet(nn.Module):
+    """Encoder + segmentation head + projector + causal LM."""
+
+    def __init__(self, cfg: NetConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = DCFormerEncoder(cfg.in_channels, cfg.channels, cfg.depths, cfg.kernels)
+        self.seg = SegHead(cfg.channels, cfg.num_classes, cfg.in_channels)
+        self.projector = MixerProjector(cfg.channels[-2], cfg.channels[-1], cfg.width)
+        self.regions = RegionTokens(
+            cfg.channels[0], list(cfg.organ_classes), cfg.lesion_class, cfg.width
+        )
+        self.lm = build_lm(cfg)
+
+    @property
+    def num_image_tokens(self) -> int:
+        return 24 + len(self.cfg.organ_classes)
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image to ``(tokens (B, T, width), seg logits (B, K, D, H, W))``."""
+        feats = self.encoder(x)
+        logits, dec = self.seg(feats, x)
+        tokens = torch.cat([self.projector(feats[-2], feats[-1]), self.regions(dec, logits)], dim=1)
+        return tokens, logits
+
+    def embed_text(self, ids: torch.Tensor) -> torch.Tensor:
+        embedding: nn.Module = self.lm.get_input_embeddings()  # type: ignore[operator]
+        emb: torch.Tensor = embedding(ids)
+        return emb
+
+    def lm_loss(self, tokens: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Next-token loss on ``ids`` ``(B, L)`` (pad = 0) after the image prefix."""
+        emb = torch.cat([tokens, self.embed_text(ids)], dim=1)
+        logits = self.lm(inputs_embeds=emb).logits  # (B, T+L, V)
+        t = tokens.shape[1]
+        pred = logits[:, t - 1 : -1]  # position t-1 predicts ids[:, 0]
+        return F.cross_entropy(
+            pred.reshape(-1, pred.shape[-1]), ids.reshape(-1), ignore_index=0
+        )
+
+    @torch.no_grad()
+    def generate(self, tokens: torch.Tensor, prompt: list[int], max_new: int = 40,
+                 eos_id: int = 2) -> list[int]:
+        """Greedy decoding after the image prefix and ``prompt`` (batch of one)."""
+        ids = torch.tensor([prompt], dtype=torch.long)
+        out: list[int] = []
+        past = None
+        emb = torch.cat([tokens, self.embed_text(ids)], dim=1)
+        for _ in range(max_new):
+            res = self.lm(inputs_embeds=emb, past_key_values=past, use_cache=True)
+            past = res.past_key_values
+            nxt = int(res.logits[0, -1].argmax())
+            out.append(nxt)
+            if nxt == eos_id:
+                break
+            if tokens.shape[1] + len(prompt) + len(out) >= self.cfg.max_positions:
+                break
+            emb = self.embed_text(torch.tensor([[nxt]], dtype=torch.long))
+        return out

@@ -1,0 +1,264 @@
+"""``Scribe``: load a model folder, encode a volume, generate a :class:`Report`.
+
+A model folder holds ``config.json`` (name, version, network settings) and
+``model.pt`` (the state dict). The default model ships inside the package
+(``tomoscribe/weights``); nothing is ever downloaded.
+
+``generate`` turns the network's outputs into a report:
+
+* the language model writes the report text from the image tokens; the text
+  is parsed back into findings (:func:`tomoscribe.model.text.parse_findings`);
+* the segmentation head's label map is put back on the source grid; lesion
+  voxels are split into connected components, each assigned to the organ
+  around it; the components of an organ the text names become that finding's
+  segments, measured (longest in-plane diameter, volume) on the source grid;
+* key slices are the source slices where a finding's segment is largest;
+* each question is answered by the language model after the image tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tomoscribe.errors import ModelError
+from tomoscribe.model.api import Encoded
+from tomoscribe.model.network import NetConfig, ScribeNet
+from tomoscribe.model.preprocess import GridMap, prepare_volume
+from tomoscribe.model.text import (
+    ANSWER,
+    QUESTION,
+    REPORT,
+    WordTokenizer,
+    impression_of,
+    parse_findings,
+    sentence_case,
+)
+from tomoscribe.report import ORGANS, Answer, Finding, Report, Segment
+from tomoscribe.volume import Volume
+
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "weights"
+
+#: label of a lesion segment: 10 + index of the lesion in the report
+LESION_LABEL_BASE = 10
+
+
+class Scribe:
+    """A loaded model, ready to encode volumes and write reports."""
+
+    def __init__(self, net: ScribeNet, name: str, version: str, model_dir: Path) -> None:
+        self.net = net.eval()
+        self.cfg = net.cfg
+        self.name = name
+        self.version = version
+        self.model_dir = model_dir
+        self.tok = WordTokenizer(self.cfg.vocab)
+        self.organ_names = {i + 1: n for i, n in enumerate(ORGANS)}
+
+    # ------------------------------------------------------------------ load
+    @classmethod
+    def load(cls, model_dir: Path | str | None = None) -> Scribe:
+        """Load a model folder (``None``: the default model shipped with tomoscribe).
+
+        Raises:
+            ModelError: the folder is missing, incomplete or does not match.
+        """
+        folder = Path(model_dir) if model_dir is not None else DEFAULT_MODEL_DIR
+        conf_path, weights = folder / "config.json", folder / "model.pt"
+        if not conf_path.is_file() or not weights.is_file():
+            raise ModelError(f"model folder {folder} lacks config.json or model.pt")
+        try:
+            conf = json.loads(conf_path.read_text())
+            cfg = NetConfig.from_dict(conf["net"])
+            net = ScribeNet(cfg)
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+            net.load_state_dict({k: v.float() if v.is_floating_point() else v
+                                 for k, v in state.items()})
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ModelError(f"cannot load model from {folder}: {first[:200]}") from exc
+        return cls(net, str(conf.get("name", "tomoscribe")), str(conf.get("version", "0")), folder)
+
+    # ---------------------------------------------------------------- encode
+    @torch.inference_mode()
+    def encode(self, volume: Volume) -> Encoded:
+        """Run the image side of the model.
+
+        Returns an :class:`Encoded` with ``image_tokens`` ``(1, T, width)``,
+        ``seg_logits`` ``(1, K, D, H, W)`` on the model grid and
+        ``slice_features`` ``(1, D, K)`` (class probability mass per model
+        slice).
+        """
+        x, grid = prepare_volume(volume, self.cfg.model_shape)
+        tokens, logits = self.net.encode(x)
+        prob = logits.softmax(dim=1)
+        slice_features = prob.sum(dim=(3, 4)).transpose(1, 2)
+        return Encoded(volume, tokens, logits, slice_features, extra={"grid": grid})
+
+    # -------------------------------------------------------------- generate
+    @torch.inference_mode()
+    def write_text(self, tokens: torch.Tensor) -> str:
+        """The report text (model grammar) from image tokens ``(1, T, width)``."""
+        ids = self.net.generate(tokens, [self.tok.index[REPORT]], max_new=60,
+                                eos_id=self.tok.eos_id)
+        return self.tok.decode(ids)
+
+    @torch.inference_mode()
+    def answer(self, tokens: torch.Tensor, question: str) -> str:
+        """Answer one question from image tokens ``(1, T, width)``."""
+        prompt = [self.tok.index[QUESTION], *self.tok.encode(question), self.tok.index[ANSWER]]
+        room = self.cfg.max_positions - tokens.shape[1] - 8
+        prompt = prompt[-room:] if len(prompt) > room else prompt
+        ids = self.net.generate(tokens, prompt, max_new=8, eos_id=self.tok.eos_id)
+        return self.tok.decode(ids)
+
+    def generate(self, encoded: Encoded, questions: Sequence[str] = (), *,
+                 blind: bool = False) -> Report:
+        """Write the report for an encoded volume.
+
+        Args:
+            encoded: from :meth:`encode`.
+            questions: free-text questions to answer.
+            blind: zero the image tokens (the image-blind baseline).
+        """
+        volume = encoded.volume
+        grid: GridMap = encoded.extra["grid"]
+        tokens = torch.zeros_like(encoded.image_tokens) if blind else encoded.image_tokens
+        text = self.write_text(tokens)
+        parsed = parse_findings(text)
+
+        labels_model = encoded.seg_logits.argmax(dim=1)[0].to(torch.uint8).numpy()
+        lesion_class = self.cfg.lesion_class
+        comps, comp_organ = _lesion_components(labels_model, lesion_class, self.organ_names)
+        comp_src = grid.to_source_labels(comps.astype(np.int16))
+        organ_src = grid.to_source_labels(labels_model)
+        organ_src[organ_src == lesion_class] = 0
+        organ_src[organ_src == 1] = 0  # the body outline is no segment of interest
+        label_map = organ_src.astype(np.uint8)
+
+        segments: list[Segment] = [
+            Segment(label, name, name, "organ")
+            for label, name in self.organ_names.items()
+            if label != 1 and bool((label_map == label).any())
+        ]
+        voxel_ml = float(np.prod(volume.spacing)) / 1000.0
+        findings: list[Finding] = []
+        next_label = LESION_LABEL_BASE
+        for pf in parsed:
+            ids = [c for c, organ in comp_organ.items() if organ == pf.organ]
+            masks = [(c, comp_src == c) for c in ids]
+            masks = [(c, m) for c, m in masks if m.any()]
+            masks.sort(key=lambda cm: -int(cm[1].sum()))
+            seg_label: int | None = None
+            size_mm: float | None = None
+            volume_ml: float | None = None
+            if masks:
+                seg_label = next_label
+                next_label += 1
+                union = np.zeros(label_map.shape, dtype=bool)
+                for _c, m in masks:
+                    union |= m
+                label_map[union] = seg_label
+                segments.append(Segment(seg_label, f"{pf.organ} {pf.kind}", pf.organ, "lesion"))
+                key = _key_slices(union)
+                size_mm = _longest_diameter(masks[0][1], key[0], volume.spacing)
+                volume_ml = round(float(union.sum()) * voxel_ml, 2)
+            else:
+                organ_label = next(k for k, v in self.organ_names.items() if v == pf.organ)
+                organ_mask = label_map == organ_label
+                key = _key_slices(organ_mask) if organ_mask.any() else [volume.shape[0] // 2]
+            sentence = sentence_case(pf.sentence)
+            if size_mm is not None:
+                sentence = sentence[:-1] + f", largest {size_mm:.0f} mm on the segmentation."
+            findings.append(Finding(sentence, pf.organ, key, seg_label, size_mm, volume_ml))
+
+        # lesion voxels of organs the report does not mention stay unlabelled:
+        # the text is the model's decision, the segmentation shows its extent
+
+        lesion_area = (label_map >= LESION_LABEL_BASE).sum(axis=(1, 2)).astype(np.float32)
+        if lesion_area.sum() > 0:
+            scores = lesion_area / lesion_area.sum()
+        else:
+            scores = np.full(volume.shape[0], 1.0 / volume.shape[0], dtype=np.float32)
+
+        answers = []
+        for q in questions:
+            ans = self.answer(tokens, q)
+            organ_hits = [f for f in findings if f.structure in q.lower()]
+            key_slices = tuple(organ_hits[0].key_slices) if organ_hits else ()
+            answers.append(Answer(q, sentence_case(ans) or "(no answer)", key_slices))
+
+        impression = sentence_case(impression_of(text)) or "No impression generated."
+        if not parsed and not impression_of(text):
+            impression = "Normal study." if "no focal" in text else impression
+        return Report(
+            findings=findings,
+            impression=impression,
+            text=sentence_case(text),
+            answers=answers,
+            slice_scores=scores.astype(np.float32),
+            label_map=label_map,
+            segments=sorted(segments, key=lambda s: s.label),
+            model_name=self.name,
+            model_version=self.version,
+        )
+
+
+def _lesion_components(
+    labels: np.ndarray, lesion_class: int, organ_names: dict[int, str]
+) -> tuple[np.ndarray, dict[int, str]]:
+    """Connected lesion components on the model grid and the organ around each."""
+    from scipy import ndimage
+
+    comps, n = ndimage.label(labels == lesion_class)
+    organ_of: dict[int, str] = {}
+    for c in range(1, n + 1):
+        m = comps == c
+        if int(m.sum()) < 2:  # a single voxel is noise at this resolution
+            comps[m] = 0
+            continue
+        ring = ndimage.binary_dilation(m, iterations=2) & ~m
+        around = labels[ring]
+        around = around[(around != lesion_class) & (around > 1)]
+        if around.size == 0:
+            comps[m] = 0
+            continue
+        organ_of[c] = organ_names[int(np.bincount(around).argmax())]
+    return comps, organ_of
+
+
+def _key_slices(mask: np.ndarray, n: int = 3) -> list[int]:
+    """Source slice indices with the largest area of ``mask`` ``(D, H, W)``."""
+    area = mask.sum(axis=(1, 2))
+    order = np.argsort(-area, kind="stable")
+    return [int(k) for k in order[:n] if area[k] > 0] or [int(order[0])]
+
+
+def _longest_diameter(mask: np.ndarray, k: int, spacing: tuple[float, float, float]) -> float:
+    """Longest in-plane distance (mm) between two voxels of ``mask[k]``."""
+    rr, cc = np.nonzero(mask[k])
+    if rr.size == 0:
+        return 0.0
+    pts = np.stack([rr * spacing[1], cc * spacing[2]], axis=1)
+    if len(pts) > 400:
+        pts = pts[np.linspace(0, len(pts) - 1, 400).astype(int)]
+    d = np.sqrt(((pts[:, None, :] - pts[None, :, :]) ** 2).sum(-1)).max()
+    return float(d + min(spacing[1], spacing[2]))  # voxel extent, not centre distance
+
+
+_CACHE: dict[Path, Scribe] = {}
+_LOCK = threading.Lock()
+
+
+def load_cached(model_dir: Path | str | None = None) -> Scribe:
+    """:meth:`Scribe.load` once per process and folder (the worker's model cache)."""
+    key = (Path(model_dir) if model_dir is not None else DEFAULT_MODEL_DIR).resolve()
+    with _LOCK:
+        if key not in _CACHE:
+            _CACHE[key] = Scribe.load(key)
+        return _CACHE[key]

@@ -1,0 +1,199 @@
+"""Report grammar, vocabulary and the word-level tokenizer of the default model.
+
+The default model writes reports in a small, regular grammar, one finding per
+organ with lesions, in :data:`tomoscribe.report.ORGANS` order::
+
+    liver : one hypodense lesion . right lung : two nodules .
+    impression : liver lesion , right lung nodules .
+
+and for a normal study::
+
+    no focal abnormality . impression : normal study .
+
+The same grammar is parsed back into structured findings
+(:func:`parse_findings`), which is how the benchmark scores a generated report
+against the ground truth and how :class:`~tomoscribe.model.scribe.Scribe`
+attaches segments and key slices to each sentence.
+
+Questions and answers use the same vocabulary; words outside it map to
+``<unk>``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from tomoscribe.report import LESION_KINDS, ORGANS
+
+PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
+REPORT, QUESTION, ANSWER = "<report>", "<question>", "<answer>"
+SPECIAL = (PAD, BOS, EOS, UNK, REPORT, QUESTION, ANSWER)
+
+NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five")
+PLURAL = {"hypodense lesion": "hypodense lesions", "nodule": "nodules", "cyst": "cysts"}
+SHORT = {"hypodense lesion": "lesion", "nodule": "nodule", "cyst": "cyst"}
+SHORT_PLURAL = {"hypodense lesion": "lesions", "nodule": "nodules", "cyst": "cysts"}
+
+_BASE_WORDS = (
+    ". , : ? no focal abnormality impression normal study yes "
+    "is there a an any in the how many lesions are which organ has have lesion "
+    "does contain show abnormal findings none of and what kind type largest"
+)
+
+
+def _vocabulary() -> list[str]:
+    words: list[str] = list(SPECIAL)
+    seen = set(words)
+
+    def add(text: str) -> None:
+        for w in text.split():
+            if w not in seen:
+                seen.add(w)
+                words.append(w)
+
+    add(_BASE_WORDS)
+    for organ in ORGANS:
+        add(organ)
+    for kind in set(LESION_KINDS.values()):
+        add(kind)
+        add(PLURAL[kind])
+        add(SHORT[kind])
+        add(SHORT_PLURAL[kind])
+    add(" ".join(NUMBER_WORDS))
+    return words
+
+
+VOCAB: tuple[str, ...] = tuple(_vocabulary())
+
+
+class WordTokenizer:
+    """Lower-cases, splits punctuation off words, maps words to ids."""
+
+    def __init__(self, vocab: Sequence[str] = VOCAB) -> None:
+        self.vocab = tuple(vocab)
+        self.index = {w: i for i, w in enumerate(self.vocab)}
+        self.pad_id = self.index[PAD]
+        self.bos_id = self.index[BOS]
+        self.eos_id = self.index[EOS]
+        self.unk_id = self.index[UNK]
+
+    def __len__(self) -> int:
+        return len(self.vocab)
+
+    @staticmethod
+    def words(text: str) -> list[str]:
+        return re.findall(r"<[a-z]+>|[a-z]+|[.,:?]", text.lower())
+
+    def encode(self, text: str) -> list[int]:
+        return [self.index.get(w, self.unk_id) for w in self.words(text)]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        out = []
+        for i in ids:
+            w = self.vocab[int(i)]
+            if w in (PAD, BOS):
+                continue
+            if w == EOS:
+                break
+            out.append(w)
+        return " ".join(out)
+
+
+def findings_to_text(lesions: Sequence[tuple[str, str]]) -> str:
+    """Ground-truth report text from ``(organ, kind)`` pairs, one per lesion."""
+    counts = Counter(organ for organ, _kind in lesions)
+    if not counts:
+        return "no focal abnormality . impression : normal study ."
+    parts = []
+    summary = []
+    for organ in ORGANS:
+        n = counts.get(organ, 0)
+        if not n:
+            continue
+        kind = LESION_KINDS[organ]
+        noun = kind if n == 1 else PLURAL[kind]
+        parts.append(f"{organ} : {NUMBER_WORDS[min(n, 5)]} {noun} .")
+        summary.append(f"{organ} {SHORT[kind] if n == 1 else SHORT_PLURAL[kind]}")
+    return " ".join(parts) + " impression : " + " , ".join(summary) + " ."
+
+
+@dataclass(frozen=True)
+class ParsedFinding:
+    """One finding sentence parsed back: organ, kind, count and the sentence."""
+
+    organ: str
+    kind: str
+    count: int
+    sentence: str
+
+
+def parse_findings(text: str) -> list[ParsedFinding]:
+    """Parse the findings part of a report (before ``impression :``).
+
+    Unparseable sentences are skipped; an organ named twice keeps its first
+    sentence.
+    """
+    body = text.split("impression", 1)[0]
+    out: list[ParsedFinding] = []
+    seen: set[str] = set()
+    for sentence in body.split("."):
+        sentence = sentence.strip()
+        if ":" not in sentence:
+            continue
+        organ, rest = (s.strip() for s in sentence.split(":", 1))
+        if organ not in LESION_KINDS or organ in seen:
+            continue
+        words = rest.split()
+        count = 1
+        if words and words[0] in NUMBER_WORDS:
+            count = max(NUMBER_WORDS.index(words[0]), 1)
+        seen.add(organ)
+        out.append(ParsedFinding(organ, LESION_KINDS[organ], count, f"{organ} : {rest} ."))
+    return out
+
+
+def impression_of(text: str) -> str:
+    """The impression part of a report, or ``""``."""
+    if "impression" not in text:
+        return ""
+    tail = text.split("impression", 1)[1].lstrip(" :")
+    return tail.strip()
+
+
+def sentence_case(text: str) -> str:
+    """Turn the model's token text into readable prose for the SR."""
+    text = re.sub(r"\s+([.,:?])", r"\1", text.strip())
+    sentences = re.split(r"(?<=[.?])\s+", text)
+    return " ".join(s[:1].upper() + s[1:] for s in sentences if s)
+
+
+# ----------------------------------------------------------------------------
+# Questions: templates used in training, and their ground-truth answers.
+# ----------------------------------------------------------------------------
+
+QUESTION_TEMPLATES: tuple[str, ...] = (
+    "is there a lesion in the {organ} ?",
+    "does the {organ} contain a {kind} ?",
+    "how many lesions are in the {organ} ?",
+    "is the {organ} normal ?",
+    "which organ has a lesion ?",
+    "are there any focal findings ?",
+)
+
+
+def answer_for(template: str, organ: str, counts: Counter[str]) -> str:
+    """Ground-truth answer to a filled ``template`` given lesion counts per organ."""
+    n = counts.get(organ, 0)
+    if template.startswith("how many"):
+        return NUMBER_WORDS[min(n, 5)]
+    if template.startswith("is the"):
+        return "no" if n else "yes"
+    if template.startswith("which organ"):
+        organs = [o for o in ORGANS if counts.get(o, 0)]
+        return " , ".join(organs) if organs else "none"
+    if template.startswith("are there"):
+        return "yes" if sum(counts.values()) else "no"
+    return "yes" if n else "no"

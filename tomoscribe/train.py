@@ -1,0 +1,270 @@
+"""Train the default model on synthetic phantoms: ``python -m tomoscribe.train``.
+
+Reproducible (every phantom comes from a seed of the ``train`` split, the
+optimiser from ``--seed``) and resumable: a checkpoint is written to
+``--checkpoint`` every ``--save-every`` steps and picked up on the next run.
+
+Each step draws a batch of phantoms from a cache of rendered training samples
+(rendered once on the acquisition grid and passed through the same
+preprocessing as at inference), and minimises
+
+* segmentation: cross-entropy with class weights + soft Dice on every class
+  (lesions are a tiny fraction of the voxels: Dice does not care);
+* report: next-token loss of the ground-truth report after the image tokens;
+* question answering: next-token loss of a templated question's answer.
+
+At the end the weights (float16) and ``config.json`` go to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from tomoscribe.model.network import NetConfig, ScribeNet
+from tomoscribe.model.preprocess import labels_to_model_grid, prepare
+from tomoscribe.model.text import (
+    ANSWER,
+    QUESTION,
+    QUESTION_TEMPLATES,
+    REPORT,
+    WordTokenizer,
+    answer_for,
+    findings_to_text,
+)
+from tomoscribe.phantom import LESION_KINDS, SPLITS, make_phantom, render_acquisition
+
+MODEL_NAME = "tomoscribe-tiny"
+
+
+def make_sample(seed: int, model_shape: tuple[int, int, int]) -> dict[str, object]:
+    """Render phantom ``seed`` and preprocess it like an inference input.
+
+    Returns a dict with ``x`` ``(2, D, H, W)`` float16, ``y`` ``(D, H, W)``
+    uint8 and ``lesions`` (list of (organ, kind)).
+    """
+    ph = make_phantom(seed)
+    hu, labels, aff = render_acquisition(ph)
+    x, grid = prepare(hu, aff, model_shape)
+    y = labels_to_model_grid(labels, grid)
+    return {
+        "x": x[0].numpy().astype(np.float16),
+        "y": y.astype(np.uint8),
+        "lesions": [(les.organ, les.kind) for les in ph.lesions],
+        "seed": seed,
+    }
+
+
+def _render_chunk(args: tuple[list[int], tuple[int, int, int]]) -> list[dict[str, object]]:
+    torch.set_num_threads(1)
+    seeds, shape = args
+    return [make_sample(s, shape) for s in seeds]
+
+
+def build_cache(seeds: list[int], shape: tuple[int, int, int], path: Path,
+                workers: int) -> list[dict[str, object]]:
+    """Render (or load) the training samples for ``seeds``."""
+    if path.exists():
+        data = torch.load(path, weights_only=False)
+        if data["seeds"] == seeds and tuple(data["shape"]) == shape:
+            return list(data["samples"])
+    chunks = [seeds[i : i + 16] for i in range(0, len(seeds), 16)]
+    samples: list[dict[str, object]] = []
+    t0 = time.time()
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        for out in pool.map(_render_chunk, [(c, shape) for c in chunks]):
+            samples.extend(out)
+            print(f"rendered {len(samples)}/{len(seeds)} ({time.time() - t0:.0f}s)", flush=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"seeds": seeds, "shape": shape, "samples": samples}, path)
+    return samples
+
+
+def text_batch(samples: list[dict[str, object]], tok: WordTokenizer,
+               rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Report ids and question/answer ids for a batch, padded with 0."""
+    reports, qas = [], []
+    for s in samples:
+        lesions = s["lesions"]
+        assert isinstance(lesions, list)
+        reports.append(tok.encode(f"{REPORT} {findings_to_text(lesions)}") + [tok.eos_id])
+        counts = Counter(o for o, _k in lesions)
+        template = QUESTION_TEMPLATES[int(rng.integers(len(QUESTION_TEMPLATES)))]
+        # ask about a lesion organ half of the time when there is one
+        if counts and rng.random() < 0.5:
+            organ = str(rng.choice(sorted(counts)))
+        else:
+            organ = str(rng.choice(sorted(LESION_KINDS)))
+        q = template.format(organ=organ, kind=LESION_KINDS[organ])
+        a = answer_for(template, organ, counts)
+        qas.append(tok.encode(f"{QUESTION} {q} {ANSWER} {a}") + [tok.eos_id])
+
+    def pad(rows: list[list[int]]) -> torch.Tensor:
+        n = max(len(r) for r in rows)
+        return torch.tensor([r + [0] * (n - len(r)) for r in rows], dtype=torch.long)
+
+    return pad(reports), pad(qas)
+
+
+def qa_loss_mask(ids: torch.Tensor, answer_id: int) -> torch.Tensor:
+    """Zero out (pad) the question tokens so only the answer is scored."""
+    out = ids.clone()
+    for row in range(ids.shape[0]):
+        pos = (ids[row] == answer_id).nonzero()
+        if len(pos):
+            out[row, : int(pos[0]) + 1] = 0
+    return out
+
+
+def seg_loss(logits: torch.Tensor, y: torch.Tensor, class_weights: torch.Tensor) -> torch.Tensor:
+    """Weighted cross-entropy + mean soft Dice over foreground classes.
+
+    Shapes: logits ``(B, K, D, H, W)``, y ``(B, D, H, W)`` long.
+    """
+    ce = F.cross_entropy(logits, y, weight=class_weights)
+    prob = logits.softmax(dim=1)
+    onehot = F.one_hot(y, logits.shape[1]).permute(0, 4, 1, 2, 3).float()
+    dims = (2, 3, 4)
+    inter = (prob * onehot).sum(dims)
+    denom = prob.sum(dims) + onehot.sum(dims)
+    dice = (2 * inter + 1.0) / (denom + 1.0)  # (B, K)
+    # an absent class scores 1 only when nothing is predicted: false positives cost
+    dice_loss = (1 - dice[:, 1:]).mean()
+    return ce + dice_loss
+
+
+def lm_step_loss(
+    net: ScribeNet, tokens: torch.Tensor, reports: torch.Tensor, qas: torch.Tensor, answer_id: int
+) -> torch.Tensor:
+    """Report loss + answer-only QA loss.
+
+    The QA sequence is fed whole; only answer tokens are scored.
+    """
+    rep = net.lm_loss(tokens, reports)
+    emb = torch.cat([tokens, net.embed_text(qas)], dim=1)
+    logits = net.lm(inputs_embeds=emb).logits
+    t = tokens.shape[1]
+    pred = logits[:, t - 1 : -1]
+    target = qa_loss_mask(qas, answer_id)
+    qa = F.cross_entropy(pred.reshape(-1, pred.shape[-1]), target.reshape(-1), ignore_index=0)
+    return rep + qa
+
+
+def save_model(net: ScribeNet, out: Path, meta: dict[str, object]) -> None:
+    """Write ``model.pt`` (float16 state dict) and ``config.json`` into ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: (v.half() if v.is_floating_point() else v) for k, v in net.state_dict().items()}
+    tmp = out / "model.pt.tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, out / "model.pt")
+    conf = {"name": MODEL_NAME, "net": net.cfg.to_dict(), **meta}
+    (out / "config.json").write_text(json.dumps(conf, indent=2) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Train; see ``--help``."""
+    p = argparse.ArgumentParser(prog="python -m tomoscribe.train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=Path("tomoscribe/weights"))
+    p.add_argument("--checkpoint", type=Path, default=Path("checkpoints/default"))
+    p.add_argument("--samples", type=int, default=800, help="training phantoms")
+    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--minutes", type=float, default=0.0, help="stop after this long (0: no limit)")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    p.add_argument("--save-every", type=int, default=100)
+    p.add_argument("--lm-start", type=int, default=300,
+                   help="step from which the language-model losses are added")
+    args = p.parse_args(argv)
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    cfg = NetConfig()
+    tok = WordTokenizer(cfg.vocab)
+    answer_id = tok.index[ANSWER]
+    seeds = list(SPLITS["train"][: args.samples])
+    cache = args.checkpoint / f"cache-{args.samples}-{'x'.join(map(str, cfg.model_shape))}.pt"
+    samples = build_cache(seeds, cfg.model_shape, cache, args.workers)
+
+    net = ScribeNet(cfg)
+    opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=1e-4)
+    step = 0
+    spent = 0.0  # training seconds in earlier runs (for --minutes across resumes)
+    ckpt = args.checkpoint / "last.pt"
+    if ckpt.exists():
+        state = torch.load(ckpt, weights_only=False)
+        net.load_state_dict(state["net"])
+        opt.load_state_dict(state["opt"])
+        step = int(state["step"])
+        spent = float(state.get("seconds", 0.0))
+        print(f"resumed from {ckpt} at step {step}", flush=True)
+    rng = np.random.default_rng(args.seed * 1000 + step)
+    weights = torch.ones(cfg.num_classes)
+    weights[cfg.lesion_class] = 5.0
+    n_params = sum(p.numel() for p in net.parameters())
+    print(f"{n_params / 1e6:.2f} M parameters, {len(samples)} samples", flush=True)
+
+    t0 = time.time() - spent
+    net.train()
+    while step < args.steps:
+        elapsed = time.time() - t0
+        # progress: by steps or by the time budget, whichever is further along;
+        # the learning rate warms up for 3% then follows a cosine to zero
+        frac = step / args.steps
+        if args.minutes:
+            frac = max(frac, elapsed / (args.minutes * 60))
+        if frac >= 1.0:
+            print("budget reached", flush=True)
+            break
+        lr = args.lr * min(1.0, frac / 0.03) * 0.5 * (1 + np.cos(np.pi * frac))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        idx = rng.integers(len(samples), size=args.batch)
+        batch = [samples[int(i)] for i in idx]
+        x = torch.from_numpy(np.stack([b["x"] for b in batch])).float()  # type: ignore[misc]
+        y = torch.from_numpy(np.stack([b["y"] for b in batch])).long()  # type: ignore[misc]
+        tokens, logits = net.encode(x)
+        loss_seg = seg_loss(logits, y, weights)
+        loss = loss_seg
+        loss_lm = torch.zeros(())
+        if step >= args.lm_start:
+            reports, qas = text_batch(batch, tok, rng)
+            loss_lm = lm_step_loss(net, tokens, reports, qas, answer_id)
+            loss = loss + loss_lm
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 2.0)
+        opt.step()
+        step += 1
+        if step % 10 == 0:
+            el = time.time() - t0
+            print(f"step {step} seg {loss_seg.item():.3f} lm {loss_lm.item():.3f} "
+                  f"lr {lr:.2e} {el:.0f}s", flush=True)
+        if step % args.save_every == 0 or step == args.steps:
+            args.checkpoint.mkdir(parents=True, exist_ok=True)
+            torch.save({"net": net.state_dict(), "opt": opt.state_dict(), "step": step,
+                        "seconds": time.time() - t0}, ckpt.with_suffix(".tmp"))
+            os.replace(ckpt.with_suffix(".tmp"), ckpt)
+            save_model(net, args.out, {"version": "0.1.0", "trained_steps": step,
+                                       "train_samples": len(samples)})
+    save_model(net, args.out, {"version": "0.1.0", "trained_steps": step,
+                               "train_samples": len(samples)})
+    print(f"saved {args.out} at step {step}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
