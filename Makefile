@@ -36,4 +36,4 @@ bench: setup
 
 ## sample: (re)generate the sample phantom study under samples/
 sample: setup
-	$(PY) -m tomoscribe.phantom --seed 7 --out samples/phantom-ct
+	$(PY) -m tomoscribe.phantom --seed 9 --out samples/phantom-ct

@@ -332,6 +332,8 @@ def write_dicom_series(
         ds.StudyInstanceUID = study_uid
         ds.SeriesInstanceUID = series_uid
         ds.FrameOfReferenceUID = frame_uid
+        ds.PositionReferenceIndicator = ""
+        ds.AcquisitionNumber = 1
         ds.PatientName = f"Phantom^{seed}"
         ds.PatientID = pid
         ds.PatientBirthDate = "19700101"
@@ -351,7 +353,7 @@ def write_dicom_series(
         ds.SeriesNumber = series_number
         ds.InstanceNumber = k + 1
         ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
-        ds.PatientPosition = "FFS" if False else "HFS"
+        ds.PatientPosition = "HFS"
         ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
         pos = aff[:3, 3] + k * aff[:3, 0]
         ds.ImagePositionPatient = [round(float(v), 4) for v in pos]

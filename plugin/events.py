@@ -1,0 +1,75 @@
+# SPDX-License-Identifier: AGPL-3.0-or-later  (tomoscribe Orthanc plugin, see plugin/LICENSE)
+"""Which studies get a job: the event filter, shared by the plugin and the worker.
+
+Works on the JSON Orthanc returns for ``GET /studies/{id}/series`` (a list of
+series, each with ``MainDicomTags`` and ``Instances``). Standard library only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+try:  # the core package's identity constants (a light import); fall back to the same text
+    from tomoscribe import MANUFACTURER as OWN_MANUFACTURER
+    from tomoscribe import SOFTWARE_NAME as OWN_DESCRIPTION_PREFIX
+except Exception:  # pragma: no cover - only when tomoscribe is not installed
+    OWN_MANUFACTURER = OWN_DESCRIPTION_PREFIX = "tomoscribe"
+
+
+def is_own_output(series: Mapping[str, Any]) -> bool:
+    """True if the series was written by tomoscribe (our SR / SEG).
+
+    The same rule as ``tomoscribe.writers.identity.is_tomoscribe_output`` (which
+    is not imported here: it pulls in highdicom): Manufacturer equals ours, or
+    SeriesDescription starts with our software name, ignoring case and spaces.
+
+    Args:
+        series: One element of Orthanc's ``/studies/{id}/series`` answer.
+    """
+    tags = series.get("MainDicomTags", {}) or {}
+    if str(tags.get("Manufacturer", "")).strip().lower() == OWN_MANUFACTURER.lower():
+        return True
+    description = str(tags.get("SeriesDescription", "")).strip().lower()
+    return description.startswith(OWN_DESCRIPTION_PREFIX.lower())
+
+
+def input_series(series_list: Iterable[Mapping[str, Any]],
+                 modalities: Sequence[str]) -> list[Mapping[str, Any]]:
+    """The series a job reads: image series of an enabled modality, not our own output.
+
+    Args:
+        series_list: Orthanc's ``/studies/{id}/series`` answer.
+        modalities: Enabled modalities (upper case, e.g. ``("CT", "MR")``).
+
+    Returns:
+        The qualifying series, in Orthanc's order.
+    """
+    wanted = {m.upper() for m in modalities}
+    out = []
+    for series in series_list:
+        modality = str((series.get("MainDicomTags", {}) or {}).get("Modality", "")).upper()
+        if modality in wanted and not is_own_output(series) and series.get("Instances"):
+            out.append(series)
+    return out
+
+
+def study_qualifies(series_list: Sequence[Mapping[str, Any]],
+                    modalities: Sequence[str]) -> tuple[bool, str]:
+    """Decide whether a study gets a job.
+
+    Args:
+        series_list: Orthanc's ``/studies/{id}/series`` answer.
+        modalities: Enabled modalities.
+
+    Returns:
+        ``(True, "")`` or ``(False, one-line reason)``.
+    """
+    if not series_list:
+        return False, "the study has no series"
+    if input_series(series_list, modalities):
+        return True, ""
+    found = sorted({str((s.get("MainDicomTags", {}) or {}).get("Modality", "?"))
+                    for s in series_list})
+    return False, (f"no {'/'.join(modalities)} image series that is not tomoscribe's own"
+                   f" output (modalities present: {', '.join(found)})")

@@ -1,0 +1,280 @@
+"""The plugin's logic with a fake ``orthanc`` module (no server): filter, enqueue, routes.
+
+The real Orthanc tests are in test_e2e_orthanc.py.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+import time
+import types
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from events import is_own_output, study_qualifies
+from settings import Settings, load_settings
+from supervisor import Supervisor
+
+import tomoscribe
+
+PLUGIN_SCRIPT = Path(__file__).resolve().parent.parent / "plugin" / "tomoscribe_plugin.py"
+
+
+class FakeOrthancError(Exception):
+    pass
+
+
+def _series(sid: str, modality: str, manufacturer: str = "ACME", n: int = 3) -> dict[str, Any]:
+    return {"ID": sid, "Instances": [f"{sid}-i{k}" for k in range(n)],
+            "MainDicomTags": {"Modality": modality, "Manufacturer": manufacturer,
+                              "SeriesInstanceUID": f"1.2.{sid}"}}
+
+
+class FakeOrthanc:
+    """Builds a module object standing in for orthanc-python's ``orthanc``."""
+
+    def __init__(self, config: dict[str, Any]):
+        self.config = config
+        self.studies: dict[str, tuple[str, list[dict[str, Any]]]] = {}
+        self.change_callbacks: list[Any] = []
+        self.routes: dict[str, Any] = {}
+        self.logs: list[str] = []
+        self.rest_calls: list[str] = []
+        self.module = types.ModuleType("orthanc")
+        m = self.module
+        m.ChangeType = types.SimpleNamespace(STABLE_STUDY=8, ORTHANC_STARTED=11,  # type: ignore[attr-defined]
+                                             ORTHANC_STOPPED=12, NEW_INSTANCE=2)
+        m.OrthancException = FakeOrthancError  # type: ignore[attr-defined]
+        m.GetConfiguration = lambda: json.dumps(self.config)  # type: ignore[attr-defined]
+        m.GenerateRestApiAuthorizationToken = lambda: "Bearer fake"  # type: ignore[attr-defined]
+        m.RegisterOnChangeCallback = self.change_callbacks.append  # type: ignore[attr-defined]
+        m.RegisterRestCallback = self.routes.__setitem__  # type: ignore[attr-defined]
+        m.RestApiGet = self.rest_get  # type: ignore[attr-defined]
+        for name in ("LogWarning", "LogInfo", "LogError"):
+            setattr(m, name, self.logs.append)
+
+    def rest_get(self, path: str) -> bytes:
+        self.rest_calls.append(path)
+        parts = path.strip("/").split("/")
+        if parts[0] == "studies" and parts[1] in self.studies:
+            uid, series = self.studies[parts[1]]
+            if len(parts) == 2:
+                return json.dumps({"ID": parts[1], "MainDicomTags": {"StudyInstanceUID": uid},
+                                   "Series": [s["ID"] for s in series]}).encode()
+            if parts[2:] == ["series"]:
+                return json.dumps(series).encode()
+        raise FakeOrthancError("Unknown resource")
+
+
+class FakeOutput:
+    """Records what a REST callback answered."""
+
+    def __init__(self) -> None:
+        self.status: int | None = None
+        self.body: str | None = None
+        self.allowed: str | None = None
+
+    def AnswerBuffer(self, body: str, mime: str) -> None:  # noqa: N802 - orthanc's API
+        assert mime == "application/json"
+        self.status, self.body = 200, body
+
+    def SendHttpStatus(self, status: int, body: str, size: int) -> None:  # noqa: N802 - orthanc's API
+        assert isinstance(body, str) and size == len(body.encode())  # orthanc-python 4.0
+        self.status, self.body = status, body
+
+    def SendMethodNotAllowed(self, allowed: str) -> None:  # noqa: N802 - orthanc's API
+        self.status, self.allowed = 405, allowed
+
+    def json(self) -> Any:
+        assert self.body is not None
+        return json.loads(self.body)
+
+
+@pytest.fixture
+def fake(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[FakeOrthanc, Any]]:
+    config = {"StorageDirectory": str(tmp_path / "storage"), "HttpPort": 8999,
+              "AuthenticationEnabled": True,
+              "Tomoscribe": {"Python": sys.executable, "Questions": ["Any lesion?"]}}
+    orthanc = FakeOrthanc(config)
+    monkeypatch.setitem(sys.modules, "orthanc", orthanc.module)
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the entry script edits sys.path
+    spec = importlib.util.spec_from_file_location("tomoscribe_plugin_under_test", PLUGIN_SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    yield orthanc, module.PLUGIN
+    module.PLUGIN.supervisor.stop()
+
+
+def _stable(orthanc: FakeOrthanc, study_id: str) -> float:
+    t0 = time.perf_counter()
+    orthanc.change_callbacks[0](orthanc.module.ChangeType.STABLE_STUDY, 2, study_id)
+    return time.perf_counter() - t0
+
+
+def _call(orthanc: FakeOrthanc, route: str, method: str = "GET", groups: tuple[str, ...] = (),
+          headers: dict[str, str] | None = None, get: dict[str, str] | None = None) -> FakeOutput:
+    out = FakeOutput()
+    orthanc.routes[route](out, "/uri", method=method, groups=groups, headers=headers or {},
+                          get=get or {})
+    return out
+
+
+def test_registers_routes_and_settings_from_configuration(fake: tuple[FakeOrthanc, Any]) -> None:
+    orthanc, plugin = fake
+    assert len(orthanc.change_callbacks) == 1
+    assert set(orthanc.routes) == {"/tomoscribe/jobs", "/tomoscribe/jobs/([0-9]+)",
+                                   "/tomoscribe/studies/([0-9a-f-]+)/rerun",
+                                   "/tomoscribe/health"}
+    s: Settings = plugin.settings
+    assert s.model_version == tomoscribe.__version__
+    assert s.questions == ("Any lesion?",)
+    assert s.orthanc_url == "http://127.0.0.1:8999"
+    assert s.db_path.parent == Path(orthanc.config["StorageDirectory"]) / "tomoscribe"
+    assert s.job_function == "operators.app:run_app"
+    assert plugin.supervisor.authorization == "Bearer fake"
+    assert plugin.supervisor.worker_pid is None  # started only on ORTHANC_STARTED
+
+
+def test_ct_study_is_queued_once_and_fast(fake: tuple[FakeOrthanc, Any]) -> None:
+    orthanc, plugin = fake
+    orthanc.studies["s1"] = ("1.2.840.1", [_series("a", "CT"), _series("b", "SR", "ACME")])
+    elapsed = _stable(orthanc, "s1")
+    jobs = plugin.store.list()
+    assert [(j.study_uid, j.orthanc_study_id, j.state) for j in jobs] == [
+        ("1.2.840.1", "s1", "queued")]
+    assert elapsed < 0.5, f"change callback took {elapsed:.3f} s"
+    assert orthanc.rest_calls == ["/studies/s1", "/studies/s1/series"]  # cheap JSON only
+    # our own outputs land -> STABLE_STUDY again -> no second job
+    orthanc.studies["s1"][1].extend([_series("c", "SR", "tomoscribe"),
+                                     _series("d", "SEG", "tomoscribe")])
+    _stable(orthanc, "s1")
+    assert len(plugin.store.list()) == 1
+    assert plugin.counters["enqueued"] == 1 and plugin.counters["already_known"] == 1
+
+
+def test_done_study_is_not_requeued(fake: tuple[FakeOrthanc, Any]) -> None:
+    orthanc, plugin = fake
+    orthanc.studies["s1"] = ("1.2.840.1", [_series("a", "MR")])
+    _stable(orthanc, "s1")
+    job = plugin.store.claim("w", 30)
+    plugin.store.complete(job.id, ["o1"], "w")
+    _stable(orthanc, "s1")
+    assert [j.state for j in plugin.store.list()] == ["done"]
+    assert plugin.store.claim("w", 30) is None
+
+
+@pytest.mark.parametrize(("series", "reason"), [
+    ([], "no series"),
+    ([lambda: _series("a", "SR"), lambda: _series("b", "PR")], "modalities present: PR, SR"),
+    ([lambda: _series("a", "CT", "tomoscribe")], "CT/MR"),
+    ([lambda: _series("a", "CT", n=0)], "CT/MR"),
+    ([lambda: _series("a", "US")], "US"),
+])
+def test_study_that_does_not_qualify_gets_no_job(fake: tuple[FakeOrthanc, Any],
+                                                 series: list[Any], reason: str) -> None:
+    orthanc, plugin = fake
+    orthanc.studies["s2"] = ("1.2.840.2", [make() for make in series])
+    _stable(orthanc, "s2")
+    assert plugin.store.list() == []
+    assert plugin.counters["not_qualifying"] == 1
+    ok, why = study_qualifies(orthanc.studies["s2"][1], ("CT", "MR"))
+    assert not ok and reason in why
+
+
+def test_callback_never_raises(fake: tuple[FakeOrthanc, Any]) -> None:
+    orthanc, plugin = fake
+    _stable(orthanc, "missing")  # unknown study: Orthanc raises, we skip
+    assert plugin.counters["not_qualifying"] == 1
+    orthanc.studies["bad"] = ("1.2.3", [{"weird": True}])  # malformed answer
+    orthanc.module.RestApiGet = lambda path: b"not json"  # type: ignore[attr-defined]
+    _stable(orthanc, "bad")
+    assert plugin.counters["errors"] == 1
+    assert any("change callback failed" in line for line in orthanc.logs)
+
+
+def test_routes_list_get_health(fake: tuple[FakeOrthanc, Any]) -> None:
+    orthanc, _ = fake
+    orthanc.studies["s1"] = ("1.2.840.1", [_series("a", "CT")])
+    _stable(orthanc, "s1")
+    out = _call(orthanc, "/tomoscribe/jobs")
+    assert out.status == 200 and [j["study_uid"] for j in out.json()] == ["1.2.840.1"]
+    job_id = out.json()[0]["id"]
+    assert _call(orthanc, "/tomoscribe/jobs", get={"state": "done"}).json() == []
+    assert _call(orthanc, "/tomoscribe/jobs", get={"state": "nope"}).status == 400
+    one = _call(orthanc, "/tomoscribe/jobs/([0-9]+)", groups=(str(job_id),))
+    assert one.status == 200 and one.json()["state"] == "queued"
+    missing = _call(orthanc, "/tomoscribe/jobs/([0-9]+)", groups=("4242",))
+    assert missing.status == 404 and "no job" in missing.json()["error"]
+    health = _call(orthanc, "/tomoscribe/health").json()
+    assert health["queue_depth"] == 1 and health["worker_alive"] is False
+    assert health["events"]["stable_studies"] == 1
+
+
+def test_rerun_is_post_only_and_csrf_safe(fake: tuple[FakeOrthanc, Any]) -> None:
+    orthanc, plugin = fake
+    route = "/tomoscribe/studies/([0-9a-f-]+)/rerun"
+    orthanc.studies["s1"] = ("1.2.840.1", [_series("a", "CT")])
+    _stable(orthanc, "s1")
+    job = plugin.store.claim("w", 30)
+    plugin.store.complete(job.id, ["o1"], "w")
+
+    assert _call(orthanc, route, "GET", ("s1",)).status == 405
+    form = _call(orthanc, route, "POST", ("s1",),
+                 {"content-type": "application/x-www-form-urlencoded"})
+    assert form.status == 403 and plugin.store.get(job.id).state == "done"
+    ok = _call(orthanc, route, "POST", ("s1",), {"x-requested-with": "XMLHttpRequest"})
+    assert ok.status == 200 and ok.json()["requeued"] is True
+    assert plugin.store.get(job.id).state == "queued" and plugin.store.get(job.id).force
+    busy = _call(orthanc, route, "POST", ("s1",), {"content-type": "application/json"})
+    assert busy.status == 409 and "already queued" in busy.json()["error"]
+    gone = _call(orthanc, route, "POST", ("feed",), {"x-requested-with": "x"})
+    assert gone.status == 404
+
+
+def test_own_output_recognised_by_manufacturer() -> None:
+    assert is_own_output(_series("a", "SR", "tomoscribe"))
+    assert is_own_output(_series("a", "SEG", "Tomoscribe "))
+    assert not is_own_output(_series("a", "CT", "tomoscribe-phantom"))
+    described = _series("a", "SR", "Other")
+    described["MainDicomTags"]["SeriesDescription"] = "tomoscribe draft report"
+    assert is_own_output(described)
+
+
+def test_own_output_rule_matches_the_writers() -> None:
+    """The plugin's stdlib-only rule agrees with tomoscribe.writers.identity."""
+    identity = pytest.importorskip("tomoscribe.writers.identity")
+    cases = [("tomoscribe", "x"), ("Tomoscribe ", "x"), ("ACME", "tomoscribe draft report"),
+             ("tomoscribe-phantom", "Axial 5mm phantom"), ("ACME", "CT chest")]
+    for manufacturer, description in cases:
+        tags = {"Manufacturer": manufacturer, "SeriesDescription": description}
+        series = {"MainDicomTags": tags, "Instances": ["i"]}
+        assert is_own_output(series) == identity.is_tomoscribe_output(tags), tags
+
+
+def test_bad_settings_give_one_line_errors() -> None:
+    with pytest.raises(ValueError, match="Questions"):
+        load_settings({"Tomoscribe": {"Questions": "not a list"}})
+    with pytest.raises(ValueError, match="JSON object"):
+        load_settings({"Tomoscribe": [1]})
+
+
+def test_supervisor_restarts_a_dying_worker_with_backoff(tmp_path: Path) -> None:
+    settings = load_settings({"StorageDirectory": str(tmp_path),
+                              "Tomoscribe": {"Python": "/bin/false"}})
+    logs: list[str] = []
+    sup = Supervisor(settings, "Bearer x", logs.append, backoff_s=0.05, max_backoff_s=0.2)
+    sup.start()
+    try:
+        deadline = time.monotonic() + 10
+        while sup.restarts < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        sup.stop()
+    assert sup.restarts >= 3 and sup.last_exit == 1
+    assert any("restarting in" in line for line in logs)
+    assert sup.worker_pid is None
