@@ -180,7 +180,7 @@ start() {
     fi
     if [[ ! -d $SAMPLE ]] || ! ls "$SAMPLE" | grep -q .; then
         say "generating the sample study: $SAMPLE"
-        "$PY" -m tomoscribe.phantom --seed 7 --out "$SAMPLE"
+        "$PY" -m tomoscribe.phantom --seed 9 --out "$SAMPLE"
     fi
     local study_uid
     study_uid=$("$PY" -c '
