@@ -1,0 +1,60 @@
+"""LanguageModelOperator: the report (findings, impression, answers) from image tokens."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from holoscan.core import InputContext, OutputContext
+from monai.deploy.core import Fragment, OperatorSpec
+
+from operators.base import RunState, StepOperator
+from tomoscribe.model.api import Encoded
+from tomoscribe.model.scribe import load_cached
+
+
+class LanguageModelOperator(StepOperator):
+    """Generate the draft report and answer the standing questions.
+
+    Named input:
+        encoded: a :class:`tomoscribe.model.api.Encoded`.
+
+    Named output:
+        report: a :class:`tomoscribe.report.Report` on the source volume's grid.
+    """
+
+    INPUT = "encoded"
+    OUTPUT = "report"
+
+    def __init__(
+        self,
+        fragment: Fragment,
+        *args: Any,
+            state: RunState,
+            model_dir: Path | None,
+            questions: Sequence[str] = (),
+        **kwargs: Any,
+    ) -> None:
+        """Create the operator.
+
+        Args:
+            fragment: the application.
+            state: the run's shared state.
+            model_dir: the model folder; ``None``: the default model.
+            questions: free-text questions the report must answer.
+        """
+        self.model_dir = model_dir
+        self.questions = tuple(questions)
+        super().__init__(fragment, *args, state=state, **kwargs)
+
+    def setup(self, spec: OperatorSpec) -> None:
+        spec.input(self.INPUT)
+        spec.output(self.OUTPUT)
+
+    def step(self, op_input: InputContext, op_output: OutputContext) -> None:
+        encoded: Encoded = op_input.receive(self.INPUT)
+        report = load_cached(self.model_dir).generate(encoded, self.questions)
+        self.state.report_text = report.text
+        self.state.answers = [(a.question, a.answer) for a in report.answers]
+        op_output.emit(report, self.OUTPUT)

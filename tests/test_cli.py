@@ -1,0 +1,168 @@
+"""The ``tomoscribe`` command and ``python -m operators``.
+
+Most cases call :func:`tomoscribe.cli.main` in this process (holoscan starts
+once, and ``capfd`` sees anything holoscan writes to file descriptor 2); two
+run as real subprocesses: the console script, and ``python -m operators`` with
+MONAI Deploy's environment variables.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pydicom
+import pytest
+import torch
+from pydicom.data import get_testdata_file
+
+from tomoscribe import __version__
+from tomoscribe.cli import EXIT_ERROR, build_parser, main
+from tomoscribe.model.network import NetConfig, ScribeNet
+from tomoscribe.phantom import make_phantom, write_dicom_series
+from tomoscribe.report import ORGANS
+from tomoscribe.train import save_model
+
+BIN = Path(sys.executable).parent
+REPO = Path(__file__).resolve().parent.parent
+QUESTION = "is there a lesion in the liver ?"
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    base = tmp_path_factory.mktemp("cli")
+    torch.manual_seed(0)
+    net = ScribeNet(NetConfig(model_shape=(16, 32, 32), channels=(8, 8, 16, 16)))
+    bias = net.seg.out.bias
+    assert bias is not None
+    with torch.no_grad():  # segmentation says "liver" everywhere: there is always a SEG
+        net.seg.out.weight.zero_()
+        bias.fill_(-10.0)
+        bias[ORGANS.index("liver") + 1] = 10.0
+    save_model(net, base / "model", {"version": "0.0.1-test"})
+    write_dicom_series(make_phantom(7, lesion_probability=1.0, shape=(16, 40, 40)), base / "study")
+    junk = base / "junk"
+    junk.mkdir()
+    (junk / "IM0001").write_bytes(os.urandom(4096))
+    (junk / "IM0002.dcm").write_bytes(os.urandom(300))
+    sr_only = base / "sr_only"
+    sr_only.mkdir()
+    shutil.copy(str(get_testdata_file("test-SR.dcm")), sr_only / "IM0001")
+    return {"model": base / "model", "study": base / "study", "junk": junk, "sr_only": sr_only}
+
+
+def _run(args: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(args, capture_output=True, text=True, timeout=300, cwd=REPO,
+                          env={**os.environ, **(env or {})})
+
+
+def _one_error_line(stderr: str) -> str:
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith("tomoscribe: error: ")
+    assert "Traceback" not in stderr
+    return lines[0]
+
+
+def test_help_and_version_import_nothing_heavy() -> None:
+    code = (
+        "import sys, contextlib, io\n"
+        "from tomoscribe.cli import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()):\n"
+        "    try: main(['--help'])\n"
+        "    except SystemExit: pass\n"
+        "    main(['version'])\n"
+        "print(sorted(m for m in ('torch', 'holoscan', 'monai', 'pydicom') if m in sys.modules))\n"
+    )
+    proc = _run([sys.executable, "-c", code])
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["version"]) == 0
+    assert capsys.readouterr().out.strip() == f"tomoscribe {__version__}"
+
+
+def test_parser_requires_input_and_output() -> None:
+    with pytest.raises(SystemExit) as info:
+        build_parser().parse_args(["run", "-i", "x"])
+    assert info.value.code == 2
+
+
+def test_console_script_success_writes_sr_and_seg(data: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    proc = _run([str(BIN / "tomoscribe"), "run", "-i", str(data["study"]), "-o", str(out),
+                 "-m", str(data["model"]), "-q", QUESTION, "-v"])
+    assert proc.returncode == 0, proc.stderr
+    files = sorted(out.iterdir())
+    assert [p.name[:3] for p in files] == ["SEG", "SR_"]
+    for p in files:
+        assert f"wrote {p}" in proc.stdout
+    assert pydicom.dcmread(files[0]).Modality == "SEG"
+    assert pydicom.dcmread(files[1]).Modality == "SR"
+    assert "chosen: qualifies under" in proc.stdout  # -v: the selection explanation
+    assert f"Q: {QUESTION}" in proc.stdout
+    assert "Traceback" not in proc.stderr
+
+
+def test_operators_main_bad_input_in_process(
+    data: dict[str, Path], tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    from operators.__main__ import main as operators_main
+
+    out = tmp_path / "out"
+    status = operators_main(["-i", str(data["junk"]), "-o", str(out), "-m", str(data["model"])])
+    assert status == EXIT_ERROR
+    assert "no DICOM files found" in _one_error_line(capfd.readouterr().err)
+    assert list(out.iterdir()) == []
+
+
+def test_python_m_operators_monai_convention(data: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    env = {"HOLOSCAN_INPUT_PATH": str(data["study"]), "HOLOSCAN_OUTPUT_PATH": str(out)}
+    proc = _run([sys.executable, "-m", "operators", "-m", str(data["model"])], env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name[:3] for p in out.iterdir()) == ["SEG", "SR_"]
+
+
+@pytest.mark.parametrize(
+    ("which", "reason"),
+    [
+        ("junk", "no DICOM files found"),
+        ("sr_only", "no series qualifies"),
+        ("absent", "does not exist"),
+    ],
+)
+def test_bad_input_one_line_no_output(
+    data: dict[str, Path], tmp_path: Path, capfd: pytest.CaptureFixture[str],
+    which: str, reason: str,
+) -> None:
+    out = tmp_path / "out"
+    folder = data.get(which, tmp_path / "absent")
+    status = main(["run", "-i", str(folder), "-o", str(out), "-m", str(data["model"])])
+    captured = capfd.readouterr()
+    assert status == EXIT_ERROR
+    assert reason in _one_error_line(captured.err)
+    assert captured.out == ""
+    assert not out.exists() or list(out.iterdir()) == []
+
+
+def test_bad_settings_and_model(
+    data: dict[str, Path], tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "bad.yaml"
+    config.write_text("tomoscribe:\n  outputs: {sr: false, seg: false}\n")
+    out = tmp_path / "out"
+    assert main(["run", "-i", str(data["study"]), "-o", str(out), "-c", str(config)]) == 2
+    assert "at least one of sr, seg" in _one_error_line(capfd.readouterr().err)
+    assert main(["run", "-i", str(data["study"]), "-o", str(out), "-m", str(tmp_path)]) == 2
+    assert "lacks config.json" in _one_error_line(capfd.readouterr().err)
+    assert not out.exists() or list(out.iterdir()) == []
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    assert main(["run", "-i", str(data["study"]), "-o", str(a_file), "-m", str(data["model"])]) == 2
+    assert "is not a folder" in _one_error_line(capfd.readouterr().err)

@@ -1,0 +1,164 @@
+"""The ``tomoscribe`` command.
+
+::
+
+    tomoscribe run -i INPUT_DIR -o OUTPUT_DIR [-m MODEL_DIR] [-q QUESTION ...] [-c CONFIG] [-v]
+    tomoscribe version
+
+``run`` prints the written files and the report; on a
+:class:`~tomoscribe.errors.TomoscribeError` it prints exactly one line,
+``tomoscribe: error: <reason>``, on stderr and exits with status 2, leaving no
+output file. Heavy modules (torch, holoscan) are imported only by the command
+that needs them, so ``tomoscribe --help`` is fast.
+
+A new subcommand is one function that adds its parser and sets ``handler``
+(see :data:`SUBCOMMANDS`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TextIO
+
+from tomoscribe import __version__
+
+PROG = "tomoscribe"
+#: exit status for a user-facing error (bad input, bad settings, no model...)
+EXIT_ERROR = 2
+#: exit status for an unexpected internal failure
+EXIT_INTERNAL = 1
+
+
+def error_line(reason: object, stream: TextIO | None = None) -> None:
+    """Print ``tomoscribe: error: <reason>`` as one line."""
+    text = " ".join(str(reason).split()) or "unknown error"
+    print(f"{PROG}: error: {text}", file=stream or sys.stderr, flush=True)
+
+
+def execute_run(
+    input_dir: Path,
+    output_dir: Path,
+    model_dir: Path | None = None,
+    questions: Sequence[str] = (),
+    config: Path | None = None,
+    verbose: bool = False,
+) -> int:
+    """Run the application on one study and report like the CLI; returns the exit status.
+
+    Shared by ``tomoscribe run`` and ``python -m operators``.
+    """
+    from tomoscribe.errors import TomoscribeError
+
+    try:
+        from operators.app import run_app
+
+        result = run_app(
+            input_dir, output_dir, model_dir=model_dir, questions=questions, config_path=config
+        )
+    except TomoscribeError as exc:
+        error_line(exc)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        error_line("interrupted")
+        return 130
+    except Exception as exc:  # a bug, not bad input: one line unless -v asks for more
+        if verbose:
+            import traceback
+
+            traceback.print_exc()
+        error_line(f"internal error: {type(exc).__name__}: {exc}")
+        return EXIT_INTERNAL
+
+    out = sys.stdout
+    if verbose:
+        print("selection:", file=out)
+        for line in result.explanation:
+            print(f"  {line}", file=out)
+        timings = ", ".join(f"{k} {v:.2f} s" for k, v in result.timings.items())
+        print(f"timings: {timings}", file=out)
+    for path in result.written:
+        print(f"wrote {path}", file=out)
+    print(file=out)
+    print(result.report_text, file=out)
+    for question, answer in result.answers:
+        print(f"Q: {question}\nA: {answer}", file=out)
+    out.flush()
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    return execute_run(
+        args.input,
+        args.output,
+        model_dir=args.model,
+        questions=args.question or (),
+        config=args.config,
+        verbose=args.verbose,
+    )
+
+
+def _cmd_version(args: argparse.Namespace) -> int:
+    print(f"{PROG} {__version__}")
+    return 0
+
+
+def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "run",
+        help="draft the SR and SEG of one study folder",
+        description="Run the MONAI Deploy application on one study: choose a series, "
+        "encode it, write the report as DICOM SR and the segmentation as DICOM SEG.",
+    )
+    p.add_argument("-i", "--input", type=Path, required=True, metavar="INPUT_DIR",
+                   help="study folder (searched recursively) or DICOM file")
+    p.add_argument("-o", "--output", type=Path, required=True, metavar="OUTPUT_DIR",
+                   help="folder for the SR and SEG files (created if missing)")
+    p.add_argument("-m", "--model", type=Path, metavar="MODEL_DIR",
+                   help="model folder (config.json + model.pt); default: the settings' model")
+    p.add_argument("-q", "--question", action="append", metavar="QUESTION",
+                   help="a question the report must answer (repeatable); replaces the "
+                   "settings' standing questions")
+    p.add_argument("-c", "--config", type=Path, metavar="CONFIG",
+                   help="settings file in app.yaml format; default: built-in settings")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="also print why the series was chosen, and timings")
+    p.set_defaults(handler=_cmd_run)
+
+
+def _add_version(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("version", help="print the version")
+    p.set_defaults(handler=_cmd_version)
+
+
+#: each adds one subcommand (its parser, with ``handler`` set) to the CLI
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = [
+    _add_run,
+    _add_version,
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``tomoscribe`` command."""
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Draft radiology reports (DICOM SR + SEG) from CT/MR studies.",
+    )
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add in SUBCOMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``tomoscribe`` console script; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    handler: Callable[[argparse.Namespace], int] = args.handler
+    return handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
