@@ -119,7 +119,7 @@ config = {
     "Tomoscribe": {
         "Python": f"{root}/.venv/bin/python",
         "StorageDirectory": f"{demo}/tomoscribe",
-        "Questions": ["Is there a focal lesion?", "Which organ is it in?"],
+        "Questions": ["Are there any focal findings?", "Which organ has a lesion?", "Is there a lesion in the liver?"],
         "JobFunction": job_function,
     },
 }

@@ -224,35 +224,16 @@ def _run_app_missing() -> str | None:
     return None
 
 
-def _model_dir(tmp: Path) -> Path | None:
-    """None (the shipped default model) if it exists, else an UNTRAINED model of the same shape.
-
-    Until ``make train`` has produced tomoscribe/weights, the test still runs the whole
-    real pipeline (app graph, writers, plugin, Orthanc); only the report's words are noise.
-    """
-    from tomoscribe.model.scribe import DEFAULT_MODEL_DIR
-
-    if (DEFAULT_MODEL_DIR / "config.json").is_file() and (DEFAULT_MODEL_DIR / "model.pt").is_file():
-        return None
-    import torch
-
-    from tomoscribe.model.network import NetConfig, ScribeNet
-    from tomoscribe.train import save_model
-
-    torch.manual_seed(0)
-    save_model(ScribeNet(NetConfig()), tmp, {"version": "untrained-test"})
-    return tmp
-
-
 def test_real_app_end_to_end(tmp_path: Path) -> None:
     """C-STORE a phantom CT; the real app's SR + SEG land once in the same study."""
     missing = _run_app_missing()
     if missing:
         pytest.skip(missing)
     folder, study_uid = write_study(tmp_path / "study", seed=7)
-    model_dir = _model_dir(tmp_path / "untrained-model")
-    extra = {"ModelDirectory": str(model_dir)} if model_dir else {}
-    with orthanc_server(tmp_path / "server", {"LeaseSeconds": 30, **extra},
+    from tomoscribe.model.scribe import DEFAULT_MODEL_DIR
+
+    assert (DEFAULT_MODEL_DIR / "model.pt").is_file(), "the shipped default model is missing"
+    with orthanc_server(tmp_path / "server", {"LeaseSeconds": 30},
                         stable_age=STABLE_AGE) as server:
         t0 = time.monotonic()
         server.storescu(folder)

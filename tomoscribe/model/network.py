@@ -122,8 +122,11 @@ class ScribeNet(nn.Module):
 
     @torch.no_grad()
     def generate(self, tokens: torch.Tensor, prompt: list[int], max_new: int = 40,
-                 eos_id: int = 2) -> list[int]:
-        """Greedy decoding after the image prefix and ``prompt`` (batch of one)."""
+                 eos_id: int = 2, banned: tuple[int, ...] = ()) -> list[int]:
+        """Greedy decoding after the image prefix and ``prompt`` (batch of one).
+
+        Token ids in ``banned`` (task markers, padding) are never emitted.
+        """
         ids = torch.tensor([prompt], dtype=torch.long)
         out: list[int] = []
         past = None
@@ -131,7 +134,10 @@ class ScribeNet(nn.Module):
         for _ in range(max_new):
             res = self.lm(inputs_embeds=emb, past_key_values=past, use_cache=True)
             past = res.past_key_values
-            nxt = int(res.logits[0, -1].argmax())
+            logits = res.logits[0, -1].clone()
+            if banned:
+                logits[list(banned)] = float("-inf")
+            nxt = int(logits.argmax())
             out.append(nxt)
             if nxt == eos_id:
                 break

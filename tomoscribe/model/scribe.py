@@ -32,8 +32,11 @@ from tomoscribe.model.network import NetConfig, ScribeNet
 from tomoscribe.model.preprocess import GridMap, prepare_volume
 from tomoscribe.model.text import (
     ANSWER,
+    BOS,
+    PAD,
     QUESTION,
     REPORT,
+    UNK,
     WordTokenizer,
     impression_of,
     parse_findings,
@@ -59,6 +62,8 @@ class Scribe:
         self.model_dir = model_dir
         self.tok = WordTokenizer(self.cfg.vocab)
         self.organ_names = {i + 1: n for i, n in enumerate(ORGANS)}
+        # never emitted: padding, the start marker and the task markers
+        self.banned = tuple(self.tok.index[t] for t in (PAD, BOS, UNK, REPORT, QUESTION, ANSWER))
 
     # ------------------------------------------------------------------ load
     @classmethod
@@ -105,7 +110,7 @@ class Scribe:
     def write_text(self, tokens: torch.Tensor) -> str:
         """The report text (model grammar) from image tokens ``(1, T, width)``."""
         ids = self.net.generate(tokens, [self.tok.index[REPORT]], max_new=60,
-                                eos_id=self.tok.eos_id)
+                                eos_id=self.tok.eos_id, banned=self.banned)
         return self.tok.decode(ids)
 
     @torch.inference_mode()
@@ -114,7 +119,8 @@ class Scribe:
         prompt = [self.tok.index[QUESTION], *self.tok.encode(question), self.tok.index[ANSWER]]
         room = self.cfg.max_positions - tokens.shape[1] - 8
         prompt = prompt[-room:] if len(prompt) > room else prompt
-        ids = self.net.generate(tokens, prompt, max_new=8, eos_id=self.tok.eos_id)
+        ids = self.net.generate(tokens, prompt, max_new=8, eos_id=self.tok.eos_id,
+                                banned=self.banned)
         return self.tok.decode(ids)
 
     def generate(self, encoded: Encoded, questions: Sequence[str] = (), *,
