@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from pydicom.dataset import Dataset
 from pydicom.pixels import apply_modality_lut, pixel_array
 
 from tomoscribe.dicomio.frames import FrameGeometry, frames_of, number_of_frames, slice_normal
@@ -185,9 +186,74 @@ def _check_shear(series: SeriesInfo, slots: list[_Slot], normal: np.ndarray, pix
         )
 
 
+#: uncompressed little-endian transfer syntaxes -> explicit VR?
+_NATIVE_LITTLE_ENDIAN = {"1.2.840.10008.1.2": False, "1.2.840.10008.1.2.1": True}
+_PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"
+
+
+def _native_pixels(path: Path, header: Dataset) -> np.ndarray | None:
+    """Stored values ``(1, H, W)`` of an uncompressed single-frame file, read directly.
+
+    Parsing the whole file again (as :func:`pydicom.pixels.pixel_array` does)
+    costs as much as the scan did; for the common case, a little-endian
+    uncompressed single-frame image whose Pixel Data element ends the file,
+    the values are read straight from the bytes. Returns ``None`` (use
+    pydicom) whenever anything differs from that case: other transfer syntax,
+    several frames or samples, BitsStored != BitsAllocated, trailing elements,
+    a length that does not match Rows x Columns.
+    """
+    meta = getattr(header, "file_meta", None)
+    syntax = str(meta.get("TransferSyntaxUID", "")) if meta else ""
+    explicit = _NATIVE_LITTLE_ENDIAN.get(syntax)
+    if explicit is None:
+        return None
+    try:
+        rows, columns = int(header.Rows), int(header.Columns)
+        bits, stored_bits = int(header.BitsAllocated), int(header.BitsStored)
+        signed = int(header.PixelRepresentation)
+        samples = int(header.get("SamplesPerPixel", 1) or 1)
+    except (AttributeError, TypeError, ValueError):
+        return None
+    if (
+        samples != 1
+        or "NumberOfFrames" in header
+        or bits not in (8, 16)
+        or stored_bits != bits
+        or signed not in (0, 1)
+        or rows <= 0
+        or columns <= 0
+    ):
+        return None
+    nbytes = rows * columns * bits // 8
+    length = nbytes + (nbytes & 1)  # values are padded to an even length
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return None
+    head = 12 if explicit else 8  # tag, [VR, reserved,] length
+    start = len(data) - length - head
+    if start < 0 or data[start : start + 4] != _PIXEL_DATA_TAG:
+        return None
+    if explicit:
+        if data[start + 4 : start + 6] not in (b"OW", b"OB"):
+            return None
+        declared = int.from_bytes(data[start + 8 : start + 12], "little")
+    else:
+        declared = int.from_bytes(data[start + 4 : start + 8], "little")
+    if declared != length:
+        return None
+    dtype = np.dtype(f"<{'i' if signed else 'u'}{bits // 8}")
+    return np.frombuffer(data, dtype=dtype, count=rows * columns, offset=start + head).reshape(
+        1, rows, columns
+    )
+
+
 def _decode(series: SeriesInfo, file_index: int) -> np.ndarray:
     """Stored pixel values of one file as ``(F, H, W)``."""
     path: Path = series.files[file_index]
+    direct = _native_pixels(path, series.headers[file_index])
+    if direct is not None:
+        return direct
     try:
         arr = pixel_array(path)
     except Exception as err:
