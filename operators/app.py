@@ -5,12 +5,14 @@
     series_selector --study_selected_series_list--> volume_loader
     volume_loader   --image--> image_encoder, seg_writer, sr_writer
     image_encoder   --encoded--> language_model
-    language_model  --report--> seg_writer, sr_writer
-    seg_writer      --seg--> sr_writer
+    language_model  --report--> seg_writer, sr_writer, measurements_writer, pdf_writer
+    seg_writer      --seg--> sr_writer, measurements_writer
 
-The SR writer takes the SEG writer's output so that findings with a segment
-reference the SEG actually written; with ``outputs.seg: false`` the SR writer
-hangs off the language model alone.
+The SR and measurement writers take the SEG writer's output so that findings
+with a segment reference the SEG actually written; with ``outputs.seg: false``
+they hang off the language model alone. ``outputs.measurements`` and
+``outputs.pdf`` add the TID 1500 measurement SR and the PDF report writers
+(the loader's ``image`` goes to every writer).
 
 :func:`run_app` is the one entry point (the CLI, ``python -m operators`` and the
 Orthanc worker all call it, the worker once per study in one long-lived
@@ -43,7 +45,7 @@ from operators.image_encoder import ImageEncoderOperator
 from operators.language_model import LanguageModelOperator
 from operators.seg_writer import SEGWriterOperator
 from operators.series_selector import SeriesSelectorOperator
-from operators.sr_writer import SRWriterOperator
+from operators.sr_writer import MeasurementsWriterOperator, PDFWriterOperator, SRWriterOperator
 from operators.volume_loader import VolumeLoaderOperator
 from tomoscribe.config import Settings, load_settings
 from tomoscribe.errors import InputError, OutputError
@@ -125,6 +127,18 @@ class TomoscribeApp(Application):
             self.add_flow(loader, sr_writer, {("image", "image")})
             if outputs.seg:
                 self.add_flow(seg_writer, sr_writer, {("seg", "seg")})
+        if outputs.measurements:
+            meas_writer = MeasurementsWriterOperator(
+                self, state=state, with_seg=outputs.seg, name="measurements_writer"
+            )
+            self.add_flow(language_model, meas_writer, {("report", "report")})
+            self.add_flow(loader, meas_writer, {("image", "image")})
+            if outputs.seg:
+                self.add_flow(seg_writer, meas_writer, {("seg", "seg")})
+        if outputs.pdf:
+            pdf_writer = PDFWriterOperator(self, state=state, name="pdf_writer")
+            self.add_flow(language_model, pdf_writer, {("report", "report")})
+            self.add_flow(loader, pdf_writer, {("image", "image")})
 
 
 @dataclass
@@ -145,6 +159,18 @@ class RunResult:
     report_text: str
     answers: list[tuple[str, str]] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+
+
+#: order in which outputs are listed (and moved into place): SR first
+_KIND_ORDER = ("SR_", "SEG_", "MEAS_", "PDF_")
+
+
+def _publish_order(path: Path) -> tuple[int, str]:
+    """Sort key of a staged file: by kind (:data:`_KIND_ORDER`), then by name."""
+    for i, prefix in enumerate(_KIND_ORDER):
+        if path.name.startswith(prefix):
+            return i, path.name
+    return len(_KIND_ORDER), path.name
 
 
 def _publish(files: list[Path], output_dir: Path) -> list[Path]:
@@ -242,7 +268,7 @@ def run_app(
             raise state.error
         if not state.written:  # holoscan stopped the graph early (interrupted by a signal)
             raise RuntimeError("the application graph stopped before writing any output")
-        staged = sorted(state.written, key=lambda p: (not p.name.startswith("SR_"), p.name))
+        staged = sorted(state.written, key=_publish_order)
         written = _publish(staged, output_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -64,9 +64,21 @@ class StepOperator(Operator):
         """The operator's work (override)."""
         raise NotImplementedError
 
+    def _drain(self, op_input: InputContext) -> None:
+        """Take the waiting messages off every input port after another step failed.
+
+        A message left unreceived keeps the port's condition true, so the
+        scheduler would tick this operator forever (measured: a writer whose
+        inputs arrived after the SR writer failed hung the run).
+        """
+        for name in list(self.spec.inputs):
+            with contextlib.suppress(Exception):
+                op_input.receive(name)
+
     def compute(self, op_input: InputContext, op_output: OutputContext, context: Any) -> None:
         """Run :meth:`step`; on error record it and emit nothing."""
         if self.state.error is not None:
+            self._drain(op_input)
             return
         start = time.perf_counter()
         try:

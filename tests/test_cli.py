@@ -99,11 +99,12 @@ def test_console_script_success_writes_sr_and_seg(data: dict[str, Path], tmp_pat
                  "-m", str(data["model"]), "-q", QUESTION, "-v"])
     assert proc.returncode == 0, proc.stderr
     files = sorted(out.iterdir())
-    assert [p.name[:3] for p in files] == ["SEG", "SR_"]
+    assert [p.name[:3] for p in files] == ["PDF", "SEG", "SR_"]
     for p in files:
         assert f"wrote {p}" in proc.stdout
-    assert pydicom.dcmread(files[0]).Modality == "SEG"
-    assert pydicom.dcmread(files[1]).Modality == "SR"
+    assert pydicom.dcmread(files[0]).Modality == "DOC"
+    assert pydicom.dcmread(files[1]).Modality == "SEG"
+    assert pydicom.dcmread(files[2]).Modality == "SR"
     assert "chosen: qualifies under" in proc.stdout  # -v: the selection explanation
     assert f"Q: {QUESTION}" in proc.stdout
     assert "Traceback" not in proc.stderr
@@ -126,7 +127,7 @@ def test_python_m_operators_monai_convention(data: dict[str, Path], tmp_path: Pa
     env = {"HOLOSCAN_INPUT_PATH": str(data["study"]), "HOLOSCAN_OUTPUT_PATH": str(out)}
     proc = _run([sys.executable, "-m", "operators", "-m", str(data["model"])], env=env)
     assert proc.returncode == 0, proc.stderr
-    assert sorted(p.name[:3] for p in out.iterdir()) == ["SEG", "SR_"]
+    assert sorted(p.name[:3] for p in out.iterdir()) == ["PDF", "SEG", "SR_"]
 
 
 @pytest.mark.parametrize(

@@ -52,13 +52,22 @@ def find_study(server: OrthancServer, study_uid: str) -> str | None:
     return next((f["ID"] for f in found if f["Type"] == "Study"), None)
 
 
+#: our optional outputs, told apart from the draft SR by their series number
+_OPTIONAL_SERIES = {"9903": "MEAS", "9904": "PDF"}
+
+
 def own_series(server: OrthancServer, study_id: str) -> dict[str, list[str]]:
-    """Modality -> instance ids of tomoscribe's series in the study."""
+    """Kind -> instance ids of tomoscribe's series in the study.
+
+    The kind is the modality (SR, SEG), or MEAS / PDF for the measurement SR
+    and the encapsulated PDF report.
+    """
     out: dict[str, list[str]] = {}
     for series in server.get_json(f"/studies/{study_id}/series"):
         tags = series["MainDicomTags"]
         if tags.get("Manufacturer") == "tomoscribe":
-            out.setdefault(tags["Modality"], []).extend(series["Instances"])
+            kind = _OPTIONAL_SERIES.get(str(tags.get("SeriesNumber")), tags["Modality"])
+            out.setdefault(kind, []).extend(series["Instances"])
     return out
 
 
@@ -79,7 +88,7 @@ def check_outputs(server: OrthancServer, study_id: str, tmp: Path) -> dict[str, 
     import highdicom as hd
 
     outputs = own_series(server, study_id)
-    assert sorted(outputs) == ["SEG", "SR"], outputs
+    assert {"SEG", "SR"} <= set(outputs) <= {"SEG", "SR", "MEAS", "PDF"}, outputs
     assert all(len(ids) == 1 for ids in outputs.values()), outputs
     paths = {}
     for modality, (instance_id,) in outputs.items():
@@ -252,8 +261,11 @@ def test_real_app_end_to_end(tmp_path: Path) -> None:
         time.sleep(STABLE_AGE + 3)
         jobs = job_for(server, study_uid)
         assert len(jobs) == 1 and jobs[0]["state"] == "done" and jobs[0]["attempts"] == 1
-        assert {m: len(ids) for m, ids in own_series(server, study_id).items()} == {
-            "SR": 1, "SEG": 1}
+        # the default outputs: draft SR, SEG, the PDF report, and the measurement SR
+        # when a finding was measured; each exactly once
+        after = {m: len(ids) for m, ids in own_series(server, study_id).items()}
+        assert after == {kind: 1 for kind in paths}, after
+        assert "PDF" in after
 
 
 def test_no_processes_left_behind(tmp_path: Path) -> None:

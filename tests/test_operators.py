@@ -95,6 +95,11 @@ def test_compose_reads_as_the_graph(tmp_path: Path) -> None:
         ("language_model", "seg_writer", "report"),
         ("language_model", "sr_writer", "report"),
         ("seg_writer", "sr_writer", "seg"),
+        ("volume_loader", "measurements_writer", "image"),
+        ("language_model", "measurements_writer", "report"),
+        ("seg_writer", "measurements_writer", "seg"),
+        ("volume_loader", "pdf_writer", "image"),
+        ("language_model", "pdf_writer", "report"),
     }
     assert [n.name for n in g.get_root_nodes()] == ["series_selector"]
 
@@ -105,9 +110,11 @@ def test_run_writes_sr_and_seg(data: dict[str, Path], tmp_path: Path,
     result = run_app(data["study"], out, model_dir=data["model"],
                      questions=["is there a lesion in the liver ?"])
     assert isinstance(result, RunResult)
-    assert [p.name[:3] for p in result.written] == ["SR_", "SEG"]
+    # no finding has a segment here (the tiny model's liver), hence no measurement SR
+    assert [p.name[:3] for p in result.written] == ["SR_", "SEG", "PDF"]
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in result.written)
-    sr, seg = (pydicom.dcmread(p) for p in result.written)
+    sr, seg = (pydicom.dcmread(p) for p in result.written[:2])
+    assert pydicom.dcmread(result.written[2]).MIMETypeOfEncapsulatedDocument == "application/pdf"
     source = pydicom.dcmread(sorted(data["study"].glob("*.dcm"))[0])
     assert sr.Modality == "SR" and seg.Modality == "SEG"
     assert sr.StudyInstanceUID == seg.StudyInstanceUID == source.StudyInstanceUID
@@ -140,12 +147,12 @@ def test_repeated_runs_in_one_process_are_cheap_and_deterministic(
 
 def test_outputs_setting_selects_writers(data: dict[str, Path], tmp_path: Path) -> None:
     only_sr = tmp_path / "sr.yaml"
-    only_sr.write_text("tomoscribe:\n  outputs: {seg: false}\n")
+    only_sr.write_text("tomoscribe:\n  outputs: {seg: false, measurements: false, pdf: false}\n")
     result = run_app(data["study"], tmp_path / "a", model_dir=data["model"], config_path=only_sr)
     assert [p.name[:3] for p in result.written] == ["SR_"]
     assert not any("SEG" in u for u in _leftovers(tmp_path / "a"))
     only_seg = tmp_path / "seg.yaml"
-    only_seg.write_text("tomoscribe:\n  outputs: {sr: false}\n")
+    only_seg.write_text("tomoscribe:\n  outputs: {sr: false, measurements: false, pdf: false}\n")
     result = run_app(data["study"], tmp_path / "b", model_dir=data["model"], config_path=only_seg)
     assert [p.name[:3] for p in result.written] == ["SEG"]
 

@@ -7,7 +7,7 @@
       selection: {selections: [...]}     # rules for tomoscribe.dicomio.select_series
       model: default                     # or a folder (relative to this file)
       questions: []                      # standing questions, answered in every report
-      outputs: {sr: true, seg: true}
+      outputs: {sr: true, seg: true, measurements: true, pdf: true}
 
 :func:`load_settings` reads and checks such a file; with no file it returns
 :func:`default_settings`, which equal the ``app.yaml`` at the top of the
@@ -27,7 +27,7 @@ from tomoscribe.errors import TomoscribeError
 
 #: keys of the ``tomoscribe:`` section
 SECTION_KEYS = ("selection", "model", "questions", "outputs")
-OUTPUT_KEYS = ("sr", "seg")
+OUTPUT_KEYS = ("sr", "seg", "measurements", "pdf")
 
 
 class ConfigError(TomoscribeError):
@@ -36,10 +36,20 @@ class ConfigError(TomoscribeError):
 
 @dataclass(frozen=True)
 class Outputs:
-    """Which DICOM objects to write."""
+    """Which DICOM objects to write.
+
+    Attributes:
+        sr: the draft report (Comprehensive SR).
+        seg: the segmentation.
+        measurements: the TID 1500 measurement SR (only when a finding has a
+            segment).
+        pdf: the Encapsulated PDF report.
+    """
 
     sr: bool = True
     seg: bool = True
+    measurements: bool = True
+    pdf: bool = True
 
 
 @dataclass(frozen=True)
@@ -120,7 +130,8 @@ def _check_outputs(value: Any, where: str) -> Outputs:
     unknown = sorted(str(k) for k in value if k not in OUTPUT_KEYS)
     if unknown:
         raise ConfigError(
-            f"{where}tomoscribe.outputs: unknown key(s) {', '.join(unknown)}; known: sr, seg"
+            f"{where}tomoscribe.outputs: unknown key(s) {', '.join(unknown)}; "
+            f"known: {', '.join(OUTPUT_KEYS)}"
         )
     flags = {}
     for key in OUTPUT_KEYS:
@@ -128,7 +139,7 @@ def _check_outputs(value: Any, where: str) -> Outputs:
         if not isinstance(flag, bool):
             raise ConfigError(f"{where}tomoscribe.outputs.{key} must be true or false")
         flags[key] = flag
-    if not any(flags.values()):
+    if not (flags["sr"] or flags["seg"]):  # measurements and PDF accompany them
         raise ConfigError(f"{where}tomoscribe.outputs: at least one of sr, seg must be true")
     return Outputs(**flags)
 

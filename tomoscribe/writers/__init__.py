@@ -1,8 +1,11 @@
 """DICOM out: a :class:`~tomoscribe.report.Report` becomes an SR and a SEG.
 
+Optionally also a TID 1500 measurement SR (:func:`build_measurement_sr`) and
+an Encapsulated PDF of the report (:func:`build_pdf_report`).
+
 Writers never run the model. Each builder checks its input and returns a valid
-highdicom object or raises :class:`~tomoscribe.errors.ReportError` with a
-one-line reason; :func:`write_outputs` puts both on disk atomically.
+DICOM object or raises :class:`~tomoscribe.errors.ReportError` with a
+one-line reason; :func:`write_outputs` puts them all on disk atomically.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from tomoscribe.errors import OutputError
 from tomoscribe.report import Report
 from tomoscribe.volume import Volume
 from tomoscribe.writers.identity import (
+    MEASUREMENTS_SERIES_NUMBER,
+    PDF_SERIES_NUMBER,
     SEG_SERIES_DESCRIPTION,
     SEG_SERIES_NUMBER,
     SERIES_DESCRIPTION_PREFIX,
@@ -26,16 +31,22 @@ from tomoscribe.writers.identity import (
     is_tomoscribe_output,
     output_uids,
 )
+from tomoscribe.writers.measurements import build_measurement_sr
+from tomoscribe.writers.pdf import build_pdf_report
 from tomoscribe.writers.seg import build_seg
 from tomoscribe.writers.sr import build_sr
 
 __all__ = [
+    "MEASUREMENTS_SERIES_NUMBER",
+    "PDF_SERIES_NUMBER",
     "SEG_SERIES_DESCRIPTION",
     "SEG_SERIES_NUMBER",
     "SERIES_DESCRIPTION_PREFIX",
     "SR_SERIES_DESCRIPTION",
     "SR_SERIES_NUMBER",
+    "build_measurement_sr",
     "build_outputs",
+    "build_pdf_report",
     "build_seg",
     "build_sr",
     "is_tomoscribe_output",
@@ -44,13 +55,22 @@ __all__ = [
 ]
 
 
-def build_outputs(report: Report, volume: Volume) -> list[tuple[str, Dataset]]:
+def build_outputs(
+    report: Report, volume: Volume, *, measurements: bool = False, pdf: bool = False
+) -> list[tuple[str, Dataset]]:
     """Build the SEG (if any segment has voxels) and the SR that references it.
 
+    Args:
+        report: the model's report.
+        volume: the volume it was made from.
+        measurements: also build the TID 1500 measurement SR (when some
+            finding has a segment).
+        pdf: also build the Encapsulated PDF report.
+
     Returns:
-        ``[(file name, dataset), ...]``: SR first, then SEG if there is one.
-        File names are ``SR_<SOPInstanceUID>.dcm`` / ``SEG_<SOPInstanceUID>.dcm``,
-        hence deterministic per job.
+        ``[(file name, dataset), ...]``: SR first, then SEG if there is one, then
+        ``MEAS_`` and ``PDF_`` when asked for. File names are
+        ``<KIND>_<SOPInstanceUID>.dcm``, hence deterministic per job.
 
     Raises:
         ReportError: the report or volume cannot be written (one line).
@@ -60,6 +80,13 @@ def build_outputs(report: Report, volume: Volume) -> list[tuple[str, Dataset]]:
     outputs: list[tuple[str, Dataset]] = [(f"SR_{sr.SOPInstanceUID}.dcm", sr)]
     if seg is not None:
         outputs.append((f"SEG_{seg.SOPInstanceUID}.dcm", seg))
+    if measurements:
+        meas = build_measurement_sr(report, volume, seg)
+        if meas is not None:
+            outputs.append((f"MEAS_{meas.SOPInstanceUID}.dcm", meas))
+    if pdf:
+        doc = build_pdf_report(report, volume)
+        outputs.append((f"PDF_{doc.SOPInstanceUID}.dcm", doc))
     return outputs
 
 
@@ -75,8 +102,18 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_outputs(report: Report, volume: Volume, out_dir: str | os.PathLike[str]) -> list[Path]:
+def write_outputs(
+    report: Report,
+    volume: Volume,
+    out_dir: str | os.PathLike[str],
+    *,
+    measurements: bool = False,
+    pdf: bool = False,
+) -> list[Path]:
     """Build the SR and SEG of ``report`` and write them into ``out_dir``.
+
+    With ``measurements`` / ``pdf`` the measurement SR and the PDF object are
+    built and written in the same all-or-nothing way (see :func:`build_outputs`).
 
     Everything is built (and checked) before the first byte is written. Each
     file is written under a hidden temporary name in ``out_dir``, fsynced, and
@@ -96,7 +133,7 @@ def write_outputs(report: Report, volume: Volume, out_dir: str | os.PathLike[str
         ReportError: a malformed report (nothing written).
         OutputError: the files could not be written (disk full, no permission...).
     """
-    outputs = build_outputs(report, volume)
+    outputs = build_outputs(report, volume, measurements=measurements, pdf=pdf)
     out = Path(out_dir)
     temps: list[Path] = []
     finals: list[Path] = []

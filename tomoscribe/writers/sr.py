@@ -273,20 +273,13 @@ def build_sr(
             evidence=evidence,
             content=root,
             series_instance_uid=series_uid,
-            series_number=identity.SR_SERIES_NUMBER,
             sop_instance_uid=sop_uid,
-            instance_number=1,
-            manufacturer=MANUFACTURER,
-            is_complete=False,
-            is_final=False,
-            is_verified=False,
-            series_description=identity.SR_SERIES_DESCRIPTION,
-            manufacturer_model_name=report.model_name,
-            software_versions=identity.software_versions(report),
-            device_serial_number=identity.device_serial_number(report),
             coding_schemes=[scheme],
-            contributing_equipment=[identity.contributing_equipment(report)],
-            specific_character_set="ISO_IR 192",  # UTF-8: model text is free Unicode
+            **identity.draft_sr_attributes(
+                report,
+                series_number=identity.SR_SERIES_NUMBER,
+                series_description=identity.SR_SERIES_DESCRIPTION,
+            ),
         )
     except (ValueError, TypeError, AttributeError, KeyError) as exc:
         raise ReportError(f"cannot build the SR: {exc}") from exc
