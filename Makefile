@@ -28,7 +28,8 @@ stop:
 
 ## train: retrain the shipped default model (see README for the cost)
 train: setup
-	$(PY) -m tomoscribe.train --out tomoscribe/weights
+	$(PY) -m tomoscribe.train --out tomoscribe/weights --checkpoint checkpoints/default \
+		--samples 1200 --steps 3000 --minutes 85 --batch 4 --lm-start 150 --save-every 50
 
 ## bench: accuracy of the shipped model vs an image-blind baseline on held-out phantoms
 bench: setup
