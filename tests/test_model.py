@@ -145,3 +145,24 @@ def test_scribe_load_refuses_bad_folder(tmp_path: Path) -> None:
     (tmp_path / "model.pt").write_bytes(b"junk")
     with pytest.raises(ModelError, match="cannot load model"):
         Scribe.load(tmp_path)
+
+
+def test_widened_head_starts_from_the_narrow_model() -> None:
+    from tomoscribe.train import load_overlapping
+
+    torch.manual_seed(0)
+    narrow = ScribeNet(NetConfig(model_shape=(16, 32, 32), channels=(8, 8, 16, 16),
+                                 head_channels=8))
+    wide = ScribeNet(NetConfig(model_shape=(16, 32, 32), channels=(8, 8, 16, 16),
+                               head_channels=12))
+    load_overlapping(wide, narrow.state_dict())
+    w_n, w_w = narrow.seg.out.weight, wide.seg.out.weight
+    assert w_w.shape[1] == 12
+    assert torch.equal(w_w[:, :8], w_n)
+    assert torch.equal(wide.encoder.stem[0].weight, narrow.encoder.stem[0].weight)
+
+
+def test_old_model_folders_keep_their_head_width() -> None:
+    cfg = NetConfig.from_dict({"model_shape": [16, 32, 32]})
+    assert cfg.head_channels == 8
+    assert NetConfig().head_channels > NetConfig().num_classes

@@ -169,6 +169,27 @@ def lm_step_loss(
     return rep + qa
 
 
+def load_overlapping(net: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load ``state`` into ``net``; where a shape grew, copy the overlapping block.
+
+    Lets a model be widened (e.g. ``head_channels``) and fine-tuned from the
+    narrower one: old weights keep their function, new units start as built.
+    """
+    own = net.state_dict()
+    for key, value in state.items():
+        if key not in own:
+            continue
+        target = own[key]
+        value = value.to(target.dtype)
+        if value.shape == target.shape:
+            target.copy_(value)
+        elif value.dim() == target.dim():
+            block = tuple(slice(0, min(a, b)) for a, b in zip(value.shape, target.shape,
+                                                              strict=True))
+            target[block] = value[block]
+    net.load_state_dict(own)
+
+
 def save_model(net: ScribeNet, out: Path, meta: dict[str, object]) -> None:
     """Write ``model.pt`` (float16 state dict) and ``config.json`` into ``out``."""
     out.mkdir(parents=True, exist_ok=True)
@@ -218,8 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     net = ScribeNet(cfg)
     if args.init is not None:
         init = torch.load(args.init / "model.pt", map_location="cpu", weights_only=True)
-        net.load_state_dict({k: v.float() if v.is_floating_point() else v
-                             for k, v in init.items()})
+        load_overlapping(net, init)
         print(f"initialised from {args.init}", flush=True)
     opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=1e-4)
     step = 0

@@ -40,6 +40,9 @@ class NetConfig:
     depths: tuple[int, ...] = (1, 1, 2, 1)
     kernels: tuple[int, ...] = (7, 7, 5, 3)
     num_classes: int = 9
+    #: channels of the full-resolution head; must exceed num_classes (8 in the
+    #: first shipped model was a bottleneck: two classes were never learned)
+    head_channels: int = 16
     organ_classes: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 7)
     lesion_class: int = 8
     width: int = 128
@@ -54,6 +57,7 @@ class NetConfig:
     @classmethod
     def from_dict(cls, d: dict[str, object]) -> NetConfig:
         kw = dict(d)
+        kw.setdefault("head_channels", 8)  # model folders written before the setting existed
         for key in ("model_shape", "channels", "depths", "kernels", "organ_classes", "vocab"):
             if key in kw:
                 kw[key] = tuple(kw[key])  # type: ignore[arg-type]
@@ -87,7 +91,7 @@ class ScribeNet(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.encoder = DCFormerEncoder(cfg.in_channels, cfg.channels, cfg.depths, cfg.kernels)
-        self.seg = SegHead(cfg.channels, cfg.num_classes, cfg.in_channels)
+        self.seg = SegHead(cfg.channels, cfg.num_classes, cfg.in_channels, cfg.head_channels)
         self.projector = MixerProjector(cfg.channels[-2], cfg.channels[-1], cfg.width)
         self.regions = RegionTokens(
             cfg.channels[0], list(cfg.organ_classes), cfg.lesion_class, cfg.width

@@ -36,19 +36,22 @@ class SegHead(nn.Module):
         channels: encoder stage channels (finest first).
         num_classes: output classes, background included.
         in_channels: channels of the raw input, used as the finest skip.
+        head_channels: channels at full resolution (more than ``num_classes``:
+            the classifier is linear in them).
 
     Input: stage features ``[(B, C_i, D_i, H_i, W_i)]`` and the input
     ``(B, C_in, D, H, W)``. Output: ``(logits (B, K, D, H, W), features (B,
     C_0, D/2, H/2, W/2))``: the decoder's last half-resolution features.
     """
 
-    def __init__(self, channels: Sequence[int], num_classes: int, in_channels: int = 2) -> None:
+    def __init__(self, channels: Sequence[int], num_classes: int, in_channels: int = 2,
+                 head_channels: int = 16) -> None:
         super().__init__()
         chans = list(channels)
         self.ups = nn.ModuleList()
         for i in range(len(chans) - 1, 0, -1):
             self.ups.append(_Up(chans[i], chans[i - 1], chans[i - 1]))
-        full = max(chans[0] // 2, 8)
+        full = head_channels
         # Full resolution is where a CPU spends its time (and 3D convolutions
         # with few input channels have slow weight gradients): project the
         # decoder features at half resolution, upsample, and mix them by 1x1x1
