@@ -16,7 +16,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 
 from tomoscribe.volume import Volume
@@ -39,13 +38,3 @@ class Encoded:
     seg_logits: torch.Tensor
     slice_features: torch.Tensor
     extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def model_depth(self) -> int:
-        return int(self.seg_logits.shape[2])
-
-
-def model_to_source_slices(model_indices: np.ndarray, n_model: int, n_source: int) -> np.ndarray:
-    """Map slice indices on the model grid to the nearest source slice indices."""
-    centres = (np.asarray(model_indices, dtype=np.float64) + 0.5) * n_source / n_model - 0.5
-    return np.clip(np.rint(centres), 0, n_source - 1).astype(np.int64)

@@ -80,19 +80,6 @@ class GridMap:
         inverse = np.argsort(self.perm)
         return np.ascontiguousarray(np.transpose(canon, inverse))
 
-    def source_slice_of_model_slice(self, k: int) -> int | None:
-        """The source slice index for model slice ``k`` when the slice axis is kept.
-
-        Returns ``None`` when the source's slice axis is not the canonical
-        axial axis (e.g. a sagittal acquisition), where a model slice is no
-        single source slice.
-        """
-        if self.perm[0] != 0:
-            return None
-        lo, hi, m = self.start[0], self.stop[0], self.model_shape[0]
-        c = int(np.clip(np.rint(lo + (k + 0.5) * (hi - lo) / m - 0.5), 0, self.source_shape[0] - 1))
-        return self.source_shape[0] - 1 - c if self.flip[0] else c
-
 
 def canonical_orientation(
     affine: np.ndarray,

@@ -200,8 +200,6 @@ class Scribe:
             answers.append(Answer(q, sentence_case(ans) or "(no answer)", key_slices))
 
         impression = sentence_case(impression_of(text)) or "No impression generated."
-        if not parsed and not impression_of(text):
-            impression = "Normal study." if "no focal" in text else impression
         return Report(
             findings=findings,
             impression=impression,

@@ -133,6 +133,20 @@ def contributing_equipment(report: Report) -> hd.ContributingEquipment:
     )
 
 
+def device_observer(report: Report) -> hd.sr.ObserverContext:
+    """The model as the SR's observing device (name, manufacturer, version)."""
+    return hd.sr.ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=device_uid(report.model_name, report.model_version),
+            name=report.model_name,
+            manufacturer_name=MANUFACTURER,
+            model_name=f"{report.model_name} {report.model_version}"[:64],
+            serial_number=device_serial_number(report),
+        ),
+    )
+
+
 def draft_sr_attributes(
     report: Report, *, series_number: int, series_description: str
 ) -> dict[str, Any]:

@@ -41,7 +41,7 @@ from pydicom.sr.coding import Code
 from pydicom.uid import generate_uid
 from scipy import ndimage
 
-from tomoscribe import MANUFACTURER, SOFTWARE_NAME
+from tomoscribe import SOFTWARE_NAME
 from tomoscribe.errors import ReportError
 from tomoscribe.report import Finding, Report
 from tomoscribe.volume import Volume
@@ -233,16 +233,7 @@ def build_measurement_sr(
     seg_numbers = _check_seg(seg, report, study_uid) if seg is not None else {}
     groups = [_group(report, volume, f, i, study_uid, seg, seg_numbers) for i, f in measured]
 
-    observer = hd.sr.ObserverContext(
-        observer_type=codes.DCM.Device,
-        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-            uid=identity.device_uid(report.model_name, report.model_version),
-            name=report.model_name,
-            manufacturer_name=MANUFACTURER,
-            model_name=f"{report.model_name} {report.model_version}"[:64],
-            serial_number=identity.device_serial_number(report),
-        ),
-    )
+    observer = identity.device_observer(report)
     try:
         content = hd.sr.MeasurementReport(
             observation_context=hd.sr.ObservationContext(observer_device_context=observer),

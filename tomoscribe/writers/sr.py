@@ -215,16 +215,7 @@ def build_sr(
     seg_numbers = _check_seg(seg, report, study_uid) if seg is not None else {}
     local = local_codes(questions_scheme)
 
-    observer = hd.sr.ObserverContext(
-        observer_type=codes.DCM.Device,
-        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-            uid=identity.device_uid(report.model_name, report.model_version),
-            name=report.model_name,
-            manufacturer_name=MANUFACTURER,
-            model_name=f"{report.model_name} {report.model_version}"[:64],
-            serial_number=identity.device_serial_number(report),
-        ),
-    )
+    observer = identity.device_observer(report)
     language = hd.sr.LanguageOfContentItemAndDescendants(
         hd.sr.CodedConcept.from_code(ENGLISH_US)
     )
