@@ -418,15 +418,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
     def on_signal(signum: int, frame: object) -> None:
+        # Raise once, then ignore. A stop often brings two signals close together
+        # (the supervisor's SIGTERM, then the parent-death SIGTERM when Orthanc
+        # exits): a second one landing in the clean-up would end the worker with
+        # a traceback instead of a clean stop. (The supervisor SIGKILLs a worker
+        # that does not finish stopping in time.)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         raise WorkerStopError(signal.Signals(signum).name)
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
 
     worker_id = f"{socket.gethostname()}:{os.getpid()}"
     store = JobStore(settings.db_path, max_attempts=settings.max_attempts)
     client = OrthancClient(settings.orthanc_url, os.environ.get(AUTH_ENV))
     try:
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
         job_function = load_job_function(settings.job_function)
         LOG.info("worker %s ready (job function %s)", worker_id, settings.job_function)
         while True:

@@ -278,3 +278,42 @@ def test_supervisor_restarts_a_dying_worker_with_backoff(tmp_path: Path) -> None
     assert sup.restarts >= 3 and sup.last_exit == 1
     assert any("restarting in" in line for line in logs)
     assert sup.worker_pid is None
+
+
+def test_worker_stops_cleanly_on_signals_in_quick_succession(tmp_path: Path) -> None:
+    """A stop brings two SIGTERMs close together (supervisor, then parent death):
+    the worker must still log a clean stop and exit 0, never a traceback."""
+    import contextlib
+    import os
+    import signal
+    import subprocess
+
+    plugin_dir = PLUGIN_SCRIPT.parent
+    settings = load_settings({
+        "StorageDirectory": str(tmp_path),
+        "Tomoscribe": {"Python": sys.executable, "OrthancUrl": "http://127.0.0.1:9",
+                       "PollSeconds": 0.05,
+                       "JobFunction": str(plugin_dir.parent / "tests" / "plumbing_job.py")
+                       + ":run_app"}})
+    log = tmp_path / "worker.err"
+    with log.open("wb") as err:
+        proc = subprocess.Popen([sys.executable, str(plugin_dir / "worker.py"),
+                                 "--settings", settings.to_json()],
+                                stdout=subprocess.DEVNULL, stderr=err, cwd=plugin_dir)
+        try:
+            deadline = time.monotonic() + 30
+            while "ready" not in log.read_text() and time.monotonic() < deadline:
+                assert proc.poll() is None, log.read_text()
+                time.sleep(0.05)
+            # keep signalling until it is gone: some land during its clean-up
+            deadline = time.monotonic() + 20
+            while proc.poll() is None and time.monotonic() < deadline:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(proc.pid, signal.SIGTERM)
+                time.sleep(0.0005)
+            assert proc.wait(timeout=5) == 0, log.read_text()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    text = log.read_text()
+    assert "stopping (SIGTERM)" in text and "Traceback" not in text, text
