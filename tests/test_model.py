@@ -166,3 +166,47 @@ def test_old_model_folders_keep_their_head_width() -> None:
     cfg = NetConfig.from_dict({"model_shape": [16, 32, 32]})
     assert cfg.head_channels == 8
     assert NetConfig().head_channels > NetConfig().num_classes
+
+
+def test_pooled_path_equals_the_direct_encoding() -> None:
+    """Stage-2 training caches the pooled features: the tokens must be the same."""
+    torch.manual_seed(0)
+    net = ScribeNet(SMALL).eval()
+    x = torch.rand(2, 2, *SMALL.model_shape)
+    with torch.no_grad():
+        tokens, logits = net.encode(x)
+        pooled, logits2 = net.encode_pooled(x)
+        again = net.tokens_from_pooled(pooled)
+    assert torch.allclose(tokens, again, atol=1e-6)
+    assert torch.equal(logits, logits2)
+    assert pooled[2].shape == (2, len(SMALL.organ_classes), 2 * SMALL.channels[0] + 3)
+
+
+def test_tokenizer_is_a_tokenizers_word_level_that_round_trips(tmp_path: Path) -> None:
+    import re
+
+    from tokenizers import Tokenizer
+
+    tok = WordTokenizer()
+    assert isinstance(tok.backend, Tokenizer)
+    texts = ["<report> liver : one hypodense lesion . impression : liver lesion .",
+             "Is there a LESION in the liver?", "how many lesions, in 3 organs?!",
+             "what's the largest-lesion", "unknown words here", "café ünïcode"]
+    for text in texts:  # the same ids as the plain word rule
+        words = re.findall(r"<[a-z]+>|[a-z]+|[.,:?]", text.lower())
+        assert tok.encode(text) == [tok.index.get(w, tok.unk_id) for w in words]
+    assert tok.encode("unknown")[0] == tok.unk_id
+    tok.save(tmp_path / "tokenizer.json")
+    again = WordTokenizer.from_file(tmp_path / "tokenizer.json")
+    assert again.vocab == tok.vocab
+    assert all(again.encode(t) == tok.encode(t) for t in texts)
+
+
+def test_scribe_reads_its_tokenizer_and_refuses_a_foreign_one(tmp_path: Path) -> None:
+    net = ScribeNet(SMALL)
+    save_model(net, tmp_path, {"version": "1"})
+    assert (tmp_path / "tokenizer.json").is_file()
+    assert Scribe.load(tmp_path).tok.vocab == SMALL.vocab
+    WordTokenizer(("<pad>", "<bos>", "<eos>", "<unk>", "other")).save(tmp_path / "tokenizer.json")
+    with pytest.raises(ModelError, match="tokenizer.json does not match"):
+        Scribe.load(tmp_path)

@@ -190,6 +190,84 @@ def load_overlapping(net: torch.nn.Module, state: dict[str, torch.Tensor]) -> No
     net.load_state_dict(own)
 
 
+PooledFeatures = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+@torch.no_grad()
+def pooled_features(net: ScribeNet, samples: list[dict[str, object]],
+                    batch: int = 4) -> PooledFeatures:
+    """Run the frozen vision side over ``samples``; stack the pooled features.
+
+    Returns the three tensors of :meth:`ScribeNet.encode_pooled` for all
+    samples, in order (``(N, ...)`` each).
+    """
+    net.eval()
+    out: list[PooledFeatures] = []
+    t0 = time.time()
+    for i in range(0, len(samples), batch):
+        chunk = samples[i : i + batch]
+        x = torch.from_numpy(np.stack([b["x"] for b in chunk])).float()  # type: ignore[misc]
+        pooled, _ = net.encode_pooled(x)
+        out.append(pooled)
+        if (i // batch) % 25 == 0:
+            print(f"pooled {i + len(chunk)}/{len(samples)} ({time.time() - t0:.0f}s)", flush=True)
+    low, high, regions = (torch.cat([o[k] for o in out]) for k in range(3))
+    return low, high, regions
+
+
+def train_language_stage(net: ScribeNet, samples: list[dict[str, object]], tok: WordTokenizer,
+                         args: argparse.Namespace) -> int:
+    """Stage 2: projectors and language model on a frozen encoder and segmentation head.
+
+    The encoder's forward and backward passes are almost all of a joint
+    step's cost, and the language model needs many more steps than the
+    segmentation to learn its grammar: here the vision side runs once per
+    sample, its pooled features are cached, and the text side trains on them
+    at a few milliseconds a step (M3D and LLaVA train their projector the same
+    way, on a frozen vision encoder).
+
+    Returns the number of steps taken.
+    """
+    for module in (net.encoder, net.seg):
+        for param in module.parameters():
+            param.requires_grad_(False)
+    cache = args.checkpoint / "pooled.pt"
+    key = {"seeds": [s["seed"] for s in samples], "init": str(args.init)}
+    if cache.exists() and (data := torch.load(cache, weights_only=False))["key"] == key:
+        feats: PooledFeatures = data["feats"]
+    else:
+        feats = pooled_features(net, samples)
+        args.checkpoint.mkdir(parents=True, exist_ok=True)
+        torch.save({"key": key, "feats": feats}, cache)
+    trainable = [p for m in (net.projector, net.regions, net.lm) for p in m.parameters()]
+    opt = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=1e-4)
+    rng = np.random.default_rng(args.seed)
+    answer_id = tok.index[ANSWER]
+    net.train()
+    net.encoder.eval()
+    net.seg.eval()
+    t0 = time.time()
+    step = 0
+    for step in range(1, args.steps + 1):
+        frac = step / args.steps
+        lr = args.lr * min(1.0, frac / 0.03) * 0.5 * (1 + np.cos(np.pi * frac))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        idx = rng.integers(len(samples), size=args.batch)
+        pooled = tuple(f[torch.from_numpy(idx)] for f in feats)
+        tokens = net.tokens_from_pooled(pooled)  # type: ignore[arg-type]
+        reports, qas = text_batch([samples[int(i)] for i in idx], tok, rng)
+        loss = lm_step_loss(net, tokens, reports, qas, answer_id)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 2.0)
+        opt.step()
+        if step % 100 == 0:
+            print(f"lm step {step} loss {loss.item():.3f} lr {lr:.2e} "
+                  f"{time.time() - t0:.0f}s", flush=True)
+    return step
+
+
 def save_model(net: ScribeNet, out: Path, meta: dict[str, object]) -> None:
     """Write ``model.pt`` (float16 state dict) and ``config.json`` into ``out``."""
     out.mkdir(parents=True, exist_ok=True)
@@ -197,6 +275,7 @@ def save_model(net: ScribeNet, out: Path, meta: dict[str, object]) -> None:
     tmp = out / "model.pt.tmp"
     torch.save(state, tmp)
     os.replace(tmp, out / "model.pt")
+    WordTokenizer(net.cfg.vocab).save(out / "tokenizer.json")
     conf = {"name": MODEL_NAME, "net": net.cfg.to_dict(), **meta}
     (out / "config.json").write_text(json.dumps(conf, indent=2) + "\n")
 
@@ -224,12 +303,17 @@ def main(argv: list[str] | None = None) -> int:
                    help="weight of a batch-wide lesion Dice loss")
     p.add_argument("--init", type=Path, default=None,
                    help="start from this model folder's weights (fine-tuning)")
+    p.add_argument("--head-channels", type=int, default=NetConfig.head_channels,
+                   help="channels of the full-resolution segmentation head")
+    p.add_argument("--stage", choices=("joint", "language"), default="joint",
+                   help="joint: everything end to end; language: projectors and LM only, "
+                   "on the frozen encoder of --init (fast: features are cached)")
     args = p.parse_args(argv)
 
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    cfg = NetConfig()
+    cfg = NetConfig(head_channels=args.head_channels)
     tok = WordTokenizer(cfg.vocab)
     answer_id = tok.index[ANSWER]
     seeds = list(SPLITS["train"][: args.samples])
@@ -241,6 +325,19 @@ def main(argv: list[str] | None = None) -> int:
         init = torch.load(args.init / "model.pt", map_location="cpu", weights_only=True)
         load_overlapping(net, init)
         print(f"initialised from {args.init}", flush=True)
+    if args.stage == "language":
+        if args.init is None:
+            p.error("--stage language needs --init (the trained encoder)")
+        prior = json.loads((args.init / "config.json").read_text())
+        steps = train_language_stage(net, samples, tok, args)
+        history = [*prior.get("history", []), {"stage": "language", "steps": steps,
+                                               "batch": args.batch, "lr": args.lr}]
+        save_model(net, args.out, {"version": "0.1.0",
+                                   "trained_steps": prior.get("trained_steps"),
+                                   "language_steps": steps,
+                                   "train_samples": len(samples), "history": history})
+        print(f"saved {args.out} after {steps} language steps", flush=True)
+        return 0
     opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=1e-4)
     step = 0
     spent = 0.0  # training seconds in earlier runs (for --minutes across resumes)

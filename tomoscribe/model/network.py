@@ -104,10 +104,30 @@ class ScribeNet(nn.Module):
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Image to ``(tokens (B, T, width), seg logits (B, K, D, H, W))``."""
+        pooled, logits = self.encode_pooled(x)
+        return self.tokens_from_pooled(pooled), logits
+
+    def encode_pooled(
+        self, x: torch.Tensor
+    ) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+        """The vision side up to the projectors' parameter-free pooling.
+
+        Returns ``((low (B, N_low, C3), high (B, N_high, C4), regions (B, organs,
+        2 C0 + 3)), seg logits (B, K, D, H, W))``. Training the projectors and
+        the language model on a frozen encoder caches these (they are small).
+        """
         feats = self.encoder(x)
         logits, dec = self.seg(feats, x)
-        tokens = torch.cat([self.projector(feats[-2], feats[-1]), self.regions(dec, logits)], dim=1)
-        return tokens, logits
+        low, high = self.projector.pool(feats[-2], feats[-1])
+        return (low, high, self.regions.pool(dec, logits)), logits
+
+    def tokens_from_pooled(
+        self, pooled: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+    ) -> torch.Tensor:
+        """Image tokens ``(B, T, width)`` from :meth:`encode_pooled`'s first output."""
+        low, high, regions = pooled
+        return torch.cat([self.projector.from_pooled(low, high),
+                          self.regions.from_pooled(regions)], dim=1)
 
     def embed_text(self, ids: torch.Tensor) -> torch.Tensor:
         embedding: nn.Module = self.lm.get_input_embeddings()  # type: ignore[operator]

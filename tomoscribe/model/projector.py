@@ -50,8 +50,15 @@ class _Stream(nn.Module):
         self.reduce = nn.Linear(n, out_tokens)
         self.proj = nn.Sequential(nn.Linear(channels, width), nn.GELU(), nn.Linear(width, width))
 
+    def pool(self, feat: torch.Tensor) -> torch.Tensor:
+        """``(B, C, d, h, w)`` features to ``(B, N, C)`` grid tokens (no parameters)."""
+        return F.adaptive_avg_pool3d(feat, self.grid).flatten(2).transpose(1, 2)
+
     def forward(self, feat: torch.Tensor) -> torch.Tensor:
-        x = F.adaptive_avg_pool3d(feat, self.grid).flatten(2).transpose(1, 2)  # (B, N, C)
+        return self.from_pooled(self.pool(feat))
+
+    def from_pooled(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, N, C)`` grid tokens to ``(B, T, width)``."""
         x = self.mix(x)
         x = self.reduce(x.transpose(1, 2)).transpose(1, 2)  # (B, T, C)
         return self.proj(x)
@@ -79,7 +86,15 @@ class MixerProjector(nn.Module):
         self.high = _Stream(high_grid, high_channels, high_tokens, width)
 
     def forward(self, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
-        return torch.cat([self.low(low), self.high(high)], dim=1)
+        return self.from_pooled(*self.pool(low, high))
+
+    def pool(self, low: torch.Tensor, high: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The parameter-free first step: each stream's pooled grid tokens."""
+        return self.low.pool(low), self.high.pool(high)
+
+    def from_pooled(self, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+        """Tokens from :meth:`pool`'s output: ``(B, T_low + T_high, width)``."""
+        return torch.cat([self.low.from_pooled(low), self.high.from_pooled(high)], dim=1)
 
 
 class RegionTokens(nn.Module):
@@ -107,6 +122,10 @@ class RegionTokens(nn.Module):
         )
 
     def forward(self, feats: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        return self.from_pooled(self.pool(feats, logits))
+
+    def pool(self, feats: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """The parameter-free first step: ``(B, organs, 2 C + 3)`` pooled statistics."""
         # pool on the features' (half) resolution: 8x cheaper than full resolution
         grid = (int(feats.shape[2]), int(feats.shape[3]), int(feats.shape[4]))
         prob = F.adaptive_avg_pool3d(logits.detach().softmax(dim=1), grid)
@@ -123,5 +142,10 @@ class RegionTokens(nn.Module):
             f_organ = (feats * p).sum(dim=(2, 3, 4)) / (vol + 1e-3)
             f_les = (feats * les_near).sum(dim=(2, 3, 4)) / (les_mass + 1e-3)
             stats = torch.cat([torch.log1p(vol), torch.log1p(les_mass), les_peak], dim=1)
-            tokens.append(self.proj(torch.cat([f_organ, f_les, stats], dim=1)))
-        return torch.stack(tokens, dim=1) + self.embed
+            tokens.append(torch.cat([f_organ, f_les, stats], dim=1))
+        return torch.stack(tokens, dim=1)
+
+    def from_pooled(self, pooled: torch.Tensor) -> torch.Tensor:
+        """Tokens ``(B, organs, width)`` from :meth:`pool`'s output."""
+        out: torch.Tensor = self.proj(pooled) + self.embed
+        return out

@@ -54,13 +54,14 @@ LESION_LABEL_BASE = 10
 class Scribe:
     """A loaded model, ready to encode volumes and write reports."""
 
-    def __init__(self, net: ScribeNet, name: str, version: str, model_dir: Path) -> None:
+    def __init__(self, net: ScribeNet, name: str, version: str, model_dir: Path,
+                 tokenizer: WordTokenizer | None = None) -> None:
         self.net = net.eval()
         self.cfg = net.cfg
         self.name = name
         self.version = version
         self.model_dir = model_dir
-        self.tok = WordTokenizer(self.cfg.vocab)
+        self.tok = tokenizer if tokenizer is not None else WordTokenizer(self.cfg.vocab)
         self.organ_names = {i + 1: n for i, n in enumerate(ORGANS)}
         # never emitted: padding, the start marker and the task markers
         self.banned = tuple(self.tok.index[t] for t in (PAD, BOS, UNK, REPORT, QUESTION, ANSWER))
@@ -84,10 +85,16 @@ class Scribe:
             state = torch.load(weights, map_location="cpu", weights_only=True)
             net.load_state_dict({k: v.float() if v.is_floating_point() else v
                                  for k, v in state.items()})
-        except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
+            tok_path = folder / "tokenizer.json"
+            tok = WordTokenizer.from_file(tok_path) if tok_path.is_file() else None
+        except Exception as exc:  # anything a foreign folder can throw: one line
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ModelError(f"cannot load model from {folder}: {first[:200]}") from exc
-        return cls(net, str(conf.get("name", "tomoscribe")), str(conf.get("version", "0")), folder)
+        if tok is not None and tok.vocab != cfg.vocab:
+            raise ModelError(f"model folder {folder}: tokenizer.json does not match the "
+                             "vocabulary in config.json")
+        return cls(net, str(conf.get("name", "tomoscribe")), str(conf.get("version", "0")), folder,
+                   tok)
 
     # ---------------------------------------------------------------- encode
     @torch.inference_mode()

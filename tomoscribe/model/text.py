@@ -25,8 +25,13 @@ import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tomoscribe.report import LESION_KINDS, ORGANS
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
 
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
 REPORT, QUESTION, ANSWER = "<report>", "<question>", "<answer>"
@@ -69,26 +74,74 @@ def _vocabulary() -> list[str]:
 VOCAB: tuple[str, ...] = tuple(_vocabulary())
 
 
-class WordTokenizer:
-    """Lower-cases, splits punctuation off words, maps words to ids."""
+#: what a word is: a task marker, a run of letters, or a punctuation mark
+WORD_PATTERN = r"<[a-z]+>|[a-z]+|[.,:?]"
 
-    def __init__(self, vocab: Sequence[str] = VOCAB) -> None:
+
+def build_word_level(vocab: Sequence[str]) -> Tokenizer:
+    """A ``tokenizers`` word-level tokenizer over ``vocab`` (ids = positions).
+
+    Normalisation lower-cases; pre-tokenisation splits on white space, then
+    isolates every :data:`WORD_PATTERN` match; anything else (digits, other
+    symbols) is dropped. Out-of-vocabulary words map to ``<unk>``.
+    """
+    from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers
+    from tokenizers.models import WordLevel
+
+    tok = Tokenizer(WordLevel({w: i for i, w in enumerate(vocab)}, unk_token=UNK))
+    tok.normalizer = normalizers.Sequence([
+        normalizers.Lowercase(),
+        # keep only what can be part of a word; the rest becomes a separator
+        normalizers.Replace(Regex(r"[^a-z<>.,:?\s]"), " "),
+    ])
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.WhitespaceSplit(),
+        pre_tokenizers.Split(Regex(WORD_PATTERN), behavior="isolated"),
+    ])
+    return tok
+
+
+class WordTokenizer:
+    """Word-level tokenizer of the default model, built with the ``tokenizers`` library.
+
+    Lower-cases, splits punctuation off words and maps words to ids (the
+    position in ``vocab``). :meth:`save` writes the standard ``tokenizer.json``
+    that :meth:`from_file` (or any ``tokenizers`` / ``transformers`` user)
+    reads back.
+    """
+
+    def __init__(self, vocab: Sequence[str] = VOCAB, backend: Tokenizer | None = None) -> None:
         self.vocab = tuple(vocab)
         self.index = {w: i for i, w in enumerate(self.vocab)}
+        self.backend = backend if backend is not None else build_word_level(self.vocab)
         self.pad_id = self.index[PAD]
         self.bos_id = self.index[BOS]
         self.eos_id = self.index[EOS]
         self.unk_id = self.index[UNK]
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> WordTokenizer:
+        """Read a ``tokenizer.json`` written by :meth:`save`."""
+        from tokenizers import Tokenizer
+
+        backend = Tokenizer.from_file(str(path))
+        vocab = backend.get_vocab()
+        return cls([w for w, _i in sorted(vocab.items(), key=lambda kv: kv[1])], backend)
+
+    def save(self, path: str | Path) -> None:
+        """Write ``tokenizer.json``."""
+        self.backend.save(str(path))
 
     def __len__(self) -> int:
         return len(self.vocab)
 
     @staticmethod
     def words(text: str) -> list[str]:
-        return re.findall(r"<[a-z]+>|[a-z]+|[.,:?]", text.lower())
+        return re.findall(WORD_PATTERN, text.lower())
 
     def encode(self, text: str) -> list[int]:
-        return [self.index.get(w, self.unk_id) for w in self.words(text)]
+        ids: list[int] = self.backend.encode(text, add_special_tokens=False).ids
+        return ids
 
     def decode(self, ids: Iterable[int]) -> str:
         out = []
