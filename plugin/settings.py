@@ -17,7 +17,8 @@ Every key is optional::
       "AppConfig": null,                      // config_path passed to the job function
       "LeaseSeconds": 60, "MaxAttempts": 3, "JobTimeoutSeconds": 1800,
       "PollSeconds": 1.0, "WorkerMemoryLimitMB": 0,   // 0: no RLIMIT_AS on the worker
-      "WorkerEnvironment": {"OMP_NUM_THREADS": "2"}   // extra environment for the worker
+      "WorkerEnvironment": {"OMP_NUM_THREADS": "2"},  // extra environment for the worker
+      "OhifDirectory": "/opt/ohif/dist"      // OHIF build served at /ohif/; default var/ohif/dist
     }
 
 Standard library only: imported inside Orthanc's process.
@@ -59,6 +60,7 @@ class Settings:
     poll_s: float
     memory_limit_mb: int
     extra_env: dict[str, str] = field(default_factory=dict)
+    ohif_dir: Path | None = None
 
     @property
     def db_path(self) -> Path:
@@ -104,6 +106,7 @@ class Settings:
             poll_s=float(data["poll_s"]),
             memory_limit_mb=int(data["memory_limit_mb"]),
             extra_env=dict(data.get("extra_env", {})),
+            ohif_dir=Path(data["ohif_dir"]) if data.get("ohif_dir") else None,
         )
 
 
@@ -172,4 +175,5 @@ def load_settings(config: Mapping[str, Any]) -> Settings:
         poll_s=float(section.get("PollSeconds", 1.0)),
         memory_limit_mb=int(section.get("WorkerMemoryLimitMB", 0)),
         extra_env={str(k): str(v) for k, v in extra_env.items()},
+        ohif_dir=opt_path("OhifDirectory") or REPO_ROOT / "var" / "ohif" / "dist",
     )

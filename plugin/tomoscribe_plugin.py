@@ -9,7 +9,8 @@ What it does, and nothing more:
   (StudyInstanceUID, model version) and return. Enqueue is idempotent, so
   the second ``STABLE_STUDY`` fired by our own outputs landing is a no-op.
 * ``ORTHANC_STARTED`` / ``ORTHANC_STOPPED``: start / stop the worker supervisor.
-* REST routes under ``/tomoscribe/`` (see ``routes.py``).
+* REST routes under ``/tomoscribe/`` (see ``routes.py``), and the OHIF viewer
+  under ``/ohif/`` (see ``ohif.py``).
 
 It imports only the standard library and the small modules next to it; the
 worker process does all heavy work. Orthanc runs every change callback on one
@@ -193,6 +194,9 @@ def initialize() -> TomoscribePlugin:
     orthanc.RegisterRestCallback("/tomoscribe/studies/([0-9a-f-]+)/rerun",
                                  _rest_callback(r.rerun, "POST"))
     orthanc.RegisterRestCallback("/tomoscribe/health", _rest_callback(r.health, "GET"))
+    from ohif import register as register_ohif
+
+    register_ohif(orthanc, settings.ohif_dir, config, _log)
     _log(f"tomoscribe: plugin loaded (model version {settings.model_version}, job DB"
          f" {settings.db_path}, worker {settings.python}, job function {settings.job_function})")
     return plugin

@@ -3,7 +3,8 @@
 #
 # tomoscribe demo: `bash scripts/demo.sh start` starts Orthanc with the tomoscribe
 # plugin on this machine (data under var/demo/), sends the sample phantom CT study,
-# waits for the report and prints it; Orthanc keeps running. `stop` stops it.
+# waits for the report and prints it with the OHIF viewer's address of the study
+# (served by the plugin at /ohif/); Orthanc keeps running. `stop` stops it.
 #
 # Environment: TOMOSCRIBE_DEMO_TIMEOUT (seconds to wait for the report, default 900),
 # TOMOSCRIBE_DEMO_JOB_FUNCTION (the worker's job function, default operators.app:run_app).
@@ -232,6 +233,15 @@ if jobs:
     if [[ -n $sr_id ]]; then print_report "$sr_id"; else say "(no SR among the outputs)"; fi
     echo
     say "look at it:"
+    local viewer="http://127.0.0.1:$HTTP_PORT/ohif/viewer?StudyInstanceUIDs=$study_uid" answer
+    if answer=$(api GET /ohif/app-config.js 2>&1 >/dev/null); then
+        say "  OHIF viewer: $viewer"
+        say "    (log in with the user and password below; confirm the banner, skip the tour;"
+        say "     double-click 'tomoscribe draft report' for the report, 'tomoscribe segmentation'"
+        say "     for the segmentation and answer Yes)"
+    else
+        say "  OHIF viewer: not available (${answer:-no answer}); run 'make setup', then 'make stop' and 'make demo'"
+    fi
     say "  Orthanc Explorer: http://127.0.0.1:$HTTP_PORT/app/explorer.html#study?uuid=$study_id"
     say "  user: $USER_NAME   password: $PASSWORD   (also in var/demo/state.env)"
     say "  jobs: curl -u $USER_NAME:$PASSWORD http://127.0.0.1:$HTTP_PORT/tomoscribe/jobs"

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install everything tomoscribe needs, idempotently: Debian packages (only the
-# missing ones), the venv .venv from /usr/bin/python3.11 (the interpreter
+# missing ones), the pinned OHIF viewer build (var/ohif/, see below), the venv .venv from /usr/bin/python3.11 (the interpreter
 # Orthanc's python plugin embeds), torch==2.13.0 first (an unpinned torch
 # pulls a multi-GB CUDA build), then the project with pinned versions
 # (constraints.txt). A stamp file makes a second run a no-op.
@@ -12,7 +12,9 @@ log() { printf '[setup] %s\n' "$*" >&2; }
 
 # --- Debian packages -------------------------------------------------------
 need_pkgs=()
-for pkg in orthanc orthanc-python orthanc-dicomweb dcmtk dicom3tools python3.11-venv iproute2 util-linux; do
+# chromium + chromium-driver: the viewer's browser test (tests/test_ohif_browser.py)
+for pkg in orthanc orthanc-python orthanc-dicomweb dcmtk dicom3tools python3.11-venv iproute2 util-linux \
+           curl chromium chromium-driver; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need_pkgs+=("$pkg")
 done
 if ((${#need_pkgs[@]})); then
@@ -28,6 +30,43 @@ if ((${#need_pkgs[@]})); then
     if command -v service >/dev/null && service orthanc status >/dev/null 2>&1; then
         service orthanc stop >/dev/null 2>&1 || true
     fi
+fi
+
+# --- OHIF viewer (served by the plugin at /ohif/, see plugin/ohif.py) --------
+# The built site of the npm package @ohif/app, pinned here (version + the registry's
+# sha512 integrity), unpacked into var/ohif/app-$OHIF_VERSION/; var/ohif/dist points
+# at its dist/ folder. Fetched with `npm pack` when npm is there, else with curl from
+# the same registry; either way the archive must match the pinned hash.
+OHIF_VERSION=3.13.2
+OHIF_INTEGRITY=sha512-WZdxmpmG7rqFgW9ZJLcbgr3XCtLi1KDNPoMaeY5PPe6j4G4fjEjjkycZM6C6Zk2F87BKxFfpq+jd5xXZB9E8EA==
+ohif_dir=var/ohif/app-$OHIF_VERSION
+if [[ ! -f $ohif_dir/.complete || "$(readlink var/ohif/dist)" != "app-$OHIF_VERSION/package/dist" ]]; then
+    log "fetching the OHIF viewer (@ohif/app@$OHIF_VERSION, about 50 MB)"
+    mkdir -p var/ohif
+    rm -rf "$ohif_dir" var/ohif/download
+    mkdir -p var/ohif/download
+    tgz=var/ohif/download/ohif-app-$OHIF_VERSION.tgz
+    if command -v npm >/dev/null; then
+        (cd var/ohif/download && npm pack --silent "@ohif/app@$OHIF_VERSION" >/dev/null)
+    else
+        registry=${NPM_CONFIG_REGISTRY:-https://registry.npmjs.org}
+        curl -fsSL --retry 3 -o "$tgz" "${registry%/}/@ohif/app/-/app-$OHIF_VERSION.tgz"
+    fi
+    got=$(/usr/bin/python3.11 -c 'import base64, hashlib, sys
+print("sha512-" + base64.b64encode(hashlib.sha512(open(sys.argv[1], "rb").read()).digest()).decode())' "$tgz")
+    if [[ $got != "$OHIF_INTEGRITY" ]]; then
+        log "the @ohif/app@$OHIF_VERSION archive does not match its pinned hash (got $got)"
+        exit 1
+    fi
+    mkdir -p "$ohif_dir"
+    tar -xzf "$tgz" -C "$ohif_dir" --no-same-owner
+    [[ -f $ohif_dir/package/dist/index.html ]] || { log "no dist/index.html in @ohif/app@$OHIF_VERSION"; exit 1; }
+    ln -sfn "app-$OHIF_VERSION/package/dist" var/ohif/dist
+    rm -rf var/ohif/download
+    touch "$ohif_dir/.complete"
+    for old in var/ohif/app-*; do  # earlier pins
+        [[ $old == "$ohif_dir" ]] || rm -rf "$old"
+    done
 fi
 
 # --- Python environment ----------------------------------------------------

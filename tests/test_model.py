@@ -208,5 +208,5 @@ def test_scribe_reads_its_tokenizer_and_refuses_a_foreign_one(tmp_path: Path) ->
     assert (tmp_path / "tokenizer.json").is_file()
     assert Scribe.load(tmp_path).tok.vocab == SMALL.vocab
     WordTokenizer(("<pad>", "<bos>", "<eos>", "<unk>", "other")).save(tmp_path / "tokenizer.json")
-    with pytest.raises(ModelError, match="tokenizer.json does not match"):
+    with pytest.raises(ModelError, match=r"tokenizer\.json does not match"):
         Scribe.load(tmp_path)

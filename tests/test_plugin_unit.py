@@ -129,7 +129,7 @@ def test_registers_routes_and_settings_from_configuration(fake: tuple[FakeOrthan
     assert len(orthanc.change_callbacks) == 1
     assert set(orthanc.routes) == {"/tomoscribe/jobs", "/tomoscribe/jobs/([0-9]+)",
                                    "/tomoscribe/studies/([0-9a-f-]+)/rerun",
-                                   "/tomoscribe/health"}
+                                   "/tomoscribe/health", "/ohif(/.*)?"}
     s: Settings = plugin.settings
     assert s.model_version == tomoscribe.__version__
     assert s.questions == ("Any lesion?",)
