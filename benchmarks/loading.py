@@ -26,13 +26,19 @@ Loaders, each from a folder to a ``(D, H, W)`` float32 volume of the chosen seri
   rescale to float32; single-threaded.
 
 Timing: all loaders run in this one process, after a warm-up run of each on
-each input; the median of ``--repeats`` runs (interleaved) is reported.
+each input; the median of ``--repeats`` runs (interleaved) is reported, with
+the median CPU seconds of the same runs (this process plus its reaped child
+processes, i.e. tomoscribe's decoding workers): on a machine whose cores are
+busy with other work, wall time cannot drop below CPU time / free cores.
 Import/start-up cost (imports plus operator construction) is measured
 separately, each in a fresh interpreter. Peak memory: each loader runs once
 per input in a fresh subprocess; the figure is the peak resident set during
 the load (``VmHWM``, reset through ``/proc/self/clear_refs`` just before it)
 minus the resident set just before it (imports done), so it counts numpy and
-decoder buffers alike. Every loader's volume is checked against the pydicom loop's.
+decoder buffers alike, plus the largest summed resident set of its child
+processes (tomoscribe's decoding workers for the JPEG 2000 case), sampled
+every 10 ms and shown apart as "(workers)". Every loader's volume is checked
+against the pydicom loop's.
 """
 
 from __future__ import annotations
@@ -372,18 +378,72 @@ def _imports(loader: str) -> Any:
     raise ValueError(loader)
 
 
+def _children_rss_kib() -> int:
+    """Summed resident set (KiB) of this process's direct children (decoding workers)."""
+    total = 0
+    try:
+        tasks = list(Path("/proc/self/task").iterdir())
+    except OSError:
+        return 0
+    for task in tasks:
+        try:
+            pids = (task / "children").read_text().split()
+        except OSError:
+            continue
+        for pid in pids:
+            try:
+                pages = int(Path(f"/proc/{pid}/statm").read_text().split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            total += pages * (os.sysconf("SC_PAGE_SIZE") // 1024)
+    return total
+
+
 def _worker(loader: str, folder: str, files_json: str) -> None:
-    """Subprocess entry: one load, print peak RSS increase (bytes) and the volume size."""
+    """Subprocess entry: one load; print peak RSS increase (KiB), workers' peak, volume size.
+
+    Worker processes (tomoscribe decodes compressed series in a pool) are
+    sampled every 10 ms: ``workers_kib`` is the largest sum of their resident
+    sets seen (shared library pages included, so it over-counts a little).
+    """
+    import threading
+
     fn = _imports(loader)
     files = json.loads(Path(files_json).read_text())
+    children = {"peak": 0}
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(0.01):
+            children["peak"] = max(children["peak"], _children_rss_kib())
+
+    sampler = threading.Thread(target=sample, daemon=True)
     before = _reset_peak()
+    sampler.start()
     t = time.perf_counter()
     vol = fn(folder, files)
     dt = time.perf_counter() - t
     after = _status_kib("VmHWM")
+    stop.set()
+    sampler.join()
     if after is None:
         after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"peak_kib": after - before, "seconds": dt, "shape": list(vol.shape)}))
+    print(
+        json.dumps(
+            {
+                "peak_kib": after - before,
+                "workers_kib": children["peak"],
+                "seconds": dt,
+                "shape": list(vol.shape),
+            }
+        )
+    )
+
+
+def _cpu_seconds() -> float:
+    """User + system CPU seconds of this process and its reaped children (decoding workers)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
 
 
 def _status_kib(key: str) -> int | None:
@@ -490,12 +550,15 @@ def main(argv: list[str] | None = None) -> int:
             for name in LOADERS:
                 if "times" not in row[name]:
                     continue
+                c = _cpu_seconds()
                 t = time.perf_counter()
                 fns[name](folder, files)
                 row[name]["times"].append(time.perf_counter() - t)
+                row[name].setdefault("cpu", []).append(_cpu_seconds() - c)
         for name in LOADERS:
             if "times" in row[name]:
                 row[name]["median_s"] = statistics.median(row[name]["times"])
+                row[name]["median_cpu_s"] = statistics.median(row[name]["cpu"])
             row[name]["peak"] = _peak(name, folder, files)
         results[case] = row
         print(f"  {case}: done")
@@ -504,11 +567,16 @@ def main(argv: list[str] | None = None) -> int:
         return float(results[case][name].get("median_s", float("nan")))
 
     def peak_mib(case: str, name: str) -> float:
-        return float(results[case][name]["peak"].get("peak_kib", float("nan"))) / 1024
+        """Peak of the loading process plus its decoding workers, MiB."""
+        got = results[case][name]["peak"]
+        return float(got.get("peak_kib", float("nan")) + got.get("workers_kib", 0)) / 1024
+
+    def workers_mib(case: str, name: str) -> float:
+        return float(results[case][name]["peak"].get("workers_kib", 0)) / 1024
 
     lines = [
-        f"{'case':6} {'loader':13} {'median s':>9} {'x floor':>8} {'x monai':>8} "
-        f"{'peak MiB':>9} {'x vol':>6}  same",
+        f"{'case':6} {'loader':13} {'median s':>9} {'cpu s':>6} {'x floor':>8} {'x monai':>8} "
+        f"{'peak MiB':>9} {'(workers)':>9} {'x vol':>6}  same",
     ]
     for case in CASES:
         vol_mib = results[case]["volume_bytes"] / 2**20
@@ -522,8 +590,10 @@ def main(argv: list[str] | None = None) -> int:
             m = med(case, name)
             pk = peak_mib(case, name)
             lines.append(
-                f"{'':6} {name:13} {m:9.3f} {m / med(case, 'pydicom-loop'):8.2f} "
-                f"{m / med(case, 'monai-deploy'):8.2f} {pk:9.0f} {pk / vol_mib:6.2f}  "
+                f"{'':6} {name:13} {m:9.3f} {r.get('median_cpu_s', float('nan')):6.2f} "
+                f"{m / med(case, 'pydicom-loop'):8.2f} "
+                f"{m / med(case, 'monai-deploy'):8.2f} {pk:9.0f} {workers_mib(case, name):9.0f} "
+                f"{pk / vol_mib:6.2f}  "
                 f"{'yes' if r['matches_floor'] else 'NO ' + r.get('mismatch', '')}"
             )
     lines.append("import + start-up s: " + ", ".join(f"{n} {imports[n]:.2f}" for n in LOADERS))

@@ -349,3 +349,85 @@ def test_modality_lut_applied(tmp_path: Path) -> None:
         ds.save_as(path)
     volume = load_series(_only_series(tmp_path))
     np.testing.assert_array_equal(volume.voxels[2], expected_stored(2, 8, 8) + 1000)
+
+
+def test_gantry_tilt_refused_with_the_angle(tmp_path: Path) -> None:
+    # a 15 degree tilt: each 2.5 mm step along z moves the origin 2.5 * tan(15) mm in y
+    shift = 2.5 * np.tan(np.deg2rad(15.0))
+    positions = [(-40.0, -40.0 + k * shift, 10.0 + 2.5 * k) for k in range(6)]
+    write_series(tmp_path, n=6, positions=positions, gantry_tilt=15.0)
+    with pytest.raises(GeometryError, match="gantry tilt of 15 degrees") as info:
+        load_series(_only_series(tmp_path))
+    assert "\n" not in str(info.value)
+    assert "resample" in str(info.value)
+
+
+def test_monochrome1_mr_inverted_within_its_range(tmp_path: Path) -> None:
+    write_series(
+        tmp_path, n=4, rows=8, columns=8, modality="MR", photometric="MONOCHROME1",
+        slope=2.0, intercept=5.0,
+    )  # fmt: skip
+    volume = load_series(_only_series(tmp_path))
+    # int16 stored range [-32768, 32767] rescaled: lo + hi = 2 * (-1) + 2 * 5 = 8
+    for k in range(4):
+        np.testing.assert_array_equal(volume.voxels[k], 8.0 - (expected_stored(k, 8, 8) * 2 + 5))
+    # higher stored values (later slices here) now come out darker: the order reversed
+    assert volume.voxels[3].mean() < volume.voxels[0].mean()
+    assert any("MONOCHROME1" in n and "inverted" in n for n in volume.notes)
+
+
+def test_monochrome1_unsigned_keeps_its_range(tmp_path: Path) -> None:
+    paths = write_series(tmp_path, n=3, rows=8, columns=8, modality="MR", photometric="MONOCHROME1")
+    for p in paths:  # 12-bit unsigned, no rescale: v' = 4095 - v
+        ds = pydicom.dcmread(p)
+        ds.PixelRepresentation, ds.BitsStored, ds.HighBit = 0, 12, 11
+        del ds.RescaleSlope, ds.RescaleIntercept
+        ds.save_as(p)
+    volume = load_series(_only_series(tmp_path))
+    np.testing.assert_array_equal(volume.voxels[1], 4095.0 - expected_stored(1, 8, 8))
+    assert volume.voxels.min() >= 0
+
+
+def test_monochrome1_ct_keeps_hounsfield_units(tmp_path: Path) -> None:
+    write_series(tmp_path, n=4, rows=8, columns=8, photometric="MONOCHROME1")
+    volume = load_series(_only_series(tmp_path))
+    np.testing.assert_array_equal(volume.voxels[2], expected_stored(2, 8, 8) - 1024.0)
+    assert any("MONOCHROME1" in n and "Hounsfield" in n for n in volume.notes)
+
+
+def test_native_pixels_read_at_the_scanned_offset(tmp_path: Path) -> None:
+    write_series(tmp_path, n=3, rows=8, columns=8)
+    series = _only_series(tmp_path)
+    assert all(loc is not None for loc in series.pixel_locations)
+    for fi, path in enumerate(series.files):
+        loc = series.pixel_locations[fi]
+        assert loc is not None
+        ds = pydicom.dcmread(path)
+        assert loc.length == len(ds.PixelData)
+        assert path.read_bytes()[loc.offset : loc.offset + loc.length] == ds.PixelData
+    volume = load_series(series)
+    for k in range(3):
+        np.testing.assert_array_equal(volume.voxels[k], expected_stored(k, 8, 8) - 1024.0)
+
+
+@pytest.mark.parametrize("signed", [0, 1])
+def test_unused_high_bits_cleared_as_pydicom_does(tmp_path: Path, signed: int) -> None:
+    from pydicom.pixels import pixel_array
+
+    paths = write_series(tmp_path, n=3, rows=8, columns=8)
+    rng = np.random.default_rng(signed)
+    for p in paths:  # 12 bits stored in 16, garbage in the 4 unused high bits
+        ds = pydicom.dcmread(p)
+        ds.PixelRepresentation, ds.BitsStored, ds.HighBit = signed, 12, 11
+        dtype = np.int16 if signed else np.uint16
+        values = rng.integers(-2048 if signed else 0, 2048 if signed else 4096, (8, 8))
+        noise = rng.integers(0, 16, (8, 8)) << 12
+        ds.PixelData = ((values.astype(np.int64) & 0x0FFF) | noise).astype(np.uint16).tobytes()
+        ds.save_as(p)
+        assert pixel_array(p).dtype == dtype
+    series = _only_series(tmp_path)
+    assert all(loc is not None for loc in series.pixel_locations)  # the fast path is taken
+    volume = load_series(series)
+    for k, ref in enumerate(volume.slices):
+        path = next(p for p in paths if pydicom.dcmread(p).SOPInstanceUID == ref.sop_instance_uid)
+        np.testing.assert_array_equal(volume.voxels[k], pixel_array(path) - 1024.0)

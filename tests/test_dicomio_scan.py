@@ -127,3 +127,35 @@ def test_truncated_and_preamble_less_files(tmp_path: Path) -> None:
     assert any("cut" in n for n in index.notes)
     assert sorted(s.slice_count for s in index.series) == [1, 3]
     assert index.files_dicom == 4
+
+
+def _pydicom_header(path: Path) -> pydicom.Dataset | None:
+    try:
+        return pydicom.dcmread(path, stop_before_pixels=True)
+    except Exception:
+        return None
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_fast_header_reader_equals_pydicom_on_every_test_file() -> None:
+    from tomoscribe.dicomio.header import read_header
+
+    compared = 0
+    for path in sorted(PYDICOM_DIR.rglob("*")):
+        if not path.is_file() or path.stat().st_size > 2_000_000:  # keeps the test to a few seconds
+            continue
+        ref = _pydicom_header(path)
+        if ref is None:
+            continue
+        got, location = read_header(path)
+        assert got == ref, path.name
+        assert got.file_meta == ref.file_meta, path.name
+        assert (got.preamble, got.is_implicit_VR, got.original_character_set) == (
+            ref.preamble, ref.is_implicit_VR, ref.original_character_set,
+        ), path.name  # fmt: skip
+        if location is not None:  # the recorded offset is where pydicom finds Pixel Data
+            full = pydicom.dcmread(path)
+            raw = path.read_bytes()[location.offset : location.offset + location.length]
+            assert raw == full.PixelData, path.name
+        compared += 1
+    assert compared > 80

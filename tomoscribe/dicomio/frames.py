@@ -10,11 +10,14 @@ difference: one :class:`FrameGeometry` per frame, whatever the layout.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from pydicom.dataset import Dataset
+
+from tomoscribe.dicomio.header import raw_int, raw_text
 
 #: |component| of the slice normal above which a plane is named after that axis
 #: (about 25 degrees off the axis); below it the plane is "Oblique".
@@ -59,27 +62,28 @@ class FrameGeometry:
     frame_of_reference_uid: str
 
 
-def _floats(value: Any, n: int) -> tuple[float, ...] | None:
-    """``value`` as a tuple of ``n`` floats, or ``None`` if absent or malformed."""
-    if value is None:
+def _floats(ds: Dataset, tag: int, n: int) -> tuple[float, ...] | None:
+    """Element ``tag`` of ``ds`` as ``n`` finite floats, or ``None`` if absent or malformed.
+
+    Reads the raw text of the element (see :func:`~tomoscribe.dicomio.header.raw_text`)
+    rather than pydicom's converted value: converting DS values costs more
+    than reading the whole header.
+    """
+    text = raw_text(ds, tag)
+    if not text:
         return None
     try:
-        out = tuple(float(v) for v in value)
-    except (TypeError, ValueError):
+        out = tuple(float(v) for v in text.split("\\"))
+    except ValueError:
         return None
-    if len(out) != n or not all(np.isfinite(out)):
+    if len(out) != n or not all(math.isfinite(v) for v in out):
         return None
     return out
 
 
-def _float(value: Any) -> float | None:
-    if value is None or value == "":
-        return None
-    try:
-        out = float(value)
-    except (TypeError, ValueError):
-        return None
-    return out if np.isfinite(out) else None
+def _float(ds: Dataset, tag: int) -> float | None:
+    got = _floats(ds, tag, 1)
+    return None if got is None else got[0]
 
 
 def _macro(per_frame: Dataset | None, shared: Dataset | None, sequence: str) -> Dataset | None:
@@ -94,8 +98,18 @@ def _macro(per_frame: Dataset | None, shared: Dataset | None, sequence: str) -> 
     return None
 
 
+def _has(ds: Dataset, tag: int) -> bool:
+    """``tag in ds`` without pydicom's tag parsing (this runs for every header, often)."""
+    try:
+        return tag in ds._dict
+    except AttributeError:
+        return tag in ds
+
+
 def number_of_frames(ds: Dataset) -> int:
     """NumberOfFrames of ``ds`` (1 when absent or malformed)."""
+    if not _has(ds, 0x00280008):
+        return 1
     try:
         return max(1, int(ds.get("NumberOfFrames", 1) or 1))
     except (TypeError, ValueError):
@@ -104,7 +118,7 @@ def number_of_frames(ds: Dataset) -> int:
 
 def is_enhanced(ds: Dataset) -> bool:
     """Whether ``ds`` carries per-frame or shared functional groups."""
-    return "PerFrameFunctionalGroupsSequence" in ds or "SharedFunctionalGroupsSequence" in ds
+    return _has(ds, 0x52009230) or _has(ds, 0x52009229)
 
 
 def frames_of(ds: Dataset, file_index: int) -> list[FrameGeometry]:
@@ -121,29 +135,29 @@ def frames_of(ds: Dataset, file_index: int) -> list[FrameGeometry]:
         the top-level geometry (the loader refuses those when they collide).
     """
     n_frames = number_of_frames(ds)
-    rows = int(ds.get("Rows", 0) or 0)
-    columns = int(ds.get("Columns", 0) or 0)
-    sop_instance_uid = str(ds.get("SOPInstanceUID", ""))
-    sop_class_uid = str(ds.get("SOPClassUID", ""))
-    for_uid = str(ds.get("FrameOfReferenceUID", ""))
+    rows = raw_int(ds, 0x00280010) or 0
+    columns = raw_int(ds, 0x00280011) or 0
+    sop_instance_uid = raw_text(ds, 0x00080018) or ""
+    sop_class_uid = raw_text(ds, 0x00080016) or ""
+    for_uid = raw_text(ds, 0x00200052) or ""
 
     def make(frame: int | None, pos: Any, ori: Any, meas: Any, val: Any) -> FrameGeometry:
         """One frame from its position, orientation, measures and value items."""
-        slope = _float(val.get("RescaleSlope")) if val is not None else None
-        intercept = _float(val.get("RescaleIntercept")) if val is not None else None
+        slope = _float(val, 0x00281053) if val is not None else None
+        intercept = _float(val, 0x00281052) if val is not None else None
         return FrameGeometry(
             file_index=file_index,
             frame=frame,
-            position=_floats(pos.get("ImagePositionPatient"), 3)  # type: ignore[arg-type]
+            position=_floats(pos, 0x00200032, 3)  # type: ignore[arg-type]
             if pos is not None
             else None,
-            orientation=_floats(ori.get("ImageOrientationPatient"), 6)  # type: ignore[arg-type]
+            orientation=_floats(ori, 0x00200037, 6)  # type: ignore[arg-type]
             if ori is not None
             else None,
-            pixel_spacing=_floats(meas.get("PixelSpacing"), 2)  # type: ignore[arg-type]
+            pixel_spacing=_floats(meas, 0x00280030, 2)  # type: ignore[arg-type]
             if meas is not None
             else None,
-            slice_thickness=_float(meas.get("SliceThickness")) if meas is not None else None,
+            slice_thickness=_float(meas, 0x00180050) if meas is not None else None,
             slope=1.0 if slope is None else slope,
             intercept=0.0 if intercept is None else intercept,
             rows=rows,

@@ -9,11 +9,32 @@ Slices are ordered by their position projected on the slice normal (row
 cosine x column cosine of ImageOrientationPatient), never by file name or
 InstanceNumber. Classic single-frame CT/MR and enhanced multi-frame CT/MR
 (per-frame functional groups) are read.
+
+Decoding: uncompressed little-endian slices are read straight from the file
+(one seek and one read, at the Pixel Data offset the header scan recorded).
+Compressed series (JPEG 2000, JPEG-LS, JPEG...) of at least
+:data:`PROCESS_MIN_FILES` files and :data:`PROCESS_MIN_PIXELS` pixels are
+decoded by N decoders: this thread and N - 1 worker processes
+(:mod:`tomoscribe.dicomio.decoder`), because the decoders pydicom uses
+(pylibjpeg-openjpeg, pylibjpeg-libjpeg, pyjpegls) hold the GIL, so threads
+do not run them in parallel. Workers return each file's stored values; they
+are written into the preallocated float32 volume as they arrive, so memory
+stays about one volume. N is the number of CPUs this process may use
+(``os.sched_getaffinity``), at most :data:`MAX_PROCESSES`, unless the
+``workers`` argument or the environment variable :data:`WORKERS_ENV` says
+otherwise (``1``: no worker processes). If the pool cannot start, the series is
+decoded in this process and a note says so; if a worker process dies, loading
+stops with a one-line :class:`DecodeWorkerError`.
+
+MONOCHROME1 (the lowest value is displayed white) is made "higher is
+brighter" (see :func:`_monochrome1`).
 """
 
 from __future__ import annotations
 
+import math
 import os
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +43,9 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.pixels import apply_modality_lut, pixel_array
 
-from tomoscribe.dicomio.frames import FrameGeometry, frames_of, number_of_frames, slice_normal
+from tomoscribe.dicomio.decoder import DecoderPool, PoolStartError
+from tomoscribe.dicomio.frames import FrameGeometry, number_of_frames, slice_normal
+from tomoscribe.dicomio.header import PixelLocation, raw_int, raw_text
 from tomoscribe.dicomio.scan import SeriesInfo
 from tomoscribe.errors import GeometryError
 from tomoscribe.volume import SliceRef, Volume
@@ -41,6 +64,14 @@ UNEVEN_TOL = 0.1
 SHEAR_FRACTION = 0.1
 #: decode with threads when the series has at least this many files
 PARALLEL_MIN_FILES = 16
+#: decode a compressed series in worker processes when it has at least this many
+#: files and pixels (starting a worker costs about 0.5 s: about 4 M pixels of JPEG 2000)
+PROCESS_MIN_FILES = 8
+PROCESS_MIN_PIXELS = 16_000_000
+#: at most this many decoding processes by default
+MAX_PROCESSES = 8
+#: environment variable setting the number of decoding processes ("1": none)
+WORKERS_ENV = "TOMOSCRIBE_DECODE_WORKERS"
 
 
 @dataclass
@@ -77,19 +108,22 @@ def _check_common(series: SeriesInfo, frames: list[FrameGeometry]) -> None:
     if len(sizes) > 1:
         shown = ", ".join(f"{r}x{c}" for r, c in sorted(sizes))
         raise GeometryError(f"series {series.uid} mixes image sizes ({shown})")
-    ref = np.asarray(first.orientation)
-    for f in frames:
-        if np.max(np.abs(np.asarray(f.orientation) - ref)) > ORIENTATION_TOL:
-            raise GeometryError(
-                f"series {series.uid} mixes slice orientations ({_name(series, first)} vs "
-                f"{_name(series, f)}); it is not one volume"
-            )
-    ref_sp = np.asarray(first.pixel_spacing)
-    for f in frames:
-        if not np.allclose(f.pixel_spacing, ref_sp, rtol=SPACING_RTOL, atol=1e-4):  # type: ignore[arg-type]
-            raise GeometryError(
-                f"series {series.uid} mixes pixel spacings ({tuple(ref_sp)} vs {f.pixel_spacing})"
-            )
+    orientations = np.asarray([f.orientation for f in frames], dtype=np.float64)
+    off = np.max(np.abs(orientations - orientations[0]), axis=1)
+    if off.max() > ORIENTATION_TOL:
+        f = frames[int(np.argmax(off > ORIENTATION_TOL))]
+        raise GeometryError(
+            f"series {series.uid} mixes slice orientations ({_name(series, first)} vs "
+            f"{_name(series, f)}); it is not one volume"
+        )
+    spacings = np.asarray([f.pixel_spacing for f in frames], dtype=np.float64)
+    ref_sp = spacings[0]
+    close = np.all(np.abs(spacings - ref_sp) <= 1e-4 + SPACING_RTOL * np.abs(ref_sp), axis=1)
+    if not close.all():
+        f = frames[int(np.argmin(close))]
+        raise GeometryError(
+            f"series {series.uid} mixes pixel spacings ({tuple(ref_sp)} vs {f.pixel_spacing})"
+        )
     fors = {f.frame_of_reference_uid for f in frames}
     if len(fors) > 1:
         raise GeometryError(
@@ -172,7 +206,21 @@ def _spacing_note(slots: list[_Slot], spacing: float) -> str | None:
 
 
 def _check_shear(series: SeriesInfo, slots: list[_Slot], normal: np.ndarray, pixel: float) -> None:
-    """Slice origins must lie on the line through the first along ``normal``."""
+    """Slice origins must lie on the line through the first along ``normal``.
+
+    A gantry-tilted CT (GantryDetectorTilt != 0) has slices perpendicular to
+    the tilted gantry while the table moves along the patient axis, so each
+    slice origin is shifted in-plane from the last: the voxel grid is sheared.
+    Such a series is refused, on purpose, rather than read with a sheared
+    affine: :class:`~tomoscribe.volume.Volume` promises an orthogonal grid
+    (``affine[:3, 0]`` is the slice normal times the spacing, and
+    ``Volume.spacing`` is what the model's resampling and the measurement
+    writers use), so a sheared affine would be carried along and then
+    silently ignored, misplacing findings by up to the accumulated shift
+    (tens of mm over a tilted head CT). Resampling onto an orthogonal grid
+    first is the honest fix; the message says so, with the tilt angle when
+    the headers give it.
+    """
     origin = slots[0].position
     worst = 0.0
     for s in slots:
@@ -180,9 +228,21 @@ def _check_shear(series: SeriesInfo, slots: list[_Slot], normal: np.ndarray, pix
         perp = off - np.dot(off, normal) * normal
         worst = max(worst, float(np.linalg.norm(perp)))
     if worst > max(0.01, SHEAR_FRACTION * pixel):
+        header = series.headers[slots[0].frame.file_index]
+        tilt = raw_text(header, 0x00181120)
+        try:
+            angle = float(tilt) if tilt else 0.0
+        except ValueError:
+            angle = 0.0
+        cause = (
+            f"acquired with a gantry tilt of {angle:g} degrees"
+            if angle and math.isfinite(angle)
+            else "gantry tilt or a sheared stack"
+        )
         raise GeometryError(
             f"series {series.uid}: slice origins stray up to {worst:.3g} mm from the slice normal "
-            "(gantry tilt or sheared stack); resample it to an orthogonal grid first"
+            f"({cause}); tomoscribe reads only orthogonal grids, resample (de-tilt) the series "
+            "first"
         )
 
 
@@ -191,41 +251,88 @@ _NATIVE_LITTLE_ENDIAN = {"1.2.840.10008.1.2": False, "1.2.840.10008.1.2.1": True
 _PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"
 
 
-def _native_pixels(path: Path, header: Dataset) -> np.ndarray | None:
-    """Stored values ``(1, H, W)`` of an uncompressed single-frame file, read directly.
-
-    Parsing the whole file again (as :func:`pydicom.pixels.pixel_array` does)
-    costs as much as the scan did; for the common case, a little-endian
-    uncompressed single-frame image whose Pixel Data element ends the file,
-    the values are read straight from the bytes. Returns ``None`` (use
-    pydicom) whenever anything differs from that case: other transfer syntax,
-    several frames or samples, BitsStored != BitsAllocated, trailing elements,
-    a length that does not match Rows x Columns.
-    """
+def _syntax(header: Dataset) -> str:
     meta = getattr(header, "file_meta", None)
-    syntax = str(meta.get("TransferSyntaxUID", "")) if meta else ""
-    explicit = _NATIVE_LITTLE_ENDIAN.get(syntax)
-    if explicit is None:
+    return (raw_text(meta, 0x00020010) or "") if meta else ""
+
+
+def is_compressed(header: Dataset) -> bool:
+    """Whether ``header``'s pixel data need a decoder (not uncompressed little endian)."""
+    return _syntax(header) not in _NATIVE_LITTLE_ENDIAN
+
+
+def _native_layout(header: Dataset) -> tuple[np.dtype, int, int, int] | None:
+    """``(dtype, rows, columns, unused high bits)`` of a native one-frame image, or ``None``."""
+    if _syntax(header) not in _NATIVE_LITTLE_ENDIAN:
         return None
-    try:
-        rows, columns = int(header.Rows), int(header.Columns)
-        bits, stored_bits = int(header.BitsAllocated), int(header.BitsStored)
-        signed = int(header.PixelRepresentation)
-        samples = int(header.get("SamplesPerPixel", 1) or 1)
-    except (AttributeError, TypeError, ValueError):
-        return None
+    rows, columns = raw_int(header, 0x00280010), raw_int(header, 0x00280011)
+    bits, stored_bits = raw_int(header, 0x00280100), raw_int(header, 0x00280101)
+    signed = raw_int(header, 0x00280103)
+    samples = raw_int(header, 0x00280002)
     if (
-        samples != 1
+        samples not in (None, 1)
         or "NumberOfFrames" in header
         or bits not in (8, 16)
-        or stored_bits != bits
+        or not stored_bits
+        or not 0 < stored_bits <= bits
         or signed not in (0, 1)
+        or not rows
+        or not columns
         or rows <= 0
         or columns <= 0
     ):
         return None
-    nbytes = rows * columns * bits // 8
+    assert bits is not None
+    return np.dtype(f"<{'i' if signed else 'u'}{bits // 8}"), rows, columns, bits - stored_bits
+
+
+def _clear_unused_bits(arr: np.ndarray, unused: int) -> np.ndarray:
+    """Drop the ``unused`` high bits (BitsStored < BitsAllocated) as pydicom does.
+
+    PS3.5 8.1.1: the unused bits' values cannot be assumed; a left then right
+    shift in the stored dtype masks them (unsigned) or sign-extends from the
+    top stored bit (signed), which is what :func:`pydicom.pixels.pixel_array`
+    returns.
+    """
+    if unused:
+        if not arr.flags.writeable:
+            arr = arr.copy()
+        np.left_shift(arr, unused, out=arr)
+        np.right_shift(arr, unused, out=arr)
+    return arr
+
+
+def _native_pixels(
+    path: Path, header: Dataset, location: PixelLocation | None = None
+) -> np.ndarray | None:
+    """Stored values ``(1, H, W)`` of an uncompressed single-frame file, read directly.
+
+    Parsing the whole file again (as :func:`pydicom.pixels.pixel_array` does)
+    costs as much as the scan did; for the common case, a little-endian
+    uncompressed single-frame image, the values are read straight from the
+    file: at ``location`` (recorded by the header scan) with one seek and one
+    read, else from the end of the file when the Pixel Data element ends it.
+    Unused high bits (BitsStored < BitsAllocated) are cleared as pydicom
+    clears them. Returns ``None`` (use pydicom) whenever anything differs from
+    that case: other transfer syntax, several frames or samples, a length that
+    does not match Rows x Columns.
+    """
+    layout = _native_layout(header)
+    if layout is None:
+        return None
+    dtype, rows, columns, unused = layout
+    nbytes = rows * columns * dtype.itemsize
     length = nbytes + (nbytes & 1)  # values are padded to an even length
+    if location is not None and location.length == length:
+        out = np.empty((1, rows, columns), dtype=dtype)
+        try:
+            with path.open("rb") as fh:
+                fh.seek(location.offset)
+                got = fh.readinto(out.data.cast("B"))
+        except OSError:
+            return None
+        return _clear_unused_bits(out, unused) if got == nbytes else None
+    explicit = _NATIVE_LITTLE_ENDIAN[_syntax(header)]
     try:
         data = path.read_bytes()
     except OSError:
@@ -242,23 +349,34 @@ def _native_pixels(path: Path, header: Dataset) -> np.ndarray | None:
         declared = int.from_bytes(data[start + 4 : start + 8], "little")
     if declared != length:
         return None
-    dtype = np.dtype(f"<{'i' if signed else 'u'}{bits // 8}")
-    return np.frombuffer(data, dtype=dtype, count=rows * columns, offset=start + head).reshape(
-        1, rows, columns
-    )
+    arr = np.frombuffer(data, dtype=dtype, count=rows * columns, offset=start + head)
+    return _clear_unused_bits(arr.reshape(1, rows, columns), unused)
 
 
-def _decode(series: SeriesInfo, file_index: int) -> np.ndarray:
-    """Stored pixel values of one file as ``(F, H, W)``."""
-    path: Path = series.files[file_index]
-    direct = _native_pixels(path, series.headers[file_index])
-    if direct is not None:
-        return direct
+def _decode_path(path: Path) -> np.ndarray:
+    """Stored pixel values of one file as ``(F, H, W)``, decoded by pydicom."""
     try:
         arr = pixel_array(path)
     except Exception as err:
         reason = " ".join(str(err).split()) or type(err).__name__
         raise GeometryError(f"cannot decode pixel data of {path.name}: {reason[:200]}") from err
+    return arr
+
+
+def _decode(series: SeriesInfo, file_index: int) -> np.ndarray:
+    """Stored pixel values of one file, decoded in this process."""
+    path: Path = series.files[file_index]
+    locations = series.pixel_locations
+    location = locations[file_index] if len(locations) == len(series.files) else None
+    direct = _native_pixels(path, series.headers[file_index], location)
+    if direct is not None:
+        return direct
+    return _decode_path(path)
+
+
+def _check_stored(series: SeriesInfo, file_index: int, arr: np.ndarray) -> np.ndarray:
+    """``arr`` as ``(F, H, W)`` stored values of one grey-scale image, else GeometryError."""
+    path = series.files[file_index]
     header = series.headers[file_index]
     if int(header.get("SamplesPerPixel", 1) or 1) != 1:
         raise GeometryError(f"{path.name} is a colour image, not a CT/MR slice")
@@ -270,13 +388,139 @@ def _decode(series: SeriesInfo, file_index: int) -> np.ndarray:
 
 
 def _fill(out: np.ndarray, k: int, stored: np.ndarray, frame: FrameGeometry) -> None:
-    """``out[k] = stored * slope + intercept`` in place, float32."""
+    """``out[k] = stored * slope + intercept`` in place, float32, in one pass where possible."""
     view = out[k]
-    view[...] = stored
     if frame.slope != 1.0:
-        view *= np.float32(frame.slope)
-    if frame.intercept != 0.0:
-        view += np.float32(frame.intercept)
+        np.multiply(stored, np.float32(frame.slope), out=view, dtype=np.float32)
+        if frame.intercept != 0.0:
+            view += np.float32(frame.intercept)
+    elif frame.intercept != 0.0:
+        np.add(stored, np.float32(frame.intercept), out=view, dtype=np.float32)
+    else:
+        view[...] = stored
+
+
+def _stored_range(header: Dataset) -> tuple[float, float] | None:
+    """The smallest and largest stored value BitsStored/PixelRepresentation allow."""
+    bits = raw_int(header, 0x00280101) or raw_int(header, 0x00280100)
+    signed = raw_int(header, 0x00280103) or 0
+    if not bits or bits > 32:
+        return None
+    if signed:
+        return float(-(1 << (bits - 1))), float((1 << (bits - 1)) - 1)
+    return 0.0, float((1 << bits) - 1)
+
+
+def _monochrome1(series: SeriesInfo, header: Dataset) -> str:
+    """What is done to a MONOCHROME1 series: ``"keep"`` or ``"invert"``.
+
+    MONOCHROME1 says the lowest value is displayed white. Radiologists, and
+    the model, expect higher values brighter, so values are mirrored within
+    their range after rescaling: ``v' = lo + hi - v``, where ``[lo, hi]`` is
+    the range BitsStored/PixelRepresentation allow, rescaled. Range and
+    spacing of values are kept, only their order reverses.
+
+    Except Hounsfield units: for CT whose RescaleType is absent or "HU", the
+    rescaled values are HU, a physical scale defined by the Modality LUT
+    (PS3.3 C.7.6.3.1.2: the photometric interpretation applies after it,
+    to display only). Inverting them would turn air into bone, so they are
+    kept as they are (higher HU is already denser, and brighter in every CT
+    window) and a note says the series was MONOCHROME1.
+    """
+    rescale_type = (raw_text(header, 0x00281054) or "").upper()
+    modality = (series.modality or raw_text(header, 0x00080060) or "").upper()
+    if modality == "CT" and rescale_type in ("", "HU"):
+        return "keep"
+    return "invert"
+
+
+def _values(series: SeriesInfo, file_index: int, decoded: np.ndarray) -> np.ndarray:
+    """Checked ``(F, H, W)`` values of one file, through its Modality LUT if it has one."""
+    stored = _check_stored(series, file_index, decoded)
+    header = series.headers[file_index]
+    if "ModalityLUTSequence" in header and "RescaleSlope" not in header:
+        # a lookup table instead of slope/intercept (rare for CT/MR)
+        stored = apply_modality_lut(stored, header)
+    return stored
+
+
+def _invert(voxels: np.ndarray, k: int, series: SeriesInfo, frame: FrameGeometry) -> None:
+    """Mirror slice ``k`` within its rescaled value range (MONOCHROME1 -> higher is brighter)."""
+    header = series.headers[frame.file_index]
+    view = voxels[k]
+    if "ModalityLUTSequence" in header and "RescaleSlope" not in header:
+        try:
+            table = np.asarray(header.ModalityLUTSequence[0].LUTData, dtype=np.float64)
+            lo, hi = float(table.min()), float(table.max())
+        except (AttributeError, IndexError, TypeError, ValueError):
+            lo, hi = float(view.min()), float(view.max())
+    else:
+        bounds = _stored_range(header)
+        if bounds is None:
+            lo, hi = float(view.min()), float(view.max())
+        else:
+            lo, hi = (b * frame.slope + frame.intercept for b in bounds)
+    np.subtract(np.float32(lo + hi), view, out=view)
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (``os.sched_getaffinity``, else ``os.cpu_count``)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def default_processes() -> int:
+    """Decoding processes for a compressed series: :data:`WORKERS_ENV`, else the CPUs."""
+    text = os.environ.get(WORKERS_ENV, "").strip()
+    if text:
+        try:
+            return max(1, int(text))
+        except ValueError:
+            pass  # a malformed setting: use the default
+    return min(MAX_PROCESSES, available_cpus())
+
+
+def _decode_in_processes(
+    series: SeriesInfo,
+    files: list[int],
+    processes: int,
+    place: Callable[[int, np.ndarray], None],
+) -> str | None:
+    """Decode ``files`` of ``series`` with ``processes`` decoders, calling ``place``.
+
+    The decoders are this thread and ``processes - 1`` worker processes; they
+    take small batches of files from one queue, so this thread decodes from
+    the first moment while the workers start. Each file's stored array comes
+    back as soon as it is decoded and is written into the volume (``place``)
+    at once, so no more than a slice or two per worker waits in memory.
+
+    Returns:
+        ``None`` when done; a note when the workers could not be started (the
+        caller then decodes in this process).
+
+    Raises:
+        DecodeWorkerError: a worker process died.
+        GeometryError: a file could not be decoded (as in this process).
+    """
+    size = max(1, min(4, math.ceil(len(files) / (processes * 8))))
+    batches = [
+        [(fi, str(series.files[fi])) for fi in files[i : i + size]]
+        for i in range(0, len(files), size)
+    ]
+    try:
+        with DecoderPool(processes - 1) as pool:
+            pool.run(
+                batches, place, f"series {series.uid}", local=lambda p: _decode_path(Path(p))
+            )
+    except PoolStartError as err:
+        return f"decoding processes could not start ({_reason(err)}); decoded in one process"
+    return None
+
+
+def _reason(err: BaseException) -> str:
+    return (" ".join(str(err).split()) or type(err).__name__)[:160]
 
 
 @dataclass
@@ -327,7 +571,7 @@ def plan_geometry(series: SeriesInfo) -> GeometryPlan:
                 f"{series.files[i].name} is a multi-frame image without per-frame positions "
                 "(no PerFrameFunctionalGroupsSequence); cannot place its frames"
             )
-    frames = [f for i, h in enumerate(series.headers) for f in frames_of(h, i)]
+    frames = list(series.frames())
     frames = [f for f in frames if f.rows or f.columns]
     if len(frames) < 2:
         raise GeometryError(
@@ -364,8 +608,12 @@ def load_series(series: SeriesInfo, workers: int | None = None) -> Volume:
 
     Args:
         series: a series from :func:`scan_folder` (after selection).
-        workers: decoding threads; ``None`` picks ``min(4, cpu count)`` for
-            series of at least 16 files, else 1.
+        workers: decoding processes for a compressed series, else decoding
+            threads; 1 decodes everything in this thread. ``None`` picks
+            :func:`default_processes` processes (``$TOMOSCRIBE_DECODE_WORKERS``,
+            else the usable CPUs) for a compressed series large enough to
+            pay for them (:data:`PROCESS_MIN_FILES`, :data:`PROCESS_MIN_PIXELS`),
+            else ``min(4, CPUs)`` threads for series of at least 16 files.
 
     Returns:
         A volume whose voxels are ``(D, H, W)`` float32 (HU for CT), ordered
@@ -375,6 +623,7 @@ def load_series(series: SeriesInfo, workers: int | None = None) -> Volume:
         GeometryError: the series is not one regular 3D grid (see
             :func:`plan_geometry`), duplicates at one position differ, or a
             file's pixel data cannot be decoded.
+        DecodeWorkerError: a decoding worker process died.
     """
     plan = plan_geometry(series)
     slots = plan.slots
@@ -405,12 +654,8 @@ def load_series(series: SeriesInfo, workers: int | None = None) -> Volume:
     for k, s in enumerate(slots):
         jobs.setdefault(s.frame.file_index, []).append((s.frame.frame, k))
 
-    def run(file_index: int) -> None:
-        stored = _decode(series, file_index)
-        header = series.headers[file_index]
-        if "ModalityLUTSequence" in header and "RescaleSlope" not in header:
-            # a lookup table instead of slope/intercept (rare for CT/MR)
-            stored = apply_modality_lut(stored, header)
+    def place(file_index: int, decoded: np.ndarray) -> None:
+        stored = _values(series, file_index, decoded)
         for frame_no, k in jobs[file_index]:
             idx = 0 if frame_no is None else frame_no
             if idx >= stored.shape[0] or stored.shape[1:] != (height, width):
@@ -420,23 +665,41 @@ def load_series(series: SeriesInfo, workers: int | None = None) -> Volume:
                 )
             _fill(voxels, k, stored[idx], slots[k].frame)
 
-    n_workers = (
-        workers
-        if workers is not None
-        else (min(4, os.cpu_count() or 1) if len(jobs) >= PARALLEL_MIN_FILES else 1)
-    )
-    if n_workers > 1:
-        with ThreadPoolExecutor(max_workers=n_workers) as pool:
-            for fut in [pool.submit(run, fi) for fi in jobs]:
-                fut.result()
-    else:
-        for fi in jobs:
-            run(fi)
+    def run(file_index: int) -> None:
+        place(file_index, _decode(series, file_index))
+
+    files = list(jobs)
+    processes = 1
+    if len(files) >= 2 and any(is_compressed(series.headers[fi]) for fi in files):
+        if workers is not None:
+            processes = min(workers, len(files))
+        elif len(files) >= PROCESS_MIN_FILES and depth * height * width >= PROCESS_MIN_PIXELS:
+            processes = default_processes()
+    done_in_pool = False
+    if processes > 1:
+        note = _decode_in_processes(series, files, processes, place)
+        if note:
+            notes.append(note)
+        else:
+            done_in_pool = True
+    if not done_in_pool:
+        n_threads = (
+            workers
+            if workers is not None
+            else (min(4, available_cpus()) if len(jobs) >= PARALLEL_MIN_FILES else 1)
+        )
+        if n_threads > 1:
+            with ThreadPoolExecutor(max_workers=n_threads) as pool:
+                for fut in [pool.submit(run, fi) for fi in files]:
+                    fut.result()
+        else:
+            for fi in files:
+                run(fi)
 
     if pixel_twins:
         conflicts = []
         for k, twin in pixel_twins:
-            stored = _decode(series, twin.file_index)
+            stored = _values(series, twin.file_index, _decode(series, twin.file_index))
             idx = 0 if twin.frame is None else twin.frame
             other = np.empty((1, height, width), dtype=np.float32)
             if idx >= stored.shape[0] or stored.shape[1:] != (height, width):
@@ -456,6 +719,27 @@ def load_series(series: SeriesInfo, workers: int | None = None) -> Volume:
             f"dropped {len(pixel_twins)} duplicate slice(s) identical to another at the same "
             "position"
         )
+
+    monochrome1 = [
+        k
+        for k, s in enumerate(slots)
+        if (raw_text(series.headers[s.frame.file_index], 0x00280004) or "").upper()
+        == "MONOCHROME1"
+    ]
+    if monochrome1:
+        header = series.headers[slots[monochrome1[0]].frame.file_index]
+        if _monochrome1(series, header) == "keep":
+            notes.append(
+                "MONOCHROME1 series: values kept as Hounsfield units (the photometric "
+                "interpretation only says how to display them)"
+            )
+        else:
+            for k in monochrome1:
+                _invert(voxels, k, series, slots[k].frame)
+            notes.append(
+                f"MONOCHROME1 series: {len(monochrome1)} slice(s) inverted within their value "
+                "range so that higher values are brighter"
+            )
 
     affine = np.eye(4, dtype=np.float64)
     row_spacing, col_spacing = plan.pixel_spacing

@@ -19,7 +19,14 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
 
-from tomoscribe.dicomio.frames import frames_of, number_of_frames, orientation_label, slice_normal
+from tomoscribe.dicomio.frames import (
+    FrameGeometry,
+    frames_of,
+    number_of_frames,
+    orientation_label,
+    slice_normal,
+)
+from tomoscribe.dicomio.header import PixelLocation, raw_text, read_header
 from tomoscribe.errors import InputError
 
 #: Media Storage Directory Storage: a DICOMDIR index, not an instance.
@@ -52,6 +59,8 @@ class SeriesInfo:
             positions along the slice normal (``None`` if not computable).
         files: one path per instance.
         headers: one dataset (no pixel data) per instance, same order as ``files``.
+        pixel_locations: where each file's uncompressed Pixel Data value starts
+            (``None`` when unknown; may be empty), same order as ``files``.
     """
 
     uid: str
@@ -69,6 +78,22 @@ class SeriesInfo:
     slice_spacing: float | None = None
     files: list[Path] = field(default_factory=list, repr=False)
     headers: list[Dataset] = field(default_factory=list, repr=False)
+    pixel_locations: list[PixelLocation | None] = field(default_factory=list, repr=False)
+    _frames: list[FrameGeometry] | None = field(default=None, init=False, repr=False, compare=False)
+    _frames_key: tuple[int, ...] = field(default=(), init=False, repr=False, compare=False)
+
+    def frames(self) -> list[FrameGeometry]:
+        """Every frame's geometry (:func:`frames_of` over :attr:`headers`), worked out once.
+
+        Scan, selection and loading all need it; it is recomputed when
+        :attr:`headers` holds other dataset objects, not when a header is
+        edited in place (build a new record for that).
+        """
+        key = tuple(id(h) for h in self.headers)
+        if self._frames is None or key != self._frames_key:
+            self._frames = [f for i, h in enumerate(self.headers) for f in frames_of(h, i)]
+            self._frames_key = key
+        return self._frames
 
     @property
     def sop_class_name(self) -> str:
@@ -147,11 +172,12 @@ def _looks_like_raw_dataset(path: Path) -> bool:
     return group in (0x0002, 0x0008)
 
 
-def _read_header(path: Path) -> Dataset | str:
-    """The header dataset of ``path``, or why it is skipped ("not DICOM: ...")."""
+def _read_header(path: Path) -> tuple[Dataset, PixelLocation | None] | str:
+    """The header of ``path`` and its pixel location, or why it is skipped ("not DICOM: ...")."""
+    location = None
     try:
         try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            ds, location = read_header(path)
         except InvalidDicomError:
             if not _looks_like_raw_dataset(path):
                 return "not DICOM"
@@ -162,7 +188,7 @@ def _read_header(path: Path) -> Dataset | str:
         return f"unreadable: {err.strerror or err}"
     except Exception as err:  # pydicom raises many kinds on corrupt input
         return f"unreadable: {type(err).__name__}: {' '.join(str(err).split())[:120]}"
-    media_class = ds.file_meta.get("MediaStorageSOPClassUID") if ds.file_meta else None
+    media_class = raw_text(ds.file_meta, 0x00020002) if ds.file_meta else None
     if media_class == DICOMDIR_SOP_CLASS or "DirectoryRecordSequence" in ds:
         return "DICOMDIR"
     missing = [
@@ -170,7 +196,7 @@ def _read_header(path: Path) -> Dataset | str:
     ]
     if missing:
         return f"not a DICOM instance (no {', '.join(missing)})"
-    return ds
+    return ds, location
 
 
 def _walk(root: Path) -> list[Path]:
@@ -195,11 +221,17 @@ def _int_or_none(value: object) -> int | None:
 
 
 def _build_series(
-    uid: str, study_uid: str, files: list[Path], headers: list[Dataset]
+    uid: str,
+    study_uid: str,
+    files: list[Path],
+    headers: list[Dataset],
+    locations: list[PixelLocation | None],
 ) -> SeriesInfo:
     first = headers[0]
-    classes = Counter(str(h.get("SOPClassUID", "")) for h in headers)
-    frames = [f for i, h in enumerate(headers) for f in frames_of(h, i)]
+    classes = Counter(raw_text(h, 0x00080016) or "" for h in headers)
+    record = SeriesInfo(uid=uid, study_uid=study_uid, files=files, headers=headers,
+                        pixel_locations=locations)  # fmt: skip
+    frames = record.frames()
     geometry = [f for f in frames if f.orientation is not None]
     orientation = geometry[0].orientation if geometry else None
     spacing: float | None = None
@@ -224,23 +256,18 @@ def _build_series(
     ):
         label = "Mixed"
     image_type = tuple(str(v).strip().upper() for v in (first.get("ImageType") or ()))
-    return SeriesInfo(
-        uid=uid,
-        study_uid=study_uid,
-        modality=str(first.get("Modality", "") or ""),
-        description=str(first.get("SeriesDescription", "") or "").strip(),
-        series_number=_int_or_none(first.get("SeriesNumber")),
-        sop_class_uid=classes.most_common(1)[0][0],
-        sop_class_uids=tuple(classes),
-        image_type=image_type,
-        orientation=label,
-        slice_count=sum(number_of_frames(h) for h in headers if "Rows" in h),
-        pixel_spacing=frames[0].pixel_spacing if frames else None,
-        slice_thickness=frames[0].slice_thickness if frames else None,
-        slice_spacing=spacing,
-        files=files,
-        headers=headers,
-    )
+    record.modality = str(first.get("Modality", "") or "")
+    record.description = str(first.get("SeriesDescription", "") or "").strip()
+    record.series_number = _int_or_none(first.get("SeriesNumber"))
+    record.sop_class_uid = classes.most_common(1)[0][0]
+    record.sop_class_uids = tuple(classes)
+    record.image_type = image_type
+    record.orientation = label
+    record.slice_count = sum(number_of_frames(h) for h in headers if "Rows" in h)
+    record.pixel_spacing = frames[0].pixel_spacing if frames else None
+    record.slice_thickness = frames[0].slice_thickness if frames else None
+    record.slice_spacing = spacing
+    return record
 
 
 def _note(notes: list[str], what: str, paths: list[Path], root: Path) -> None:
@@ -276,7 +303,9 @@ def scan_folder(path: Path | str) -> StudyIndex:
 
     skipped: dict[str, list[Path]] = {}
     unreadable: list[tuple[Path, str]] = []
-    groups: dict[tuple[str, str], tuple[list[Path], list[Dataset]]] = {}
+    groups: dict[
+        tuple[str, str], tuple[list[Path], list[Dataset], list[PixelLocation | None]]
+    ] = {}
     seen_sops: dict[str, Path] = {}
     repeated: list[Path] = []
     for p in files:
@@ -287,15 +316,17 @@ def scan_folder(path: Path | str) -> StudyIndex:
             else:
                 skipped.setdefault(got, []).append(p)
             continue
-        sop = str(got.SOPInstanceUID)
+        ds, location = got
+        sop = raw_text(ds, 0x00080018) or ""
         if sop in seen_sops:
             repeated.append(p)
             continue
         seen_sops[sop] = p
-        key = (str(got.StudyInstanceUID), str(got.SeriesInstanceUID))
-        paths, headers = groups.setdefault(key, ([], []))
+        key = (raw_text(ds, 0x0020000D) or "", raw_text(ds, 0x0020000E) or "")
+        paths, headers, locations = groups.setdefault(key, ([], [], []))
         paths.append(p)
-        headers.append(got)
+        headers.append(ds)
+        locations.append(location)
         index.files_dicom += 1
 
     for what, paths in skipped.items():
@@ -311,8 +342,8 @@ def scan_folder(path: Path | str) -> StudyIndex:
         raise InputError(f"no DICOM files found in {root} ({len(files)} files read, none DICOM)")
 
     series = [
-        _build_series(series_uid, study_uid, p, h)
-        for (study_uid, series_uid), (p, h) in groups.items()
+        _build_series(series_uid, study_uid, p, h, loc)
+        for (study_uid, series_uid), (p, h, loc) in groups.items()
     ]
     series.sort(
         key=lambda s: (

@@ -76,9 +76,9 @@ def _base(
     return ds
 
 
-def _pixels(ds: Dataset, rows: int, columns: int) -> None:
+def _pixels(ds: Dataset, rows: int, columns: int, photometric: str = "MONOCHROME2") -> None:
     ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.PhotometricInterpretation = photometric
     ds.Rows = rows
     ds.Columns = columns
     ds.BitsAllocated = 16
@@ -87,11 +87,11 @@ def _pixels(ds: Dataset, rows: int, columns: int) -> None:
     ds.PixelRepresentation = 1
 
 
-def _save(ds: Dataset, path: Path) -> None:
+def _save(ds: Dataset, path: Path, syntax: UID = ExplicitVRLittleEndian) -> None:
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = ds.SOPClassUID
     meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.TransferSyntaxUID = syntax
     meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
     ds.file_meta = meta
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -131,6 +131,9 @@ def write_series(
     image_type: Sequence[str] = ("ORIGINAL", "PRIMARY", "AXIAL"),
     thickness: float | None = None,
     seed: int = 0,
+    photometric: str = "MONOCHROME2",
+    syntax: UID = ExplicitVRLittleEndian,
+    gantry_tilt: float | None = None,
 ) -> list[Path]:
     """Write ``n`` single-frame slices into ``folder`` with shuffled file names.
 
@@ -157,6 +160,11 @@ def write_series(
         image_type: ImageType.
         thickness: SliceThickness (``spacing`` if ``None``).
         seed: shuffles file names.
+        photometric: PhotometricInterpretation (the stored values are the same).
+        syntax: transfer syntax; a compressed one (RLE Lossless, JPEG 2000
+            Lossless...) is encoded with pydicom's encoders.
+        gantry_tilt: GantryDetectorTilt in degrees (written only; give sheared
+            ``positions`` for a tilted stack).
 
     Returns:
         The written paths, in slice order ``k``.
@@ -192,10 +200,16 @@ def write_series(
         ds.RescaleSlope = f"{slope:.6g}"
         ds.RescaleIntercept = f"{intercept:.6g}"
         ds.RescaleType = "HU" if modality == "CT" else "US"
-        _pixels(ds, rows, columns)
-        ds.PixelData = expected_stored(k, rows, columns).tobytes()
+        _pixels(ds, rows, columns, photometric)
+        if gantry_tilt is not None:
+            ds.GantryDetectorTilt = f"{gantry_tilt:.6g}"
+        stored = expected_stored(k, rows, columns)
+        if syntax == ExplicitVRLittleEndian:
+            ds.PixelData = stored.tobytes()
+        else:
+            ds.compress(syntax, stored)
         path = Path(folder) / f"img{int(names[k]):04d}"
-        _save(ds, path)
+        _save(ds, path, syntax)
         paths.append(path)
     return paths
 
