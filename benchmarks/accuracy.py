@@ -16,29 +16,61 @@ exactly right, false findings on normal studies, closed-question accuracy
 (yes/no questions about each organ), lesion Dice per size band (per lesion,
 on the source grid) and Dice of each large organ (model only: the baselines
 have no segmentation).
+
+A second table (issue #3) scores, for the same rows:
+
+* report text: corpus BLEU-4 (brevity penalty; a zero n-gram match count
+  becomes 0.1, Chen & Cherry method 1) and mean ROUGE-L F (beta = 1) of the
+  generated report against :func:`tomoscribe.phantom.report_text`, on the
+  words of :meth:`~tomoscribe.model.text.WordTokenizer.words` (punctuation
+  marks are words); definitions in ``benchmarks/textmetrics.py``;
+* closed VQA: accuracy of every yes/no template of
+  :data:`~tomoscribe.model.text.QUESTION_TEMPLATES` (each organ template asked
+  once per organ, the study-level one once), per template and overall;
+* open VQA: exact match and token F1 of the "how many" and "which organ"
+  answers against :func:`~tomoscribe.model.text.answer_for`;
+* key-slice pointing: for each reported finding in an organ that has a lesion,
+  whether its first key slice (source-grid index) holds lesion voxels of that
+  organ's lesions in the ground-truth label volume (model and image-blind:
+  the key slices come from the segmentation, which both share);
+* the majority row answers each question with its most frequent ground-truth
+  answer over the training seeds, and writes the most frequent ground-truth
+  report text.
+
+Also printed: peak resident memory of the process (``getrusage``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import resource
 import sys
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from tomoscribe.model.scribe import LESION_LABEL_BASE, Scribe
+from tomoscribe.model.text import QUESTION_TEMPLATES, WordTokenizer, answer_for
 from tomoscribe.phantom import (
     LESION_LABEL,
     ORGAN_LABELS,
     SPLITS,
+    Phantom,
     make_phantom,
     render_acquisition,
+    report_text,
 )
 from tomoscribe.report import LESION_KINDS
 from tomoscribe.volume import SliceRef, Volume
+
+try:  # run as a script (benchmarks/ on sys.path) or as benchmarks.accuracy
+    from textmetrics import corpus_bleu, rouge_l, token_f1  # type: ignore[import-not-found]
+except ImportError:  # pragma: no cover
+    from benchmarks.textmetrics import corpus_bleu, rouge_l, token_f1
 
 ORGANS_SCORED = ("right lung", "left lung", "liver", "spleen", "right kidney", "left kidney")
 BANDS = ((10.0, 15.0), (15.0, 25.0), (25.0, 36.0))
@@ -95,6 +127,175 @@ def _yes_no(answer: str) -> str:
     return "yes" if a.startswith("yes") else "no" if a.startswith("no") else "?"
 
 
+#: open templates (scored by exact match and token F1); the others are yes/no
+OPEN_PREFIXES = ("how many", "which organ")
+#: the template of the original closed-QA column, asked through ``generate``
+LESION_TEMPLATE = "is there a lesion in the {organ} ?"
+
+
+def _is_open(template: str) -> bool:
+    return template.startswith(OPEN_PREFIXES)
+
+
+def vqa_items() -> list[tuple[str, str, str]]:
+    """Every question asked per study: ``(template, organ, question)``.
+
+    Organ templates are asked once per scored organ, the others once (organ
+    ``""``). The :data:`LESION_TEMPLATE` items come first, in
+    :data:`ORGANS_SCORED` order: they are the questions of the original
+    closed-QA column.
+    """
+    items: list[tuple[str, str, str]] = []
+    templates = [LESION_TEMPLATE] + [t for t in QUESTION_TEMPLATES if t != LESION_TEMPLATE]
+    for t in templates:
+        if "{organ}" in t:
+            items += [(t, o, t.format(organ=o, kind=LESION_KINDS[o])) for o in ORGANS_SCORED]
+        else:
+            items.append((t, "", t))
+    return items
+
+
+def _lesion_slices(ph: Phantom, comps: np.ndarray, aff: np.ndarray) -> dict[str, set[int]]:
+    """Source slices holding ground-truth lesion voxels, per organ with lesions.
+
+    A lesion's voxels are the connected component of :data:`LESION_LABEL`
+    voxels at its centre; when the centre voxel is no lesion voxel (a lesion
+    cut by the body outline), the slices its sphere spans are used.
+    """
+    from scipy import ndimage
+
+    boxes = ndimage.find_objects(comps)
+    out: dict[str, set[int]] = {}
+    for les in ph.lesions:
+        centre = np.linalg.solve(aff, np.array([*les.centre, 1.0]))[:3]
+        k, r, c = (int(np.clip(round(v), 0, s - 1)) for v, s in zip(centre, comps.shape,
+                                                                    strict=True))
+        cid = int(comps[k, r, c])
+        box = boxes[cid - 1] if cid else None
+        if box is not None:
+            ks = set(range(box[0].start, box[0].stop))
+        else:
+            half = les.diameter_mm / 2.0 / abs(aff[2, 0])
+            ks = {kk for kk in range(comps.shape[0]) if abs(kk - centre[0]) <= half}
+        out.setdefault(les.organ, set()).update(ks)
+    return out
+
+
+class Extra:
+    """Text, VQA and key-slice counts for one row of the second table."""
+
+    def __init__(self) -> None:
+        self.hyps: list[list[str]] = []
+        self.refs: list[list[str]] = []
+        self.rouge: list[float] = []
+        self.closed: dict[str, list[int]] = {}
+        self.open_em: dict[str, list[int]] = {}
+        self.open_f1: dict[str, list[float]] = {}
+        self.point_hit = 0
+        self.point_n = 0
+
+    def add_text(self, hyp: str, ref: str) -> None:
+        h, r = WordTokenizer.words(hyp), WordTokenizer.words(ref)
+        self.hyps.append(h)
+        self.refs.append(r)
+        self.rouge.append(rouge_l(h, r))
+
+    def add_answer(self, template: str, answer: str, gold: str) -> None:
+        if _is_open(template):
+            a, g = WordTokenizer.words(answer), WordTokenizer.words(gold)
+            self.open_em.setdefault(template, []).append(int(a == g))
+            self.open_f1.setdefault(template, []).append(token_f1(a, g))
+        else:
+            self.closed.setdefault(template, []).append(int(_yes_no(answer) == gold))
+
+    def row(self) -> dict[str, object]:
+        def mean(v: list[int] | list[float]) -> float | None:
+            return float(np.mean(v)) if v else None
+
+        closed_all = [x for v in self.closed.values() for x in v]
+        em_all = [x for v in self.open_em.values() for x in v]
+        f1_all = [x for v in self.open_f1.values() for x in v]
+        return {
+            "bleu4": corpus_bleu(self.hyps, self.refs),
+            "rouge_l_f": mean(self.rouge),
+            "closed_vqa_accuracy": mean(closed_all),
+            "closed_vqa_by_template": {t: mean(v) for t, v in self.closed.items()},
+            "open_vqa_exact_match": mean(em_all),
+            "open_vqa_token_f1": mean(f1_all),
+            "open_vqa_by_template": {t: {"exact_match": mean(self.open_em[t]),
+                                         "token_f1": mean(self.open_f1[t])}
+                                     for t in self.open_em},
+            "key_slice_pointing": (self.point_hit / self.point_n) if self.point_n else None,
+            "key_slice_findings": self.point_n,
+        }
+
+
+def _closed_truth(template: str, organ: str, counts: Counter[str]) -> str:
+    """The right yes/no answer, from the lesion counts (not from ``answer_for``)."""
+    if template.startswith("are there"):
+        return "yes" if sum(counts.values()) else "no"
+    has = bool(counts.get(organ, 0))
+    if template.startswith("is the {organ} normal"):
+        return "no" if has else "yes"
+    return "yes" if has else "no"  # "is there a lesion in", "does the ... contain"
+
+
+def _gold_answers(ph: Phantom, items: list[tuple[str, str, str]],
+                  disagree: set[str] | None = None) -> list[str]:
+    """Ground-truth answers: yes/no from the lesion counts, open ones from ``answer_for``.
+
+    Templates where ``answer_for`` gives another yes/no answer are added to
+    ``disagree``.
+    """
+    counts = Counter(les.organ for les in ph.lesions)
+    out = []
+    for t, o, _q in items:
+        ref = answer_for(t, o, counts)
+        if _is_open(t):
+            out.append(ref)
+            continue
+        truth = _closed_truth(t, o, counts)
+        if disagree is not None and ref != truth:
+            disagree.add(t)
+        out.append(truth)
+    return out
+
+
+def _fmt(v: object, width: int) -> str:
+    return f"{v:>{width}.3f}" if isinstance(v, float) else f"{'n/a':>{width}}"
+
+
+def _print_second_table(table: dict[str, dict[str, object]], n_questions: int) -> None:
+    """Text, VQA and key-slice pointing per row, then VQA per template."""
+    cols = [("bleu4", "BLEU-4"), ("rouge_l_f", "ROUGE-L F"),
+            ("closed_vqa_accuracy", "closed VQA"), ("open_vqa_exact_match", "open EM"),
+            ("open_vqa_token_f1", "open F1"), ("key_slice_pointing", "key-slice hit")]
+    print(f"\nreport text, VQA ({n_questions} questions per study), key-slice pointing")
+    print(f"{'row':<12}" + "".join(f"{h:>14}" for _c, h in cols) + f"{'(findings)':>12}")
+    for name, r in table.items():
+        n = r["key_slice_findings"] if name != "majority" else "-"
+        print(f"{name:<12}" + "".join(_fmt(r[c], 14) for c, _h in cols) + f"{n!s:>12}")
+    templates: list[str] = []
+    for r in table.values():
+        for key in ("closed_vqa_by_template", "open_vqa_by_template"):
+            by = r[key]
+            assert isinstance(by, dict)
+            templates += [t for t in by if t not in templates]
+    print(f"{'template (closed: accuracy; open: EM / F1)':<44}"
+          + "".join(f"{name:>18}" for name in table))
+    for t in templates:
+        cells = []
+        for r in table.values():
+            closed, opened = r["closed_vqa_by_template"], r["open_vqa_by_template"]
+            assert isinstance(closed, dict) and isinstance(opened, dict)
+            if t in closed:
+                cells.append(_fmt(closed[t], 18))
+            else:
+                em, f1 = opened[t]["exact_match"], opened[t]["token_f1"]
+                cells.append(f"{_fmt(em, 0).strip()} / {_fmt(f1, 0).strip()}".rjust(18))
+        print(f"{t:<44}" + "".join(cells))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -103,18 +304,29 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, default=Path("benchmarks/results/accuracy.json"))
     args = ap.parse_args(argv)
 
+    wall0 = time.perf_counter()
     scribe = Scribe.load(args.model_dir)
     seeds = list(SPLITS["test"][: args.n])
-    # majority baseline: the most frequent finding set over 2000 training seeds
-    train_sets = Counter(
-        frozenset(les.organ for les in make_phantom(s).lesions) for s in SPLITS["train"][:2000]
-    )
+    items = vqa_items()
+    n_lesion_q = len(ORGANS_SCORED)  # items[:n_lesion_q]: the original closed-QA questions
+    # majority baseline over 2000 training seeds: the most frequent finding set,
+    # report text, and answer to each question
+    train = [make_phantom(s) for s in SPLITS["train"][:2000]]
+    train_sets = Counter(frozenset(les.organ for les in ph.lesions) for ph in train)
     majority = set(train_sets.most_common(1)[0][0])
+    majority_text = Counter(report_text(ph) for ph in train).most_common(1)[0][0]
+    train_answers = [_gold_answers(ph, items) for ph in train]
+    majority_answers = [Counter(a[j] for a in train_answers).most_common(1)[0][0]
+                        for j in range(len(items))]
+    del train, train_answers
 
     rows = {"model": Tally(), "image-blind": Tally(), "majority": Tally()}
     organ_dice: dict[str, list[float]] = {o: [] for o in ORGANS_SCORED}
     band_dice: dict[str, list[float]] = {f"{lo:.0f}-{hi:.0f} mm": [] for lo, hi in BANDS}
     seconds: list[float] = []
+    extra = {name: Extra() for name in rows}
+    disagree: set[str] = set()
+    blind_cache: dict[str, Any] = {}
     for i, seed in enumerate(seeds):
         ph = make_phantom(seed)
         hu, labels, aff = render_acquisition(ph)
@@ -122,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
                                for k in range(hu.shape[0])])
         truth = {les.organ for les in ph.lesions}
         counts = Counter(les.organ for les in ph.lesions)
-        questions = [f"is there a lesion in the {o} ?" for o in ORGANS_SCORED]
+        questions = [q for _t, _o, q in items[:n_lesion_q]]
 
         t0 = time.perf_counter()
         enc = scribe.encode(vol)
@@ -136,6 +348,27 @@ def main(argv: list[str] | None = None) -> int:
                 rows[name].qa_total += 1
                 rows[name].qa_right += int(
                     _yes_no(ans.answer) == ("yes" if counts.get(organ) else "no"))
+        # the other questions go straight to the language model (what generate does
+        # for each question), outside the timed part
+        gold = _gold_answers(ph, items, disagree)
+        ref_text = report_text(ph)
+        for name, rep in (("model", report), ("image-blind", blind)):
+            if name == "model":
+                more = [scribe.answer(enc.image_tokens, q) for _t, _o, q in items[n_lesion_q:]]
+            else:  # zeroed image tokens: the same answers for every study, asked once
+                shape = tuple(enc.image_tokens.shape)
+                if blind_cache.get("shape") != shape:
+                    zeros = enc.image_tokens.new_zeros(shape)
+                    blind_cache = {"shape": shape, "answers": [
+                        scribe.answer(zeros, q) for _t, _o, q in items[n_lesion_q:]]}
+                more = blind_cache["answers"]
+            answers = [a.answer for a in rep.answers] + more
+            for (t, _o, _q), ans, g in zip(items, answers, gold, strict=True):
+                extra[name].add_answer(t, ans, g)
+            extra[name].add_text(rep.text, ref_text)
+        extra["majority"].add_text(majority_text, ref_text)
+        for (t, _o, _q), ans, g in zip(items, majority_answers, gold, strict=True):
+            extra["majority"].add_answer(t, ans, g)
         rows["majority"].add(majority, truth)
         for organ in ORGANS_SCORED:
             rows["majority"].qa_total += 1
@@ -149,6 +382,12 @@ def main(argv: list[str] | None = None) -> int:
 
         pred_les = report.label_map >= LESION_LABEL_BASE
         comps, _n = ndimage.label(labels == LESION_LABEL)
+        truth_slices = _lesion_slices(ph, comps, aff)
+        for name, rep in (("model", report), ("image-blind", blind)):
+            for f in rep.findings:
+                if f.structure in truth_slices and f.key_slices:
+                    extra[name].point_n += 1
+                    extra[name].point_hit += int(f.key_slices[0] in truth_slices[f.structure])
         for les in ph.lesions:
             centre = np.linalg.solve(aff, np.array([*les.centre, 1.0]))[:3]
             k, r, c = (int(np.clip(round(v), 0, s - 1)) for v, s in zip(centre, hu.shape,
@@ -177,6 +416,12 @@ def main(argv: list[str] | None = None) -> int:
                                 for b, v in band_dice.items()},
         "seconds_per_study_cpu": float(np.median(seconds)),
         "lesion_kinds": LESION_KINDS,
+        "text_vqa_pointing": {name: e.row() for name, e in extra.items()},
+        "questions_per_study": len(items),
+        "majority_report_text": majority_text,
+        "answer_for_disagrees_on": sorted(disagree),
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+        "benchmark_wall_seconds": time.perf_counter() - wall0,
     }
     cols = ["findings_precision", "findings_recall", "findings_f1", "studies_exact",
             "false_findings_on_normal", "closed_qa_accuracy"]
@@ -191,6 +436,12 @@ def main(argv: list[str] | None = None) -> int:
         f"{b}: {'n/a' if v[0] is None else f'{v[0]:.3f}'} (n={v[1]})"
         for b, v in result["lesion_dice_by_size"].items()))
     print(f"inference: {result['seconds_per_study_cpu']:.2f} s per study (median, CPU)")
+    _print_second_table(result["text_vqa_pointing"], len(items))
+    for t in sorted(disagree):
+        print(f"note: answer_for() gives the wrong yes/no answer to {t!r} (the training "
+              "target); scored here against the lesion counts")
+    print(f"peak RSS {result['peak_rss_mib']:.0f} MiB; whole benchmark "
+          f"{result['benchmark_wall_seconds']:.0f} s")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.json}")

@@ -210,3 +210,28 @@ def test_scribe_reads_its_tokenizer_and_refuses_a_foreign_one(tmp_path: Path) ->
     WordTokenizer(("<pad>", "<bos>", "<eos>", "<unk>", "other")).save(tmp_path / "tokenizer.json")
     with pytest.raises(ModelError, match=r"tokenizer\.json does not match"):
         Scribe.load(tmp_path)
+
+
+def test_every_template_answer_follows_the_lesion_counts() -> None:
+    """Ground-truth answers: 'is there a lesion' was once answered like 'is it normal'."""
+    from collections import Counter
+
+    from tomoscribe.model.text import QUESTION_TEMPLATES, answer_for
+
+    expected = {  # (template, lesions in the liver) -> answer
+        ("is there a lesion in the {organ} ?", 0): "no",
+        ("is there a lesion in the {organ} ?", 2): "yes",
+        ("does the {organ} contain a {kind} ?", 0): "no",
+        ("does the {organ} contain a {kind} ?", 1): "yes",
+        ("how many lesions are in the {organ} ?", 2): "two",
+        ("is the {organ} normal ?", 0): "yes",
+        ("is the {organ} normal ?", 1): "no",
+        ("which organ has a lesion ?", 0): "none",
+        ("which organ has a lesion ?", 1): "liver",
+        ("are there any focal findings ?", 0): "no",
+        ("are there any focal findings ?", 1): "yes",
+    }
+    assert {t for t, _n in expected} == set(QUESTION_TEMPLATES)
+    for (template, n), answer in expected.items():
+        counts = Counter({"liver": n}) if n else Counter()
+        assert answer_for(template, "liver", counts) == answer, (template, n)

@@ -242,7 +242,7 @@ def answer_for(template: str, organ: str, counts: Counter[str]) -> str:
     n = counts.get(organ, 0)
     if template.startswith("how many"):
         return NUMBER_WORDS[min(n, 5)]
-    if template.startswith("is the"):
+    if template.startswith("is the {organ}"):  # not "is there ...": that one is below
         return "no" if n else "yes"
     if template.startswith("which organ"):
         organs = [o for o in ORGANS if counts.get(o, 0)]
