@@ -26,10 +26,21 @@ demo: setup
 stop:
 	@bash scripts/demo.sh stop
 
-## train: retrain the shipped default model (see README for the cost)
+## train: retrain the shipped default model, stage by stage, as it was trained
+## (about 2 h on 2 CPU cores; the README's "Training" section explains each stage)
+TRAIN := $(PY) -m tomoscribe.train --samples 1200 --cache checkpoints/cache-1200-48x96x96.pt
 train: setup
-	$(PY) -m tomoscribe.train --out tomoscribe/weights --checkpoint checkpoints/default \
-		--samples 1200 --steps 3000 --minutes 85 --batch 4 --lm-start 150 --save-every 50
+	$(TRAIN) --checkpoint checkpoints/stage1 --out checkpoints/stage1-weights --head-channels 8 \
+		--steps 3000 --minutes 85 --batch 4 --lm-start 150 --save-every 50
+	$(TRAIN) --init checkpoints/stage1-weights --checkpoint checkpoints/stage1b \
+		--out checkpoints/stage1b-weights --minutes 20 --batch 4 --lr 1e-3 --lm-start 0 \
+		--lesion-weight 10 --lesion-dice 1
+	$(TRAIN) --stage language --init checkpoints/stage1b-weights --checkpoint checkpoints/stage2 \
+		--out checkpoints/stage2a-weights --steps 2000 --batch 32 --lr 1e-3 --threads 1
+	$(TRAIN) --stage language --init checkpoints/stage2a-weights --checkpoint checkpoints/stage2 \
+		--out checkpoints/stage2b-weights --steps 1500 --batch 24 --questions 4 --lr 5e-4
+	$(TRAIN) --stage language --init checkpoints/stage2b-weights --checkpoint checkpoints/stage2 \
+		--out tomoscribe/weights --steps 1500 --batch 24 --questions 4 --lr 5e-4
 
 ## bench: accuracy of the shipped model vs an image-blind baseline on held-out phantoms
 bench: setup

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+import tomoscribe
 from tomoscribe.config import (
     ConfigError,
     Outputs,
@@ -32,7 +33,7 @@ def test_shipped_app_yaml_equals_builtin_defaults() -> None:
 def test_app_yaml_is_a_monai_deploy_manifest() -> None:
     data = yaml.safe_load(APP_YAML.read_text())
     app = data["application"]
-    assert app["title"] and str(app["version"]) == "0.1.0"
+    assert app["title"] and str(app["version"]) == tomoscribe.__version__
     assert app["inputFormats"] == ["file"] and app["outputFormats"] == ["file"]
     assert {"cpu", "gpu", "memory"} <= set(data["resources"])
 

@@ -19,6 +19,7 @@ At the end the weights (float16) and ``config.json`` go to ``--out``.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import time
@@ -30,6 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from tomoscribe import __version__
 from tomoscribe.model.network import NetConfig, ScribeNet
 from tomoscribe.model.preprocess import labels_to_model_grid, prepare
 from tomoscribe.model.text import (
@@ -157,9 +159,13 @@ def lm_step_loss(
 ) -> torch.Tensor:
     """Report loss + answer-only QA loss.
 
-    The QA sequence is fed whole; only answer tokens are scored.
+    The QA sequence is fed whole; only answer tokens are scored. ``qas`` may
+    hold several questions per image, ``(k B, L)`` ordered question-major:
+    the image tokens ``(B, T, width)`` are repeated for them.
     """
     rep = net.lm_loss(tokens, reports)
+    if qas.shape[0] != tokens.shape[0]:
+        tokens = tokens.repeat(qas.shape[0] // tokens.shape[0], 1, 1)
     emb = torch.cat([tokens, net.embed_text(qas)], dim=1)
     logits = net.lm(inputs_embeds=emb).logits
     t = tokens.shape[1]
@@ -232,7 +238,13 @@ def train_language_stage(net: ScribeNet, samples: list[dict[str, object]], tok: 
         for param in module.parameters():
             param.requires_grad_(False)
     cache = args.checkpoint / "pooled.pt"
-    key = {"seeds": [s["seed"] for s in samples], "init": str(args.init)}
+    vision = hashlib.sha256()
+    for module in (net.encoder, net.seg):
+        for name, tensor in sorted(module.state_dict().items()):
+            vision.update(name.encode())
+            vision.update(tensor.detach().cpu().numpy().tobytes())
+    # the features depend on the samples and the frozen vision side only
+    key = {"seeds": [s["seed"] for s in samples], "vision": vision.hexdigest()}
     if cache.exists() and (data := torch.load(cache, weights_only=False))["key"] == key:
         feats: PooledFeatures = data["feats"]
     else:
@@ -256,7 +268,13 @@ def train_language_stage(net: ScribeNet, samples: list[dict[str, object]], tok: 
         idx = rng.integers(len(samples), size=args.batch)
         pooled = tuple(f[torch.from_numpy(idx)] for f in feats)
         tokens = net.tokens_from_pooled(pooled)  # type: ignore[arg-type]
-        reports, qas = text_batch([samples[int(i)] for i in idx], tok, rng)
+        chosen = [samples[int(i)] for i in idx]
+        reports, qas = text_batch(chosen, tok, rng)
+        # several questions per image: the answers are short, the image is the same
+        more = [text_batch(chosen, tok, rng)[1] for _ in range(args.questions - 1)]
+        if more:
+            width = max(q.shape[1] for q in (qas, *more))
+            qas = torch.cat([F.pad(q, (0, width - q.shape[1])) for q in (qas, *more)])
         loss = lm_step_loss(net, tokens, reports, qas, answer_id)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -303,6 +321,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="weight of a batch-wide lesion Dice loss")
     p.add_argument("--init", type=Path, default=None,
                    help="start from this model folder's weights (fine-tuning)")
+    p.add_argument("--questions", type=int, default=1,
+                   help="questions asked per image and step (language stage)")
+    p.add_argument("--cache", type=Path, default=None,
+                   help="rendered training samples (default: in --checkpoint); "
+                   "stages of one recipe share it")
     p.add_argument("--head-channels", type=int, default=NetConfig.head_channels,
                    help="channels of the full-resolution segmentation head")
     p.add_argument("--stage", choices=("joint", "language"), default="joint",
@@ -317,7 +340,8 @@ def main(argv: list[str] | None = None) -> int:
     tok = WordTokenizer(cfg.vocab)
     answer_id = tok.index[ANSWER]
     seeds = list(SPLITS["train"][: args.samples])
-    cache = args.checkpoint / f"cache-{args.samples}-{'x'.join(map(str, cfg.model_shape))}.pt"
+    cache = args.cache or (
+        args.checkpoint / f"cache-{args.samples}-{'x'.join(map(str, cfg.model_shape))}.pt")
     samples = build_cache(seeds, cfg.model_shape, cache, args.workers)
 
     net = ScribeNet(cfg)
@@ -331,8 +355,9 @@ def main(argv: list[str] | None = None) -> int:
         prior = json.loads((args.init / "config.json").read_text())
         steps = train_language_stage(net, samples, tok, args)
         history = [*prior.get("history", []), {"stage": "language", "steps": steps,
-                                               "batch": args.batch, "lr": args.lr}]
-        save_model(net, args.out, {"version": "0.1.0",
+                                               "batch": args.batch, "lr": args.lr,
+                                               "questions": args.questions}]
+        save_model(net, args.out, {"version": __version__,
                                    "trained_steps": prior.get("trained_steps"),
                                    "language_steps": steps,
                                    "train_samples": len(samples), "history": history})
@@ -396,9 +421,9 @@ def main(argv: list[str] | None = None) -> int:
             torch.save({"net": net.state_dict(), "opt": opt.state_dict(), "step": step,
                         "seconds": time.time() - t0}, ckpt.with_suffix(".tmp"))
             os.replace(ckpt.with_suffix(".tmp"), ckpt)
-            save_model(net, args.out, {"version": "0.1.0", "trained_steps": step,
+            save_model(net, args.out, {"version": __version__, "trained_steps": step,
                                        "train_samples": len(samples)})
-    save_model(net, args.out, {"version": "0.1.0", "trained_steps": step,
+    save_model(net, args.out, {"version": __version__, "trained_steps": step,
                                "train_samples": len(samples)})
     print(f"saved {args.out} at step {step}", flush=True)
     return 0
