@@ -299,14 +299,16 @@ def _print_second_table(table: dict[str, dict[str, object]], n_questions: int) -
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--n", type=int, default=60, help="test phantoms")
+    ap.add_argument("--n", type=int, default=60, help="phantoms")
+    ap.add_argument("--split", choices=("test", "val"), default="test",
+                    help="seed range: choose between models on val, report on test")
     ap.add_argument("--model-dir", type=Path, default=None)
     ap.add_argument("--json", type=Path, default=Path("benchmarks/results/accuracy.json"))
     args = ap.parse_args(argv)
 
     wall0 = time.perf_counter()
     scribe = Scribe.load(args.model_dir)
-    seeds = list(SPLITS["test"][: args.n])
+    seeds = list(SPLITS[args.split][: args.n])
     items = vqa_items()
     n_lesion_q = len(ORGANS_SCORED)  # items[:n_lesion_q]: the original closed-QA questions
     # majority baseline over 2000 training seeds: the most frequent finding set,
@@ -408,6 +410,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "model": scribe.name,
         "version": scribe.version,
+        "split": args.split,
         "test_studies": len(seeds),
         "normal_studies": rows["model"].normal,
         "rows": table,
@@ -425,8 +428,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     cols = ["findings_precision", "findings_recall", "findings_f1", "studies_exact",
             "false_findings_on_normal", "closed_qa_accuracy"]
-    print(f"\n{len(seeds)} held-out phantoms ({rows['model'].normal} normal), "
-          f"model {scribe.name} {scribe.version}")
+    print(f"\n{len(seeds)} held-out phantoms of the {args.split} range "
+          f"({rows['model'].normal} normal), model {scribe.name} {scribe.version}")
     print(f"{'row':<12}" + "".join(f"{c:>26}" for c in cols))
     for name, r in table.items():
         print(f"{name:<12}" + "".join(f"{r[c]:>26.3f}" for c in cols))
