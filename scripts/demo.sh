@@ -196,17 +196,34 @@ for p in sorted(pathlib.Path(sys.argv[1]).rglob("*")):
     say "sending $SAMPLE (study $study_uid) with storescu"
     storescu -aet "$SCU_AET" -aec ORTHANC +sd +r -R 127.0.0.1 "$DICOM_PORT" "$SAMPLE"
 
-    say "waiting for the report (up to $TIMEOUT s; the study is processed once it is stable)"
-    local deadline=$((SECONDS + TIMEOUT)) job="" state=""
+    local version
+    version=$("$PY" -c 'import tomoscribe; print(tomoscribe.__version__)')
+    say "waiting for the report of model $version (up to $TIMEOUT s; the study is processed once it is stable)"
+    local deadline=$((SECONDS + TIMEOUT)) job="" state="" asked=$((SECONDS + 20))
     while ((SECONDS < deadline)); do
         job=$(api GET /tomoscribe/jobs | "$PY" -c '
 import json, sys
-jobs = [j for j in json.load(sys.stdin) if j["study_uid"] == sys.argv[1]]
+jobs = [j for j in json.load(sys.stdin)
+        if j["study_uid"] == sys.argv[1] and j["model_version"] == sys.argv[2]]
 if jobs:
     j = jobs[0]
-    print(j["state"], j["orthanc_study_id"], " ".join(j["outputs"]), "|", j["reason"] or "")' "$study_uid")
+    print(j["state"], j["orthanc_study_id"], " ".join(j["outputs"]), "|", j["reason"] or "")' \
+            "$study_uid" "$version")
         state=${job%% *}
         [[ $state == done || $state == failed ]] && break
+        if [[ -z $job ]] && ((asked && SECONDS > asked)); then
+            # Orthanc ignores instances it already has, so a study sent before (by an
+            # earlier demo, with an earlier model) is not "new": ask for a run
+            asked=0
+            local orthanc_id
+            orthanc_id=$(api POST /tools/lookup -d "$study_uid" | "$PY" -c '
+import json, sys
+print(next((r["ID"] for r in json.load(sys.stdin) if r["Type"] == "Study"), ""))')
+            if [[ -n $orthanc_id ]]; then
+                say "the study was already in Orthanc with no report of model $version: asking for one"
+                api POST "/tomoscribe/studies/$orthanc_id/rerun" -H "X-Requested-With: demo" >/dev/null
+            fi
+        fi
         if api GET /tomoscribe/health | "$PY" -c 'import json,sys; h=json.load(sys.stdin); sys.exit(0 if h["worker_last_exit"] == 3 else 1)'; then
             tail -5 "$DEMO/tomoscribe/worker.log" >&2
             die "the worker cannot load its job function (see above); Orthanc is still running ('make stop')"
@@ -224,7 +241,8 @@ if jobs:
     fi
     local sr_id=""
     for id in ${rest%%|*}; do
-        if [[ $(api GET "/instances/$id/tags?simplify" | "$PY" -c 'import json,sys; print(json.load(sys.stdin).get("Modality",""))') == SR ]]; then
+        # the draft report (series 9901), not the measurement report (9903)
+        if [[ $(api GET "/instances/$id/tags?simplify" | "$PY" -c 'import json,sys; t=json.load(sys.stdin); print(t.get("Modality",""), t.get("SeriesNumber",""))') == "SR 9901" ]]; then
             sr_id=$id
         fi
     done
