@@ -38,9 +38,7 @@ train: setup
 	$(TRAIN) --stage language --init checkpoints/stage1b-weights --checkpoint checkpoints/stage2 \
 		--out checkpoints/stage2a-weights --steps 2000 --batch 32 --lr 1e-3 --threads 1
 	$(TRAIN) --stage language --init checkpoints/stage2a-weights --checkpoint checkpoints/stage2 \
-		--out checkpoints/stage2b-weights --steps 1500 --batch 24 --questions 4 --lr 5e-4
-	$(TRAIN) --stage language --init checkpoints/stage2b-weights --checkpoint checkpoints/stage2 \
-		--out tomoscribe/weights --steps 1500 --batch 24 --questions 4 --lr 5e-4
+		--out tomoscribe/weights --steps 1500 --batch 32 --lr 5e-4
 
 ## bench: accuracy of the shipped model vs an image-blind baseline on held-out phantoms
 bench: setup
