@@ -58,14 +58,15 @@ from typing import Any
 
 import numpy as np
 import pydicom
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.uid import (
-    PYDICOM_IMPLEMENTATION_UID,
     UID,
     ExplicitVRLittleEndian,
     JPEG2000Lossless,
     generate_uid,
 )
+
+from tomoscribe.dicomio.synth import save_dicom
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -181,16 +182,6 @@ def _header(
     return ds
 
 
-def _save(ds: Dataset, path: Path, syntax: UID = ExplicitVRLittleEndian) -> None:
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    meta.TransferSyntaxUID = syntax
-    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-    ds.file_meta = meta
-    ds.save_as(path, enforce_file_format=True)
-
-
 def _write_series(
     folder: Path,
     study: dict[str, str],
@@ -231,7 +222,7 @@ def _write_series(
         else:
             ds.PixelData = stored.tobytes()
         path = folder / f"{rng.integers(1 << 62):016x}"
-        _save(ds, path, syntax)
+        save_dicom(ds, path, syntax)
         paths.append(path)
     return paths
 
@@ -251,7 +242,7 @@ def _write_sr(path: Path, study: dict[str, str]) -> None:
     ds.StudyTime = "101500"
     ds.ValueType = "CONTAINER"
     ds.ContinuityOfContent = "SEPARATE"
-    _save(ds, path)
+    save_dicom(ds, path)
 
 
 def generate(quick: bool, log: Callable[[str], None] = print) -> dict[str, Any]:

@@ -87,7 +87,8 @@ def _pixels(ds: Dataset, rows: int, columns: int, photometric: str = "MONOCHROME
     ds.PixelRepresentation = 1
 
 
-def _save(ds: Dataset, path: Path, syntax: UID = ExplicitVRLittleEndian) -> None:
+def save_dicom(ds: Dataset, path: Path, syntax: UID = ExplicitVRLittleEndian) -> None:
+    """Write ``ds`` as a DICOM Part 10 file (file meta built from the dataset)."""
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = ds.SOPClassUID
     meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
@@ -209,7 +210,7 @@ def write_series(
         else:
             ds.compress(syntax, stored)
         path = Path(folder) / f"img{int(names[k]):04d}"
-        _save(ds, path, syntax)
+        save_dicom(ds, path, syntax)
         paths.append(path)
     return paths
 
@@ -277,7 +278,7 @@ def write_enhanced(
         frames.append(expected_stored(k, rows, columns))
     ds.PerFrameFunctionalGroupsSequence = DicomSequence(per_frame)
     ds.PixelData = np.stack(frames).tobytes()
-    _save(ds, Path(path))
+    save_dicom(ds, Path(path))
     return Path(path)
 
 
@@ -298,5 +299,5 @@ def write_sr(path: Path, study_uid: str | None = None) -> Path:
     ds.InstanceNumber = 1
     ds.ValueType = "CONTAINER"
     ds.ContinuityOfContent = "SEPARATE"
-    _save(ds, Path(path))
+    save_dicom(ds, Path(path))
     return Path(path)
