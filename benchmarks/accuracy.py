@@ -33,6 +33,11 @@ A second table (issue #3) scores, for the same rows:
   whether its first key slice (source-grid index) holds lesion voxels of that
   organ's lesions in the ground-truth label volume (model and image-blind:
   the key slices come from the segmentation, which both share);
+* question pointing: for every question with something to show (an organ's
+  lesions, else the organ; all lesions for a study-level question), whether
+  the first key slice of its answer shows it. With a TG-IS slice branch the
+  key slice is the branch's most relevant slice for that question; without
+  one, the named finding's or the organ segment's largest slice;
 * the majority row answers each question with its most frequent ground-truth
   answer over the training seeds, and writes the most frequent ground-truth
   report text.
@@ -49,7 +54,6 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -181,6 +185,31 @@ def _lesion_slices(ph: Phantom, comps: np.ndarray, aff: np.ndarray) -> dict[str,
     return out
 
 
+def _question_slices(ph: Phantom, labels: np.ndarray, aff: np.ndarray,
+                     items: list[tuple[str, str, str]]) -> list[set[int]]:
+    """Per question, the source slices that show what it is about (empty: nothing to show).
+
+    A question about an organ: the slices of that organ's lesions when it has
+    some, else the slices of the organ; a study-level question: the slices of
+    every lesion (none for a normal study).
+    """
+    from scipy import ndimage
+
+    comps, _n = ndimage.label(labels == LESION_LABEL)
+    lesion_slices = _lesion_slices(ph, comps, aff)
+    every = set().union(*lesion_slices.values()) if lesion_slices else set()
+    out: list[set[int]] = []
+    for _t, organ, _q in items:
+        if not organ:
+            out.append(set(every))
+        elif organ in lesion_slices:
+            out.append(set(lesion_slices[organ]))
+        else:
+            present = (labels == ORGAN_LABELS[organ]).any(axis=(1, 2))
+            out.append({int(k) for k in np.nonzero(present)[0]})
+    return out
+
+
 class Extra:
     """Text, VQA and key-slice counts for one row of the second table."""
 
@@ -193,6 +222,8 @@ class Extra:
         self.open_f1: dict[str, list[float]] = {}
         self.point_hit = 0
         self.point_n = 0
+        self.question_hit = 0
+        self.question_n = 0
 
     def add_text(self, hyp: str, ref: str) -> None:
         h, r = WordTokenizer.words(hyp), WordTokenizer.words(ref)
@@ -227,6 +258,9 @@ class Extra:
                                      for t in self.open_em},
             "key_slice_pointing": (self.point_hit / self.point_n) if self.point_n else None,
             "key_slice_findings": self.point_n,
+            "question_pointing": (self.question_hit / self.question_n) if self.question_n
+            else None,
+            "question_pointing_n": self.question_n,
         }
 
 
@@ -269,11 +303,14 @@ def _print_second_table(table: dict[str, dict[str, object]], n_questions: int) -
     """Text, VQA and key-slice pointing per row, then VQA per template."""
     cols = [("bleu4", "BLEU-4"), ("rouge_l_f", "ROUGE-L F"),
             ("closed_vqa_accuracy", "closed VQA"), ("open_vqa_exact_match", "open EM"),
-            ("open_vqa_token_f1", "open F1"), ("key_slice_pointing", "key-slice hit")]
-    print(f"\nreport text, VQA ({n_questions} questions per study), key-slice pointing")
-    print(f"{'row':<12}" + "".join(f"{h:>14}" for _c, h in cols) + f"{'(findings)':>12}")
+            ("open_vqa_token_f1", "open F1"), ("key_slice_pointing", "key-slice hit"),
+            ("question_pointing", "question hit")]
+    print(f"\nreport text, VQA ({n_questions} questions per study), key-slice pointing "
+          "(findings; questions)")
+    print(f"{'row':<12}" + "".join(f"{h:>14}" for _c, h in cols) + f"{'(n)':>12}")
     for name, r in table.items():
-        n = r["key_slice_findings"] if name != "majority" else "-"
+        n = (f"{r['key_slice_findings']}; {r['question_pointing_n']}" if name != "majority"
+             else "-")
         print(f"{name:<12}" + "".join(_fmt(r[c], 14) for c, _h in cols) + f"{n!s:>12}")
     templates: list[str] = []
     for r in table.values():
@@ -328,7 +365,6 @@ def main(argv: list[str] | None = None) -> int:
     seconds: list[float] = []
     extra = {name: Extra() for name in rows}
     disagree: set[str] = set()
-    blind_cache: dict[str, Any] = {}
     for i, seed in enumerate(seeds):
         ph = make_phantom(seed)
         hu, labels, aff = render_acquisition(ph)
@@ -350,24 +386,22 @@ def main(argv: list[str] | None = None) -> int:
                 rows[name].qa_total += 1
                 rows[name].qa_right += int(
                     _yes_no(ans.answer) == ("yes" if counts.get(organ) else "no"))
-        # the other questions go straight to the language model (what generate does
-        # for each question), outside the timed part
+        # every question, outside the timed part: answers and their key slices
         gold = _gold_answers(ph, items, disagree)
         ref_text = report_text(ph)
+        asked = {"model": scribe.generate(enc, [q for _t, _o, q in items]),
+                 "image-blind": scribe.generate(enc, [q for _t, _o, q in items], blind=True)}
+        targets = _question_slices(ph, labels, aff, items)
         for name, rep in (("model", report), ("image-blind", blind)):
-            if name == "model":
-                more = [scribe.answer(enc.image_tokens, q) for _t, _o, q in items[n_lesion_q:]]
-            else:  # zeroed image tokens: the same answers for every study, asked once
-                shape = tuple(enc.image_tokens.shape)
-                if blind_cache.get("shape") != shape:
-                    zeros = enc.image_tokens.new_zeros(shape)
-                    blind_cache = {"shape": shape, "answers": [
-                        scribe.answer(zeros, q) for _t, _o, q in items[n_lesion_q:]]}
-                more = blind_cache["answers"]
-            answers = [a.answer for a in rep.answers] + more
+            answers = [a.answer for a in asked[name].answers]
             for (t, _o, _q), ans, g in zip(items, answers, gold, strict=True):
                 extra[name].add_answer(t, ans, g)
             extra[name].add_text(rep.text, ref_text)
+            for ans, want in zip(asked[name].answers, targets, strict=True):
+                if want:
+                    extra[name].question_n += 1
+                    extra[name].question_hit += int(bool(ans.key_slices)
+                                                    and ans.key_slices[0] in want)
         extra["majority"].add_text(majority_text, ref_text)
         for (t, _o, _q), ans, g in zip(items, majority_answers, gold, strict=True):
             extra["majority"].add_answer(t, ans, g)

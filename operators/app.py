@@ -151,6 +151,8 @@ class RunResult:
             the scanner and loader skipped or handled.
         report_text: the report's full text.
         answers: ``(question, answer)`` pairs, in the order asked.
+        answer_slices: per answer, its key images (indices into the series'
+            slices in position order, most relevant first).
         timings: seconds per operator, plus ``"total"``.
     """
 
@@ -158,6 +160,7 @@ class RunResult:
     explanation: list[str]
     report_text: str
     answers: list[tuple[str, str]] = field(default_factory=list)
+    answer_slices: list[tuple[int, ...]] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -283,5 +286,6 @@ def run_app(
         explanation=list(state.explanation),
         report_text=state.report_text,
         answers=list(state.answers),
+        answer_slices=list(state.answer_slices),
         timings=dict(state.timings),
     )

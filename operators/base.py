@@ -36,6 +36,8 @@ class RunState:
             what the scanner and loader skipped or handled on the way.
         report_text: the report's text, once the language model ran.
         answers: ``(question, answer)`` pairs, once the language model ran.
+        answer_slices: per answer, its key images (indices into the volume's
+            slices, most relevant first).
         written: files the writers wrote into ``staging``.
         timings: seconds spent in each operator's ``compute``.
     """
@@ -46,6 +48,7 @@ class RunState:
     explanation: list[str] = field(default_factory=list)
     report_text: str = ""
     answers: list[tuple[str, str]] = field(default_factory=list)
+    answer_slices: list[tuple[int, ...]] = field(default_factory=list)
     written: list[Path] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
 

@@ -57,4 +57,5 @@ class LanguageModelOperator(StepOperator):
         report = load_cached(self.model_dir).generate(encoded, self.questions)
         self.state.report_text = report.text
         self.state.answers = [(a.question, a.answer) for a in report.answers]
+        self.state.answer_slices = [tuple(a.key_slices) for a in report.answers]
         op_output.emit(report, self.OUTPUT)

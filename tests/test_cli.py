@@ -107,6 +107,8 @@ def test_console_script_success_writes_sr_and_seg(data: dict[str, Path], tmp_pat
     assert pydicom.dcmread(files[2]).Modality == "SR"
     assert "chosen: qualifies under" in proc.stdout  # -v: the selection explanation
     assert f"Q: {QUESTION}" in proc.stdout
+    # the answer's key images (3D-only model: where the liver segment is largest)
+    assert "   key images: " in proc.stdout
     assert "Traceback" not in proc.stderr
 
 

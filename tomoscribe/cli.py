@@ -83,8 +83,11 @@ def execute_run(
         print(f"wrote {path}", file=out)
     print(file=out)
     print(result.report_text, file=out)
-    for question, answer in result.answers:
+    slices = result.answer_slices or [()] * len(result.answers)
+    for (question, answer), keys in zip(result.answers, slices, strict=False):
         print(f"Q: {question}\nA: {answer}", file=out)
+        if keys:  # 1-based positions along the slice normal, as a viewer counts them
+            print(f"   key images: {', '.join(str(k + 1) for k in keys)}", file=out)
     out.flush()
     return 0
 

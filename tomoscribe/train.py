@@ -44,6 +44,7 @@ from tomoscribe.model.text import (
     findings_to_text,
 )
 from tomoscribe.phantom import LESION_KINDS, SPLITS, make_phantom, render_acquisition
+from tomoscribe.report import ORGANS
 
 MODEL_NAME = "tomoscribe-tiny"
 
@@ -91,30 +92,43 @@ def build_cache(seeds: list[int], shape: tuple[int, int, int], path: Path,
     return samples
 
 
+def draw_question(lesions: list[tuple[str, str]], rng: np.random.Generator
+                  ) -> tuple[str, str, str, str]:
+    """A templated question about a sample: ``(template, organ, question, answer)``."""
+    counts = Counter(o for o, _k in lesions)
+    template = QUESTION_TEMPLATES[int(rng.integers(len(QUESTION_TEMPLATES)))]
+    # ask about a lesion organ half of the time when there is one
+    if counts and rng.random() < 0.5:
+        organ = str(rng.choice(sorted(counts)))
+    else:
+        organ = str(rng.choice(sorted(LESION_KINDS)))
+    q = template.format(organ=organ, kind=LESION_KINDS[organ])
+    return template, organ, q, answer_for(template, organ, counts)
+
+
+def pad_rows(rows: list[list[int]]) -> torch.Tensor:
+    """Token id rows padded with 0 into ``(len(rows), longest)``."""
+    n = max(len(r) for r in rows)
+    return torch.tensor([r + [0] * (n - len(r)) for r in rows], dtype=torch.long)
+
+
 def text_batch(samples: list[dict[str, object]], tok: WordTokenizer,
-               rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Report ids and question/answer ids for a batch, padded with 0."""
+               rng: np.random.Generator, asked: list[tuple[str, str, str]] | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Report ids and question/answer ids for a batch, padded with 0.
+
+    ``asked``, when given, receives ``(template, organ, question)`` per sample.
+    """
     reports, qas = [], []
     for s in samples:
         lesions = s["lesions"]
         assert isinstance(lesions, list)
         reports.append(tok.encode(f"{REPORT} {findings_to_text(lesions)}") + [tok.eos_id])
-        counts = Counter(o for o, _k in lesions)
-        template = QUESTION_TEMPLATES[int(rng.integers(len(QUESTION_TEMPLATES)))]
-        # ask about a lesion organ half of the time when there is one
-        if counts and rng.random() < 0.5:
-            organ = str(rng.choice(sorted(counts)))
-        else:
-            organ = str(rng.choice(sorted(LESION_KINDS)))
-        q = template.format(organ=organ, kind=LESION_KINDS[organ])
-        a = answer_for(template, organ, counts)
+        template, organ, q, a = draw_question(lesions, rng)
+        if asked is not None:
+            asked.append((template, organ, q))
         qas.append(tok.encode(f"{QUESTION} {q} {ANSWER} {a}") + [tok.eos_id])
-
-    def pad(rows: list[list[int]]) -> torch.Tensor:
-        n = max(len(r) for r in rows)
-        return torch.tensor([r + [0] * (n - len(r)) for r in rows], dtype=torch.long)
-
-    return pad(reports), pad(qas)
+    return pad_rows(reports), pad_rows(qas)
 
 
 def qa_loss_mask(ids: torch.Tensor, answer_id: int) -> torch.Tensor:
@@ -155,15 +169,20 @@ def seg_loss(logits: torch.Tensor, y: torch.Tensor, class_weights: torch.Tensor,
 
 
 def lm_step_loss(
-    net: ScribeNet, tokens: torch.Tensor, reports: torch.Tensor, qas: torch.Tensor, answer_id: int
+    net: ScribeNet, tokens: torch.Tensor, reports: torch.Tensor, qas: torch.Tensor, answer_id: int,
+    qa_tokens: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Report loss + answer-only QA loss.
 
     The QA sequence is fed whole; only answer tokens are scored. ``qas`` may
     hold several questions per image, ``(k B, L)`` ordered question-major:
-    the image tokens ``(B, T, width)`` are repeated for them.
+    the image tokens ``(B, T, width)`` are repeated for them. ``qa_tokens``,
+    when given, is the questions' own prefix (TG-IS tokens depend on the
+    instruction).
     """
     rep = net.lm_loss(tokens, reports)
+    if qa_tokens is not None:
+        tokens = qa_tokens
     if qas.shape[0] != tokens.shape[0]:
         tokens = tokens.repeat(qas.shape[0] // tokens.shape[0], 1, 1)
     emb = torch.cat([tokens, net.embed_text(qas)], dim=1)
@@ -196,48 +215,101 @@ def load_overlapping(net: torch.nn.Module, state: dict[str, torch.Tensor]) -> No
     net.load_state_dict(own)
 
 
-PooledFeatures = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+VisionCache = dict[str, torch.Tensor]
 
 
 @torch.no_grad()
-def pooled_features(net: ScribeNet, samples: list[dict[str, object]],
-                    batch: int = 4) -> PooledFeatures:
-    """Run the frozen vision side over ``samples``; stack the pooled features.
+def vision_features(net: ScribeNet, samples: list[dict[str, object]],
+                    batch: int = 4) -> VisionCache:
+    """Frozen vision outputs for ``samples``, in order: everything a language stage needs.
 
-    Returns the three tensors of :meth:`ScribeNet.encode_pooled` for all
-    samples, in order (``(N, ...)`` each).
+    Keys ``low``, ``high``, ``regions`` (:meth:`ScribeNet.encode_pooled`),
+    ``band`` ``(N, C1, d)`` and ``mass`` ``(N, K, D)`` (the slice branch's 3D
+    inputs) and ``targets`` ``(N, 2, 8, D)`` (:func:`slice_targets`).
     """
     net.eval()
-    out: list[PooledFeatures] = []
+    parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("low", "high", "regions", "band",
+                                                             "mass")}
     t0 = time.time()
     for i in range(0, len(samples), batch):
         chunk = samples[i : i + batch]
         x = torch.from_numpy(np.stack([b["x"] for b in chunk])).float()  # type: ignore[misc]
-        pooled, _ = net.encode_pooled(x)
-        out.append(pooled)
+        (low, high, regions), _logits, (band, mass) = net.encode_full(x)
+        for k, v in zip(parts, (low, high, regions, band, mass), strict=True):
+            parts[k].append(v)
         if (i // batch) % 25 == 0:
-            print(f"pooled {i + len(chunk)}/{len(samples)} ({time.time() - t0:.0f}s)", flush=True)
-    low, high, regions = (torch.cat([o[k] for o in out]) for k in range(3))
-    return low, high, regions
+            print(f"vision {i + len(chunk)}/{len(samples)} ({time.time() - t0:.0f}s)", flush=True)
+    out = {k: torch.cat(v) for k, v in parts.items()}
+    out["targets"] = torch.from_numpy(np.stack([slice_targets(s["y"]) for s in samples]))  # type: ignore[arg-type]
+    return out
+
+
+def slice_targets(y: np.ndarray, lesion_class: int = 8) -> np.ndarray:
+    """Per-slice areas the pointing loss aims at, from a model-grid label map.
+
+    Returns ``(2, 8, D)`` float32: ``[0, c]`` the area of class ``c`` per slice,
+    ``[1, c]`` the area of lesion voxels within two voxels of class ``c``,
+    ``[1, 0]`` the area of all lesion voxels.
+    """
+    from scipy import ndimage
+
+    out = np.zeros((2, 8, y.shape[0]), dtype=np.float32)
+    lesion = y == lesion_class
+    out[1, 0] = lesion.sum(axis=(1, 2))
+    for c in range(1, 8):
+        organ = y == c
+        out[0, c] = organ.sum(axis=(1, 2))
+        if lesion.any() and organ.any():
+            near = ndimage.binary_dilation(organ, iterations=2)
+            out[1, c] = (lesion & near).sum(axis=(1, 2))
+    return out
+
+
+def relevance_target(targets: np.ndarray, template: str | None, organ: str | None,
+                     lesions: list[tuple[str, str]]) -> np.ndarray | None:
+    """The slice distribution a question should point at, or ``None`` (nothing to see).
+
+    A report (``template`` None) and the whole-study questions point at the
+    lesions; a question about an organ at that organ's lesions when it has
+    some, else at the organ.
+    """
+    if template is None or organ is None or template.startswith(("which organ", "are there")):
+        v = targets[1, 0]
+    else:
+        c = ORGANS.index(organ) + 1
+        has = any(o == organ for o, _k in lesions)
+        v = targets[1, c] if has and targets[1, c].sum() > 0 else targets[0, c]
+    total = float(v.sum())
+    return v / total if total > 0 else None
+
+
+def pointing_loss(relevance: torch.Tensor, wanted: list[np.ndarray | None]) -> torch.Tensor:
+    """Cross-entropy of the relevance ``(B, D)`` against target distributions (rows with one)."""
+    rows = [i for i, t in enumerate(wanted) if t is not None]
+    if not rows:
+        return relevance.new_zeros(())
+    target = torch.from_numpy(np.stack([wanted[i] for i in rows])).to(relevance.dtype)  # type: ignore[misc]
+    return -(target * torch.log(relevance[rows] + 1e-8)).sum(dim=1).mean()
 
 
 def train_language_stage(net: ScribeNet, samples: list[dict[str, object]], tok: WordTokenizer,
                          args: argparse.Namespace) -> int:
-    """Stage 2: projectors and language model on a frozen encoder and segmentation head.
+    """Stage 2: projectors, slice branch and language model on a frozen encoder and head.
 
     The encoder's forward and backward passes are almost all of a joint
     step's cost, and the language model needs many more steps than the
     segmentation to learn its grammar: here the vision side runs once per
     sample, its pooled features are cached, and the text side trains on them
     at a few milliseconds a step (M3D and LLaVA train their projector the same
-    way, on a frozen vision encoder).
+    way, on a frozen vision encoder). A TG-IS slice branch, when the network
+    has one, trains here too: its 2D encoder reads the cached samples' slices
+    each step, and ``--point-weight`` scales its pointing loss.
 
     Returns the number of steps taken.
     """
     for module in (net.encoder, net.seg):
         for param in module.parameters():
             param.requires_grad_(False)
-    cache = args.checkpoint / "pooled.pt"
     vision = hashlib.sha256()
     for module in (net.encoder, net.seg):
         for name, tensor in sorted(module.state_dict().items()):
@@ -245,16 +317,27 @@ def train_language_stage(net: ScribeNet, samples: list[dict[str, object]], tok: 
             vision.update(tensor.detach().cpu().numpy().tobytes())
     # the features depend on the samples and the frozen vision side only
     key = {"seeds": [s["seed"] for s in samples], "vision": vision.hexdigest()}
+    cache = args.checkpoint / "vision.pt"
     if cache.exists() and (data := torch.load(cache, weights_only=False))["key"] == key:
-        feats: PooledFeatures = data["feats"]
+        feats: VisionCache = data["feats"]
     else:
-        feats = pooled_features(net, samples)
+        feats = vision_features(net, samples)
         args.checkpoint.mkdir(parents=True, exist_ok=True)
         torch.save({"key": key, "feats": feats}, cache)
+    branch = net.slices
     trainable = [p for m in (net.projector, net.regions, net.lm) for p in m.parameters()]
-    opt = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=1e-4)
+    groups: list[dict[str, object]] = [{"params": trainable, "scale": 1.0}]
+    if branch is not None and args.questions != 1:
+        raise SystemExit("--questions must be 1 with a slice branch")
+    # the 2D side (TG-IS, PSAT; parameters shared between them counted once)
+    # starts from scratch next to a trained LM: a larger step
+    fresh = {id(p): p for m in (branch, net.psat) if m is not None for p in m.parameters()}
+    if fresh:
+        groups.append({"params": list(fresh.values()), "scale": 2.0})
+    opt = torch.optim.AdamW(groups, lr=args.lr, weight_decay=1e-4)
     rng = np.random.default_rng(args.seed)
     answer_id = tok.index[ANSWER]
+    report_id = tok.index[REPORT]
     net.train()
     net.encoder.eval()
     net.seg.eval()
@@ -264,25 +347,50 @@ def train_language_stage(net: ScribeNet, samples: list[dict[str, object]], tok: 
         frac = step / args.steps
         lr = args.lr * min(1.0, frac / 0.03) * 0.5 * (1 + np.cos(np.pi * frac))
         for group in opt.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * float(group["scale"])
         idx = rng.integers(len(samples), size=args.batch)
-        pooled = tuple(f[torch.from_numpy(idx)] for f in feats)
-        tokens = net.tokens_from_pooled(pooled)  # type: ignore[arg-type]
+        rows = torch.from_numpy(idx)
+        pooled = (feats["low"][rows], feats["high"][rows], feats["regions"][rows])
         chosen = [samples[int(i)] for i in idx]
-        reports, qas = text_batch(chosen, tok, rng)
-        # several questions per image: the answers are short, the image is the same
-        more = [text_batch(chosen, tok, rng)[1] for _ in range(args.questions - 1)]
-        if more:
-            width = max(q.shape[1] for q in (qas, *more))
-            qas = torch.cat([F.pad(q, (0, width - q.shape[1])) for q in (qas, *more)])
-        loss = lm_step_loss(net, tokens, reports, qas, answer_id)
+        keys = None
+        if branch is None and net.psat is None:
+            tokens = net.tokens_from_pooled(pooled)
+        else:  # the 2D side reads the samples' slices
+            x = torch.from_numpy(np.stack([s["x"] for s in chosen])).float()  # type: ignore[misc]
+            tokens, keys = net.text_side_inputs(x, pooled, feats["band"][rows],
+                                                feats["mass"][rows])
+        point = torch.zeros(())
+        if keys is None:
+            reports, qas = text_batch(chosen, tok, rng)
+            # several questions per image: the answers are short, the image is the same
+            more = [text_batch(chosen, tok, rng)[1] for _ in range(args.questions - 1)]
+            if more:
+                width = max(q.shape[1] for q in (qas, *more))
+                qas = torch.cat([F.pad(q, (0, width - q.shape[1])) for q in (qas, *more)])
+            loss = lm_step_loss(net, tokens, reports, qas, answer_id)
+        else:
+            asked: list[tuple[str, str, str]] = []
+            reports, qas = text_batch(chosen, tok, rng, asked)
+            rep_tok, rep_rel = net.slice_tokens_for(
+                keys, torch.full((len(idx), 1), report_id, dtype=torch.long))
+            qa_tok, qa_rel = net.slice_tokens_for(keys, pad_rows([tok.encode(q)
+                                                                  for _t, _o, q in asked]))
+            loss = lm_step_loss(net, torch.cat([tokens, rep_tok], 1), reports, qas, answer_id,
+                                torch.cat([tokens, qa_tok], 1))
+            tg = feats["targets"][rows].numpy()
+            les = [s["lesions"] for s in chosen]
+            point = (pointing_loss(rep_rel, [relevance_target(t, None, None, le)  # type: ignore[arg-type]
+                                             for t, le in zip(tg, les, strict=True)])
+                     + pointing_loss(qa_rel, [relevance_target(t, a[0], a[1], le)  # type: ignore[arg-type]
+                                              for t, a, le in zip(tg, asked, les, strict=True)]))
+            loss = loss + args.point_weight * point
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, 2.0)
+        torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 2.0)  # type: ignore[attr-defined]
         opt.step()
-        if step % 100 == 0:
-            print(f"lm step {step} loss {loss.item():.3f} lr {lr:.2e} "
-                  f"{time.time() - t0:.0f}s", flush=True)
+        if step % 50 == 0:
+            print(f"lm step {step} loss {loss.item():.3f} point {point.item():.3f} "
+                  f"lr {lr:.2e} {time.time() - t0:.0f}s", flush=True)
     return step
 
 
@@ -326,6 +434,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache", type=Path, default=None,
                    help="rendered training samples (default: in --checkpoint); "
                    "stages of one recipe share it")
+    p.add_argument("--slice-tokens", type=int, default=0,
+                   help="tokens of the TG-IS slice branch (0: 3D-only model)")
+    p.add_argument("--psat-slices", type=int, default=0,
+                   help="slices per plane of the PSAT fusion (0: no PSAT)")
+    p.add_argument("--point-weight", type=float, default=1.0,
+                   help="weight of the TG-IS pointing loss (language stage)")
     p.add_argument("--head-channels", type=int, default=NetConfig.head_channels,
                    help="channels of the full-resolution segmentation head")
     p.add_argument("--stage", choices=("joint", "language"), default="joint",
@@ -336,7 +450,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    cfg = NetConfig(head_channels=args.head_channels)
+    cfg = NetConfig(head_channels=args.head_channels, slice_tokens=args.slice_tokens,
+                    psat_slices=args.psat_slices)
     tok = WordTokenizer(cfg.vocab)
     answer_id = tok.index[ANSWER]
     seeds = list(SPLITS["train"][: args.samples])
@@ -356,7 +471,10 @@ def main(argv: list[str] | None = None) -> int:
         steps = train_language_stage(net, samples, tok, args)
         history = [*prior.get("history", []), {"stage": "language", "steps": steps,
                                                "batch": args.batch, "lr": args.lr,
-                                               "questions": args.questions}]
+                                               "questions": args.questions,
+                                               "slice_tokens": args.slice_tokens,
+                                               "psat_slices": args.psat_slices,
+                                               "point_weight": args.point_weight}]
         save_model(net, args.out, {"version": __version__,
                                    "trained_steps": prior.get("trained_steps"),
                                    "language_steps": steps,

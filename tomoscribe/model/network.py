@@ -6,7 +6,11 @@
       -> DCFormerEncoder -> stage features f1..f4
       -> SegHead(f1..f4, x) -> seg logits (B, K, D, H, W), decoder features
       -> MixerProjector(f3, f4) -> 24 image tokens ┐
-      -> RegionTokens(decoder features, logits) -> 7 organ tokens ┘-> prefix
+      -> RegionTokens(decoder features, logits) -> 7 organ tokens ┤-> prefix
+      -> SliceBranch (TG-IS, optional): 2D slices + 3D band, scored
+         by the instruction -> slice_tokens tokens + relevance (B, D) ┘
+      -> PlaneSliceFusion (PSAT, optional): the 31 tokens cross-attend to
+         axial, coronal and sagittal slice views tagged with plane and position
       -> causal LM (transformers GPT-2, fed through ``inputs_embeds``):
          [prefix][<report> report text <eos>]  or  [prefix][<question> q <answer> a <eos>]
 
@@ -26,8 +30,10 @@ from torch import nn
 
 from tomoscribe.model.dcformer import DCFormerEncoder
 from tomoscribe.model.projector import MixerProjector, RegionTokens
+from tomoscribe.model.psat import PlaneSliceFusion
 from tomoscribe.model.seghead import SegHead
 from tomoscribe.model.text import VOCAB
+from tomoscribe.model.tgis import SliceBranch
 
 
 @dataclass
@@ -49,6 +55,10 @@ class NetConfig:
     lm_layers: int = 2
     lm_heads: int = 4
     max_positions: int = 96
+    #: tokens of the TG-IS slice branch (0: none, the 3D-only model)
+    slice_tokens: int = 0
+    #: slices per plane of the PSAT fusion (0: none)
+    psat_slices: int = 0
     vocab: tuple[str, ...] = field(default_factory=lambda: VOCAB)
 
     def to_dict(self) -> dict[str, object]:
@@ -97,15 +107,51 @@ class ScribeNet(nn.Module):
             cfg.channels[0], list(cfg.organ_classes), cfg.lesion_class, cfg.width
         )
         self.lm = build_lm(cfg)
+        self.slices: SliceBranch | None = None
+        if cfg.slice_tokens:
+            self.slices = SliceBranch(cfg.in_channels, cfg.channels[1], cfg.num_classes,
+                                      cfg.model_shape[0], cfg.width, cfg.slice_tokens)
+        self.psat: PlaneSliceFusion | None = None
+        if cfg.psat_slices:
+            self.psat = PlaneSliceFusion(
+                cfg.width, cfg.psat_slices, in_channels=cfg.in_channels,
+                encoder2d=self.slices.encoder2d if self.slices is not None else None)
 
     @property
     def num_image_tokens(self) -> int:
-        return 24 + len(self.cfg.organ_classes)
+        """Length of the language model's image prefix (3D tokens + TG-IS tokens)."""
+        return 24 + len(self.cfg.organ_classes) + self.cfg.slice_tokens
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Image to ``(tokens (B, T, width), seg logits (B, K, D, H, W))``."""
-        pooled, logits = self.encode_pooled(x)
-        return self.tokens_from_pooled(pooled), logits
+        """Image to ``(3D tokens (B, T, width), seg logits (B, K, D, H, W))``.
+
+        The tokens are PSAT-fused when the network has PSAT; TG-IS tokens,
+        which depend on the instruction, are not included (see
+        :meth:`text_side_inputs`).
+        """
+        pooled, logits, (band, mass) = self.encode_full(x)
+        tokens, _keys = self.text_side_inputs(x, pooled, band, mass)
+        return tokens, logits
+
+    def text_side_inputs(
+        self, x: torch.Tensor, pooled: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+        band: torch.Tensor, mass: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Everything after the frozen vision side, before the instruction.
+
+        Returns ``(3D tokens (B, T, width), TG-IS slice keys (B, D, width) or
+        None)``: projector and region tokens (PSAT-fused with the plane views
+        of ``x`` when the network has PSAT) and the slice branch's keys. The
+        axial slices are encoded once and shared by TG-IS and PSAT.
+        """
+        tokens = self.tokens_from_pooled(pooled)
+        axial = keys = None
+        if self.slices is not None:
+            axial = self.slices.encoder2d(x)
+            keys = self.slices.keys_from(axial, band, mass)
+        if self.psat is not None:
+            tokens = self.psat(tokens, x, axial)
+        return tokens, keys
 
     def encode_pooled(
         self, x: torch.Tensor
@@ -116,10 +162,36 @@ class ScribeNet(nn.Module):
         2 C0 + 3)), seg logits (B, K, D, H, W))``. Training the projectors and
         the language model on a frozen encoder caches these (they are small).
         """
+        pooled, logits, _band = self.encode_full(x)
+        return pooled, logits
+
+    def encode_full(
+        self, x: torch.Tensor
+    ) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor,
+               tuple[torch.Tensor, torch.Tensor]]:
+        """:meth:`encode_pooled` plus the slice branch's 3D inputs.
+
+        Returns ``(pooled, seg logits, (band (B, C1, d), class mass (B, K, D)))``
+        (see :meth:`SliceBranch.band`).
+        """
         feats = self.encoder(x)
         logits, dec = self.seg(feats, x)
         low, high = self.projector.pool(feats[-2], feats[-1])
-        return (low, high, self.regions.pool(dec, logits)), logits
+        band = SliceBranch.band(feats[1], logits)
+        return (low, high, self.regions.pool(dec, logits)), logits, band
+
+    def instruction_embedding(self, ids: torch.Tensor) -> torch.Tensor:
+        """Mean input embedding ``(B, width)`` of instruction ids ``(B, L)`` (pad 0 ignored)."""
+        emb = self.embed_text(ids)
+        keep = (ids != 0).unsqueeze(-1).to(emb.dtype)
+        return (emb * keep).sum(dim=1) / keep.sum(dim=1).clamp(min=1.0)
+
+    def slice_tokens_for(self, keys: torch.Tensor, instruction_ids: torch.Tensor
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+        """TG-IS tokens ``(B, T, width)`` and relevance ``(B, D)`` for an instruction."""
+        if self.slices is None:
+            raise ValueError("this network has no slice branch (slice_tokens = 0)")
+        return self.slices.select(keys, self.instruction_embedding(instruction_ids))
 
     def tokens_from_pooled(
         self, pooled: tuple[torch.Tensor, torch.Tensor, torch.Tensor]

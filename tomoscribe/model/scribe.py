@@ -66,6 +66,27 @@ class Scribe:
         # never emitted: padding, the start marker and the task markers
         self.banned = tuple(self.tok.index[t] for t in (PAD, BOS, UNK, REPORT, QUESTION, ANSWER))
 
+    def _segmentation_key_slices(self, question: str, findings: list[Finding],
+                                 label_map: np.ndarray) -> tuple[int, ...]:
+        """Key slices for a question without a slice branch (the 3D-only model).
+
+        The question's organ (longest name found in it): its finding's key
+        slices, else where its segment is largest; a question naming no organ:
+        where the lesion segments are largest.
+        """
+        q = question.lower()
+        named = sorted((n for n in self.organ_names.values() if n != "body" and n in q),
+                       key=len, reverse=True)
+        if named:
+            hits = [f for f in findings if f.structure == named[0]]
+            if hits:
+                return tuple(hits[0].key_slices)
+            label = next(k for k, v in self.organ_names.items() if v == named[0])
+            mask = label_map == label
+        else:
+            mask = label_map >= LESION_LABEL_BASE
+        return tuple(_key_slices(mask)) if mask.any() else ()
+
     # ------------------------------------------------------------------ load
     @classmethod
     def load(cls, model_dir: Path | str | None = None) -> Scribe:
@@ -107,10 +128,49 @@ class Scribe:
         slice).
         """
         x, grid = prepare_volume(volume, self.cfg.model_shape)
-        tokens, logits = self.net.encode(x)
+        pooled, logits, (band, mass) = self.net.encode_full(x)
+        tokens, keys = self.net.text_side_inputs(x, pooled, band, mass)
         prob = logits.softmax(dim=1)
         slice_features = prob.sum(dim=(3, 4)).transpose(1, 2)
-        return Encoded(volume, tokens, logits, slice_features, extra={"grid": grid})
+        extra: dict[str, object] = {"grid": grid}
+        if keys is not None:
+            extra["slice_keys"] = keys  # (1, D, width)
+        return Encoded(volume, tokens, logits, slice_features, extra=extra)
+
+    @torch.inference_mode()
+    def prefix(self, encoded: Encoded, instruction: list[int], *, blind: bool = False
+               ) -> tuple[torch.Tensor, np.ndarray | None]:
+        """The language model's prefix for one instruction, and the TG-IS relevance.
+
+        Returns ``(tokens (1, T, width), relevance (D,) on the model grid)``;
+        the relevance is ``None`` for a model without a slice branch. With
+        ``blind``, every image-derived input is zeroed (the image-blind
+        baseline): the tokens then depend on the instruction only.
+        """
+        tokens = encoded.image_tokens
+        keys = encoded.extra.get("slice_keys")
+        if blind:
+            tokens = torch.zeros_like(tokens)
+            keys = torch.zeros_like(keys) if keys is not None else None
+        if keys is None:
+            return tokens, None
+        ids = torch.tensor([instruction or [self.tok.unk_id]], dtype=torch.long)
+        slice_tokens, relevance = self.net.slice_tokens_for(keys, ids)
+        return torch.cat([tokens, slice_tokens], dim=1), relevance[0].numpy()
+
+    def ask(self, encoded: Encoded, question: str, *, blind: bool = False
+            ) -> tuple[str, tuple[int, ...]]:
+        """Answer ``question``: ``(answer text, key source slices)``.
+
+        The key slices are the source slices where the slice branch looked
+        (its three most relevant model slices, on the source grid); empty for
+        a model without a slice branch or a volume whose slices are not axial.
+        """
+        tokens, relevance = self.prefix(encoded, self.tok.encode(question), blind=blind)
+        text = self.answer(tokens, question)
+        if relevance is None:
+            return text, ()
+        return text, tuple(relevant_source_slices(relevance, encoded.extra["grid"]))
 
     # -------------------------------------------------------------- generate
     @torch.inference_mode()
@@ -141,7 +201,7 @@ class Scribe:
         """
         volume = encoded.volume
         grid: GridMap = encoded.extra["grid"]
-        tokens = torch.zeros_like(encoded.image_tokens) if blind else encoded.image_tokens
+        tokens, relevance = self.prefix(encoded, [self.tok.index[REPORT]], blind=blind)
         text = self.write_text(tokens)
         parsed = parse_findings(text)
 
@@ -194,16 +254,20 @@ class Scribe:
         # the text is the model's decision, the segmentation shows its extent
 
         lesion_area = (label_map >= LESION_LABEL_BASE).sum(axis=(1, 2)).astype(np.float32)
-        if lesion_area.sum() > 0:
+        source_relevance = (source_slice_relevance(relevance, grid)
+                            if relevance is not None else None)
+        if source_relevance is not None and source_relevance.sum() > 0:
+            scores = source_relevance / source_relevance.sum()  # where the report looked
+        elif lesion_area.sum() > 0:
             scores = lesion_area / lesion_area.sum()
         else:
             scores = np.full(volume.shape[0], 1.0 / volume.shape[0], dtype=np.float32)
 
         answers = []
         for q in questions:
-            ans = self.answer(tokens, q)
-            organ_hits = [f for f in findings if f.structure in q.lower()]
-            key_slices = tuple(organ_hits[0].key_slices) if organ_hits else ()
+            ans, key_slices = self.ask(encoded, q, blind=blind)
+            if not key_slices:  # no slice branch: from the findings and the segmentation
+                key_slices = self._segmentation_key_slices(q, findings, label_map)
             answers.append(Answer(q, sentence_case(ans) or "(no answer)", key_slices))
 
         impression = sentence_case(impression_of(text)) or "No impression generated."
@@ -218,6 +282,40 @@ class Scribe:
             model_name=self.name,
             model_version=self.version,
         )
+
+
+def source_slice_relevance(relevance: np.ndarray, grid: GridMap) -> np.ndarray | None:
+    """Model-slice relevance ``(D_model,)`` spread over the source slices, or ``None``.
+
+    Only when the source slices are the model's axial slices (source axis 0
+    is the canonical z axis); each source slice gets the relevance of the
+    model slice it falls in.
+    """
+    if grid.perm[0] != 0:
+        return None
+    index = grid.model_index_for_canonical(0)  # canonical slice -> model slice or -1
+    out = np.where(index >= 0, relevance[np.clip(index, 0, None)], 0.0).astype(np.float32)
+    return out[::-1].copy() if grid.flip[0] else out
+
+
+def relevant_source_slices(relevance: np.ndarray, grid: GridMap, n: int = 3) -> list[int]:
+    """The source slices at the centre of the ``n`` most relevant model slices.
+
+    Empty when the source slices are not the model's axial slices.
+    """
+    if grid.perm[0] != 0:
+        return []
+    index = grid.model_index_for_canonical(0)
+    size = index.shape[0]
+    out: list[int] = []
+    for k in np.argsort(-relevance, kind="stable"):
+        canonical = np.nonzero(index == k)[0]
+        if canonical.size:
+            centre = int(canonical[canonical.size // 2])
+            out.append(size - 1 - centre if grid.flip[0] else centre)
+        if len(out) == n:
+            break
+    return out
 
 
 def _lesion_components(
