@@ -17,14 +17,17 @@ Compressed series (JPEG 2000, JPEG-LS, JPEG...) of at least
 decoded by N decoders: this thread and N - 1 worker processes
 (:mod:`tomoscribe.dicomio.decoder`), because the decoders pydicom uses
 (pylibjpeg-openjpeg, pylibjpeg-libjpeg, pyjpegls) hold the GIL, so threads
-do not run them in parallel. Workers return each file's stored values; they
-are written into the preallocated float32 volume as they arrive, so memory
-stays about one volume. N is the number of CPUs this process may use
-(``os.sched_getaffinity``), at most :data:`MAX_PROCESSES`, unless the
+do not run them in parallel. Workers leave each file's stored values in
+shared memory; they are written into the preallocated float32 volume as they
+arrive, so memory stays about one volume. N is the number of CPUs this process
+may use (``os.sched_getaffinity``), at most :data:`MAX_PROCESSES`, unless the
 ``workers`` argument or the environment variable :data:`WORKERS_ENV` says
-otherwise (``1``: no worker processes). If the pool cannot start, the series is
-decoded in this process and a note says so; if a worker process dies, loading
-stops with a one-line :class:`DecodeWorkerError`.
+otherwise (``1``: no worker processes). With the default count the workers
+are kept for the next series (started once per process, closed at exit); an
+explicit ``workers`` count starts them for that series only. If the pool
+cannot start, the series is decoded in this process and a note says so; if a
+worker process dies, loading stops with a one-line :class:`DecodeWorkerError`
+(the next series starts new workers).
 
 MONOCHROME1 (the lowest value is displayed white) is made "higher is
 brighter" (see :func:`_monochrome1`).
@@ -43,7 +46,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.pixels import apply_modality_lut, pixel_array
 
-from tomoscribe.dicomio.decoder import DecoderPool, PoolStartError
+from tomoscribe.dicomio.decoder import DecoderPool, PoolStartError, shared_pool
 from tomoscribe.dicomio.frames import FrameGeometry, number_of_frames, slice_normal
 from tomoscribe.dicomio.header import PixelLocation, raw_int, raw_text
 from tomoscribe.dicomio.scan import SeriesInfo
@@ -487,14 +490,17 @@ def _decode_in_processes(
     files: list[int],
     processes: int,
     place: Callable[[int, np.ndarray], None],
+    keep: bool = False,
 ) -> str | None:
     """Decode ``files`` of ``series`` with ``processes`` decoders, calling ``place``.
 
     The decoders are this thread and ``processes - 1`` worker processes; they
-    take small batches of files from one queue, so this thread decodes from
-    the first moment while the workers start. Each file's stored array comes
-    back as soon as it is decoded and is written into the volume (``place``)
-    at once, so no more than a slice or two per worker waits in memory.
+    take files one at a time from one queue, so this thread decodes from the
+    first moment while the workers start. Each file's stored values are
+    written into the volume (``place``) as soon as they are decoded, so no
+    more than a few slices per worker wait in memory. With ``keep``, the
+    workers are the process-wide pool (:func:`~tomoscribe.dicomio.decoder.shared_pool`),
+    kept for the next series; else they are started for this series and ended.
 
     Returns:
         ``None`` when done; a note when the workers could not be started (the
@@ -504,13 +510,9 @@ def _decode_in_processes(
         DecodeWorkerError: a worker process died.
         GeometryError: a file could not be decoded (as in this process).
     """
-    size = max(1, min(4, math.ceil(len(files) / (processes * 8))))
-    batches = [
-        [(fi, str(series.files[fi])) for fi in files[i : i + size]]
-        for i in range(0, len(files), size)
-    ]
+    batches = [[(fi, str(series.files[fi])) for fi in files]]
     try:
-        with DecoderPool(processes - 1) as pool:
+        with shared_pool(processes - 1) if keep else DecoderPool(processes - 1) as pool:
             pool.run(
                 batches, place, f"series {series.uid}", local=lambda p: _decode_path(Path(p))
             )
@@ -613,7 +615,9 @@ def load_series(series: SeriesInfo, workers: int | None = None) -> Volume:
             :func:`default_processes` processes (``$TOMOSCRIBE_DECODE_WORKERS``,
             else the usable CPUs) for a compressed series large enough to
             pay for them (:data:`PROCESS_MIN_FILES`, :data:`PROCESS_MIN_PIXELS`),
-            else ``min(4, CPUs)`` threads for series of at least 16 files.
+            kept for later series, else ``min(4, CPUs)`` threads for series
+            of at least 16 files. An explicit count starts its worker
+            processes for this call only.
 
     Returns:
         A volume whose voxels are ``(D, H, W)`` float32 (HU for CT), ordered
@@ -677,7 +681,8 @@ def load_series(series: SeriesInfo, workers: int | None = None) -> Volume:
             processes = default_processes()
     done_in_pool = False
     if processes > 1:
-        note = _decode_in_processes(series, files, processes, place)
+        # the default pool is kept for later series; an explicit count gets its own
+        note = _decode_in_processes(series, files, processes, place, keep=workers is None)
         if note:
             notes.append(note)
         else:
