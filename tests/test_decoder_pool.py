@@ -107,6 +107,11 @@ def test_worker_killed_between_series_is_replaced(tmp_path: Path, default_pool: 
     (pid,) = _children() - before
     os.kill(pid, signal.SIGKILL)
     assert _wait_gone(pid)
+    # /proc shows the zombie a moment before waitpid() reports it to the parent
+    (proc,) = decoder._shared[0].procs
+    deadline = time.monotonic() + 10
+    while proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
     vol = load_series(series)  # a new pool, no error
     (new,) = _children() - before
     assert new != pid and vol.notes == []
