@@ -35,9 +35,11 @@ A second table (issue #3) scores, for the same rows:
   the key slices come from the segmentation, which both share);
 * question pointing: for every question with something to show (an organ's
   lesions, else the organ; all lesions for a study-level question), whether
-  the first key slice of its answer shows it. With a TG-IS slice branch the
-  key slice is the branch's most relevant slice for that question; without
-  one, the named finding's or the organ segment's largest slice;
+  the first key image of its answer shows it (what the SR references:
+  :meth:`~tomoscribe.model.scribe.Scribe.key_slices_for`, the TG-IS ranking
+  among the slices the segmentation supports, or the segmentation alone for
+  a 3D-only model); "TG-IS top": the same for the branch's own most relevant
+  slice, ungated (the issue's key-slice pointing);
 * the majority row answers each question with its most frequent ground-truth
   answer over the training seeds, and writes the most frequent ground-truth
   report text.
@@ -57,7 +59,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tomoscribe.model.scribe import LESION_LABEL_BASE, Scribe
+from tomoscribe.model.scribe import LESION_LABEL_BASE, Scribe, relevant_source_slices
 from tomoscribe.model.text import QUESTION_TEMPLATES, WordTokenizer, answer_for
 from tomoscribe.phantom import (
     LESION_LABEL,
@@ -224,6 +226,8 @@ class Extra:
         self.point_n = 0
         self.question_hit = 0
         self.question_n = 0
+        self.tgis_hit = 0
+        self.tgis_n = 0
 
     def add_text(self, hyp: str, ref: str) -> None:
         h, r = WordTokenizer.words(hyp), WordTokenizer.words(ref)
@@ -261,6 +265,7 @@ class Extra:
             "question_pointing": (self.question_hit / self.question_n) if self.question_n
             else None,
             "question_pointing_n": self.question_n,
+            "tgis_top_slice_pointing": (self.tgis_hit / self.tgis_n) if self.tgis_n else None,
         }
 
 
@@ -304,7 +309,7 @@ def _print_second_table(table: dict[str, dict[str, object]], n_questions: int) -
     cols = [("bleu4", "BLEU-4"), ("rouge_l_f", "ROUGE-L F"),
             ("closed_vqa_accuracy", "closed VQA"), ("open_vqa_exact_match", "open EM"),
             ("open_vqa_token_f1", "open F1"), ("key_slice_pointing", "key-slice hit"),
-            ("question_pointing", "question hit")]
+            ("question_pointing", "question hit"), ("tgis_top_slice_pointing", "TG-IS top")]
     print(f"\nreport text, VQA ({n_questions} questions per study), key-slice pointing "
           "(findings; questions)")
     print(f"{'row':<12}" + "".join(f"{h:>14}" for _c, h in cols) + f"{'(n)':>12}")
@@ -402,6 +407,14 @@ def main(argv: list[str] | None = None) -> int:
                     extra[name].question_n += 1
                     extra[name].question_hit += int(bool(ans.key_slices)
                                                     and ans.key_slices[0] in want)
+            if "slice_keys" in enc.extra:  # the TG-IS branch's own top slice, ungated
+                for (_t, _o, q), want in zip(items, targets, strict=True):
+                    _tokens, rel = scribe.prefix(enc, scribe.tok.encode(q),
+                                                 blind=name == "image-blind")
+                    top = relevant_source_slices(rel, enc.extra["grid"], 1) if want else []
+                    if want and top:
+                        extra[name].tgis_n += 1
+                        extra[name].tgis_hit += int(top[0] in want)
         extra["majority"].add_text(majority_text, ref_text)
         for (t, _o, _q), ans, g in zip(items, majority_answers, gold, strict=True):
             extra["majority"].add_answer(t, ans, g)

@@ -326,7 +326,7 @@ def train_language_stage(net: ScribeNet, samples: list[dict[str, object]], tok: 
         torch.save({"key": key, "feats": feats}, cache)
     branch = net.slices
     trainable = [p for m in (net.projector, net.regions, net.lm) for p in m.parameters()]
-    groups: list[dict[str, object]] = [{"params": trainable, "scale": 1.0}]
+    groups: list[dict[str, object]] = [{"params": trainable, "scale": args.lm_lr_scale}]
     if branch is not None and args.questions != 1:
         raise SystemExit("--questions must be 1 with a slice branch")
     # the 2D side (TG-IS, PSAT; parameters shared between them counted once)
@@ -438,6 +438,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="tokens of the TG-IS slice branch (0: 3D-only model)")
     p.add_argument("--psat-slices", type=int, default=0,
                    help="slices per plane of the PSAT fusion (0: no PSAT)")
+    p.add_argument("--lm-lr-scale", type=float, default=1.0,
+                   help="language stage: learning-rate factor of the projectors and LM "
+                   "(below 1: add a slice branch to a trained LM without retraining it much)")
     p.add_argument("--point-weight", type=float, default=1.0,
                    help="weight of the TG-IS pointing loss (language stage)")
     p.add_argument("--head-channels", type=int, default=NetConfig.head_channels,
@@ -474,7 +477,8 @@ def main(argv: list[str] | None = None) -> int:
                                                "questions": args.questions,
                                                "slice_tokens": args.slice_tokens,
                                                "psat_slices": args.psat_slices,
-                                               "point_weight": args.point_weight}]
+                                               "point_weight": args.point_weight,
+                                               "lm_lr_scale": args.lm_lr_scale}]
         save_model(net, args.out, {"version": __version__,
                                    "trained_steps": prior.get("trained_steps"),
                                    "language_steps": steps,

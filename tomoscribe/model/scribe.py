@@ -66,26 +66,47 @@ class Scribe:
         # never emitted: padding, the start marker and the task markers
         self.banned = tuple(self.tok.index[t] for t in (PAD, BOS, UNK, REPORT, QUESTION, ANSWER))
 
-    def _segmentation_key_slices(self, question: str, findings: list[Finding],
-                                 label_map: np.ndarray) -> tuple[int, ...]:
-        """Key slices for a question without a slice branch (the 3D-only model).
+    def _question_mask(self, question: str, findings: list[Finding],
+                       label_map: np.ndarray) -> np.ndarray:
+        """Source voxels the segmentation says a question is about ``(D, H, W)`` bool.
 
-        The question's organ (longest name found in it): its finding's key
-        slices, else where its segment is largest; a question naming no organ:
-        where the lesion segments are largest.
+        The question's organ (longest name found in it): its finding's lesion
+        segment when the report has one, else the organ's segment; a question
+        naming no organ: every lesion segment.
         """
         q = question.lower()
         named = sorted((n for n in self.organ_names.values() if n != "body" and n in q),
                        key=len, reverse=True)
         if named:
-            hits = [f for f in findings if f.structure == named[0]]
+            hits = [f for f in findings if f.structure == named[0] and f.segment is not None]
             if hits:
-                return tuple(hits[0].key_slices)
+                return np.asarray(label_map == hits[0].segment)
             label = next(k for k, v in self.organ_names.items() if v == named[0])
-            mask = label_map == label
-        else:
-            mask = label_map >= LESION_LABEL_BASE
-        return tuple(_key_slices(mask)) if mask.any() else ()
+            return np.asarray(label_map == label)
+        return np.asarray(label_map >= LESION_LABEL_BASE)
+
+    def key_slices_for(self, question: str, findings: list[Finding], label_map: np.ndarray,
+                       relevance: np.ndarray | None, grid: GridMap) -> tuple[int, ...]:
+        """The key images of an answer: source slice indices, most relevant first.
+
+        With a TG-IS branch, its relevance ranks the slices; where the
+        segmentation shows what the question is about, only those slices
+        compete (the branch reads a 48-slice grid, the segmentation the
+        source slices). Without a branch (or for a non-axial series), the
+        slices where the segmentation's structure is largest.
+        """
+        mask = self._question_mask(question, findings, label_map)
+        shown: np.ndarray = np.asarray(mask.any(axis=(1, 2)))
+        src = source_slice_relevance(relevance, grid) if relevance is not None else None
+        if src is not None:
+            if shown.any():
+                # within the structure, the most relevant slices; ties: the larger area
+                area = mask.sum(axis=(1, 2)).astype(np.float64)
+                score = np.where(shown, src + 1e-9 * area / max(area.max(), 1.0), -1.0)
+                order = np.argsort(-score, kind="stable")
+                return tuple(int(k) for k in order[:3] if bool(shown[k]))
+            return tuple(relevant_source_slices(relevance, grid))  # type: ignore[arg-type]
+        return tuple(_key_slices(mask)) if shown.any() else ()
 
     # ------------------------------------------------------------------ load
     @classmethod
@@ -159,18 +180,14 @@ class Scribe:
         return torch.cat([tokens, slice_tokens], dim=1), relevance[0].numpy()
 
     def ask(self, encoded: Encoded, question: str, *, blind: bool = False
-            ) -> tuple[str, tuple[int, ...]]:
-        """Answer ``question``: ``(answer text, key source slices)``.
+            ) -> tuple[str, np.ndarray | None]:
+        """Answer ``question``: ``(answer text, TG-IS relevance (D,) or None)``.
 
-        The key slices are the source slices where the slice branch looked
-        (its three most relevant model slices, on the source grid); empty for
-        a model without a slice branch or a volume whose slices are not axial.
+        The relevance is on the model grid (``None`` for a model without a
+        slice branch); :meth:`key_slices_for` turns it into key images.
         """
         tokens, relevance = self.prefix(encoded, self.tok.encode(question), blind=blind)
-        text = self.answer(tokens, question)
-        if relevance is None:
-            return text, ()
-        return text, tuple(relevant_source_slices(relevance, encoded.extra["grid"]))
+        return self.answer(tokens, question), relevance
 
     # -------------------------------------------------------------- generate
     @torch.inference_mode()
@@ -265,9 +282,8 @@ class Scribe:
 
         answers = []
         for q in questions:
-            ans, key_slices = self.ask(encoded, q, blind=blind)
-            if not key_slices:  # no slice branch: from the findings and the segmentation
-                key_slices = self._segmentation_key_slices(q, findings, label_map)
+            ans, q_relevance = self.ask(encoded, q, blind=blind)
+            key_slices = self.key_slices_for(q, findings, label_map, q_relevance, grid)
             answers.append(Answer(q, sentence_case(ans) or "(no answer)", key_slices))
 
         impression = sentence_case(impression_of(text)) or "No impression generated."
