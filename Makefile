@@ -38,7 +38,9 @@ train: setup
 	$(TRAIN) --stage language --init checkpoints/stage1b-weights --checkpoint checkpoints/stage2 \
 		--out checkpoints/stage2a-weights --steps 2000 --batch 32 --lr 1e-3 --threads 1
 	$(TRAIN) --stage language --init checkpoints/stage2a-weights --checkpoint checkpoints/stage2 \
-		--out tomoscribe/weights --steps 1500 --batch 32 --lr 5e-4
+		--out checkpoints/stage2b-weights --steps 1500 --batch 32 --lr 5e-4
+	$(TRAIN) --stage align --init checkpoints/stage2b-weights --checkpoint checkpoints/stage2 \
+		--out tomoscribe/weights --align-dim 64 --steps 1500 --batch 128 --lr 1e-3
 
 ## ablation: the README's ablation rows: from the shipped weights, 1,000 more language steps
 ## each for 3D-only, 3D + TG-IS and 3D + TG-IS + PSAT, then each scored on the test phantoms

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import subprocess
@@ -14,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from pydicom.uid import UID, JPEG2000Lossless, RLELossless
+from test_dicomio_parallel import _children  # the worker processes of this process
 
 from tomoscribe.dicomio import decoder, load, load_series, scan_folder
 from tomoscribe.dicomio.decoder import DecoderPool, DecodeWorkerError, shared_pool
@@ -24,14 +24,6 @@ from tomoscribe.dicomio.synth import expected_stored, write_series
 pytestmark = pytest.mark.skipif(
     not Path("/proc/self/task").exists(), reason="needs Linux /proc to see child processes"
 )
-
-
-def _children() -> set[int]:
-    pids: set[int] = set()
-    for task in Path(f"/proc/{os.getpid()}/task").iterdir():
-        with contextlib.suppress(OSError):
-            pids |= {int(p) for p in (task / "children").read_text().split()}
-    return pids
 
 
 @pytest.fixture(autouse=True)

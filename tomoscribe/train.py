@@ -292,6 +292,74 @@ def pointing_loss(relevance: torch.Tensor, wanted: list[np.ndarray | None]) -> t
     return -(target * torch.log(relevance[rows] + 1e-8)).sum(dim=1).mean()
 
 
+def cached_vision(net: ScribeNet, samples: list[dict[str, object]],
+                  checkpoint: Path) -> VisionCache:
+    """Freeze the vision side and return its features for ``samples``, cached.
+
+    The cache (``checkpoint / "vision.pt"``) is keyed by the samples' seeds and
+    a hash of the encoder and segmentation weights.
+    """
+    for module in (net.encoder, net.seg):
+        for param in module.parameters():
+            param.requires_grad_(False)
+    vision = hashlib.sha256()
+    for module in (net.encoder, net.seg):
+        for name, tensor in sorted(module.state_dict().items()):
+            vision.update(name.encode())
+            vision.update(tensor.detach().cpu().numpy().tobytes())
+    # the features depend on the samples and the frozen vision side only
+    key = {"seeds": [s["seed"] for s in samples], "vision": vision.hexdigest()}
+    cache = checkpoint / "vision.pt"
+    if cache.exists() and (data := torch.load(cache, weights_only=False))["key"] == key:
+        feats: VisionCache = data["feats"]
+        return feats
+    feats = vision_features(net, samples)
+    checkpoint.mkdir(parents=True, exist_ok=True)
+    torch.save({"key": key, "feats": feats}, cache)
+    return feats
+
+
+def train_align_stage(net: ScribeNet, samples: list[dict[str, object]], tok: WordTokenizer,
+                      args: argparse.Namespace) -> int:
+    """The SigLIP alignment head on the frozen vision side's cached features.
+
+    Each step draws ``--batch`` samples and scores every image against every
+    report of the batch (pairs with the same report text are positives).
+    Returns the number of steps taken.
+    """
+    head = net.align
+    if head is None:
+        raise SystemExit("--stage align needs --align-dim > 0")
+    feats = cached_vision(net, samples, args.checkpoint)
+    texts = [findings_to_text(s["lesions"]) for s in samples]  # type: ignore[arg-type]
+    ids = pad_rows([tok.encode(t) for t in texts])
+    opt = torch.optim.AdamW(head.parameters(), lr=args.lr, weight_decay=1e-4)
+    rng = np.random.default_rng(args.seed)
+    head.train()
+    t0 = time.time()
+    step = 0
+    for step in range(1, args.steps + 1):
+        frac = step / args.steps
+        lr = args.lr * min(1.0, frac / 0.03) * 0.5 * (1 + np.cos(np.pi * frac))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        idx = rng.choice(len(samples), size=min(args.batch, len(samples)), replace=False)
+        rows = torch.from_numpy(idx)
+        image = head.embed_image(feats["low"][rows], feats["high"][rows],
+                                 feats["regions"][rows])
+        text = head.embed_text(ids[rows])
+        chosen = [texts[int(i)] for i in idx]
+        same = torch.tensor([[a == b for b in chosen] for a in chosen])
+        loss = head.loss(image, text, same)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 100 == 0:
+            print(f"align step {step} loss {loss.item():.3f} lr {lr:.2e} "
+                  f"{time.time() - t0:.0f}s", flush=True)
+    return step
+
+
 def train_language_stage(net: ScribeNet, samples: list[dict[str, object]], tok: WordTokenizer,
                          args: argparse.Namespace) -> int:
     """Stage 2: projectors, slice branch and language model on a frozen encoder and head.
@@ -307,23 +375,7 @@ def train_language_stage(net: ScribeNet, samples: list[dict[str, object]], tok: 
 
     Returns the number of steps taken.
     """
-    for module in (net.encoder, net.seg):
-        for param in module.parameters():
-            param.requires_grad_(False)
-    vision = hashlib.sha256()
-    for module in (net.encoder, net.seg):
-        for name, tensor in sorted(module.state_dict().items()):
-            vision.update(name.encode())
-            vision.update(tensor.detach().cpu().numpy().tobytes())
-    # the features depend on the samples and the frozen vision side only
-    key = {"seeds": [s["seed"] for s in samples], "vision": vision.hexdigest()}
-    cache = args.checkpoint / "vision.pt"
-    if cache.exists() and (data := torch.load(cache, weights_only=False))["key"] == key:
-        feats: VisionCache = data["feats"]
-    else:
-        feats = vision_features(net, samples)
-        args.checkpoint.mkdir(parents=True, exist_ok=True)
-        torch.save({"key": key, "feats": feats}, cache)
+    feats = cached_vision(net, samples, args.checkpoint)
     branch = net.slices
     trainable = [p for m in (net.projector, net.regions, net.lm) for p in m.parameters()]
     groups: list[dict[str, object]] = [{"params": trainable, "scale": args.lm_lr_scale}]
@@ -445,16 +497,23 @@ def main(argv: list[str] | None = None) -> int:
                    help="weight of the TG-IS pointing loss (language stage)")
     p.add_argument("--head-channels", type=int, default=NetConfig.head_channels,
                    help="channels of the full-resolution segmentation head")
-    p.add_argument("--stage", choices=("joint", "language"), default="joint",
+    p.add_argument("--stage", choices=("joint", "language", "align"), default="joint",
                    help="joint: everything end to end; language: projectors and LM only, "
-                   "on the frozen encoder of --init (fast: features are cached)")
+                   "on the frozen encoder of --init (fast: features are cached); align: "
+                   "the SigLIP image-report head only, on the same cached features")
+    p.add_argument("--align-dim", type=int, default=0,
+                   help="width of the SigLIP alignment head (0: none; --stage align)")
     args = p.parse_args(argv)
 
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     cfg = NetConfig(head_channels=args.head_channels, slice_tokens=args.slice_tokens,
-                    psat_slices=args.psat_slices)
+                    psat_slices=args.psat_slices, align_dim=args.align_dim)
+    if args.init is not None:  # continue with the word ids the weights were trained with
+        init_vocab = json.loads((args.init / "config.json").read_text())["net"].get("vocab")
+        if init_vocab is not None:
+            cfg.vocab = tuple(init_vocab)
     tok = WordTokenizer(cfg.vocab)
     answer_id = tok.index[ANSWER]
     seeds = list(SPLITS["train"][: args.samples])
@@ -467,10 +526,20 @@ def main(argv: list[str] | None = None) -> int:
         init = torch.load(args.init / "model.pt", map_location="cpu", weights_only=True)
         load_overlapping(net, init)
         print(f"initialised from {args.init}", flush=True)
-    if args.stage == "language":
+    if args.stage in ("language", "align"):
         if args.init is None:
-            p.error("--stage language needs --init (the trained encoder)")
+            p.error(f"--stage {args.stage} needs --init (the trained encoder)")
         prior = json.loads((args.init / "config.json").read_text())
+        if args.stage == "align":
+            steps = train_align_stage(net, samples, tok, args)
+            history = [*prior.get("history", []), {"stage": "align", "steps": steps,
+                                                   "batch": args.batch, "lr": args.lr,
+                                                   "align_dim": args.align_dim}]
+            save_model(net, args.out, {**{k: v for k, v in prior.items()
+                                          if k not in ("name", "net", "history")},
+                                       "history": history})
+            print(f"saved {args.out} after {steps} alignment steps", flush=True)
+            return 0
         steps = train_language_stage(net, samples, tok, args)
         history = [*prior.get("history", []), {"stage": "language", "steps": steps,
                                                "batch": args.batch, "lr": args.lr,

@@ -32,6 +32,7 @@ from tomoscribe.model.dcformer import DCFormerEncoder
 from tomoscribe.model.projector import MixerProjector, RegionTokens
 from tomoscribe.model.psat import PlaneSliceFusion
 from tomoscribe.model.seghead import SegHead
+from tomoscribe.model.siglip import AlignmentHead
 from tomoscribe.model.text import VOCAB
 from tomoscribe.model.tgis import SliceBranch
 
@@ -59,6 +60,8 @@ class NetConfig:
     slice_tokens: int = 0
     #: slices per plane of the PSAT fusion (0: none)
     psat_slices: int = 0
+    #: width of the SigLIP image-report alignment head (0: none)
+    align_dim: int = 0
     vocab: tuple[str, ...] = field(default_factory=lambda: VOCAB)
 
     def to_dict(self) -> dict[str, object]:
@@ -111,6 +114,10 @@ class ScribeNet(nn.Module):
         if cfg.slice_tokens:
             self.slices = SliceBranch(cfg.in_channels, cfg.channels[1], cfg.num_classes,
                                       cfg.model_shape[0], cfg.width, cfg.slice_tokens)
+        self.align: AlignmentHead | None = None
+        if cfg.align_dim:
+            self.align = AlignmentHead(cfg.channels[-2], cfg.channels[-1], 2 * cfg.channels[0] + 3,
+                                       len(cfg.organ_classes), len(cfg.vocab), cfg.align_dim)
         self.psat: PlaneSliceFusion | None = None
         if cfg.psat_slices:
             self.psat = PlaneSliceFusion(

@@ -156,7 +156,33 @@ class Scribe:
         extra: dict[str, object] = {"grid": grid}
         if keys is not None:
             extra["slice_keys"] = keys  # (1, D, width)
+        if self.net.align is not None:
+            extra["pooled"] = pooled  # for image_embedding
         return Encoded(volume, tokens, logits, slice_features, extra=extra)
+
+    @torch.inference_mode()
+    def image_embedding(self, encoded: Encoded) -> np.ndarray:
+        """Unit image embedding ``(dim,)`` of the SigLIP head (image-report retrieval).
+
+        Raises:
+            ModelError: the model has no alignment head.
+        """
+        if self.net.align is None or "pooled" not in encoded.extra:
+            raise ModelError(f"model {self.name} {self.version} has no image-report alignment head")
+        low, high, regions = encoded.extra["pooled"]
+        return self.net.align.embed_image(low, high, regions)[0].numpy()
+
+    @torch.inference_mode()
+    def report_embedding(self, text: str) -> np.ndarray:
+        """Unit embedding ``(dim,)`` of a report text, in the image embeddings' space.
+
+        Raises:
+            ModelError: the model has no alignment head.
+        """
+        if self.net.align is None:
+            raise ModelError(f"model {self.name} {self.version} has no image-report alignment head")
+        ids = torch.tensor([self.tok.encode(text) or [self.tok.unk_id]], dtype=torch.long)
+        return self.net.align.embed_text(ids)[0].numpy()
 
     @torch.inference_mode()
     def prefix(self, encoded: Encoded, instruction: list[int], *, blind: bool = False

@@ -62,7 +62,9 @@ def _vocabulary() -> list[str]:
     add(_BASE_WORDS)
     for organ in ORGANS:
         add(organ)
-    for kind in set(LESION_KINDS.values()):
+    # in LESION_KINDS order: a set's order changes with the interpreter's hash
+    # seed, which gave every training run its own word ids
+    for kind in dict.fromkeys(LESION_KINDS.values()):
         add(kind)
         add(PLURAL[kind])
         add(SHORT[kind])
