@@ -92,6 +92,11 @@ def build_cache(seeds: list[int], shape: tuple[int, int, int], path: Path,
     return samples
 
 
+def warmup_cosine(base: float, frac: float) -> float:
+    """Learning rate at progress ``frac`` (0-1): 3% linear warm-up, then a cosine to zero."""
+    return float(base * min(1.0, frac / 0.03) * 0.5 * (1 + np.cos(np.pi * frac)))
+
+
 def draw_question(lesions: list[tuple[str, str]], rng: np.random.Generator
                   ) -> tuple[str, str, str, str]:
     """A templated question about a sample: ``(template, organ, question, answer)``."""
@@ -340,7 +345,7 @@ def train_align_stage(net: ScribeNet, samples: list[dict[str, object]], tok: Wor
     step = 0
     for step in range(1, args.steps + 1):
         frac = step / args.steps
-        lr = args.lr * min(1.0, frac / 0.03) * 0.5 * (1 + np.cos(np.pi * frac))
+        lr = warmup_cosine(args.lr, frac)
         for group in opt.param_groups:
             group["lr"] = lr
         idx = rng.choice(len(samples), size=min(args.batch, len(samples)), replace=False)
@@ -397,7 +402,7 @@ def train_language_stage(net: ScribeNet, samples: list[dict[str, object]], tok: 
     step = 0
     for step in range(1, args.steps + 1):
         frac = step / args.steps
-        lr = args.lr * min(1.0, frac / 0.03) * 0.5 * (1 + np.cos(np.pi * frac))
+        lr = warmup_cosine(args.lr, frac)
         for group in opt.param_groups:
             group["lr"] = lr * float(group["scale"])
         idx = rng.integers(len(samples), size=args.batch)
@@ -583,7 +588,7 @@ def main(argv: list[str] | None = None) -> int:
         if frac >= 1.0:
             print("budget reached", flush=True)
             break
-        lr = args.lr * min(1.0, frac / 0.03) * 0.5 * (1 + np.cos(np.pi * frac))
+        lr = warmup_cosine(args.lr, frac)
         for group in opt.param_groups:
             group["lr"] = lr
         idx = rng.integers(len(samples), size=args.batch)
