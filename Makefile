@@ -33,7 +33,7 @@ train: setup
 	$(TRAIN) --checkpoint checkpoints/stage1 --out checkpoints/stage1-weights --head-channels 8 \
 		--steps 3000 --minutes 85 --batch 4 --lm-start 150 --save-every 50
 	$(TRAIN) --init checkpoints/stage1-weights --checkpoint checkpoints/stage1b \
-		--out checkpoints/stage1b-weights --minutes 20 --batch 4 --lr 1e-3 --lm-start 0 \
+		--out checkpoints/stage1b-weights --head-channels 16 --minutes 20 --batch 4 --lr 1e-3 --lm-start 0 \
 		--lesion-weight 10 --lesion-dice 1
 	$(TRAIN) --stage language --init checkpoints/stage1b-weights --checkpoint checkpoints/stage2 \
 		--out checkpoints/stage2a-weights --steps 2000 --batch 32 --lr 1e-3 --threads 1

@@ -112,7 +112,7 @@ def test_worker_killed_between_series_is_replaced(tmp_path: Path, default_pool: 
 
 def test_worker_dying_mid_series_is_one_line_then_pool_restarts(tmp_path: Path) -> None:
     _, paths = _series(tmp_path, n=40)
-    jobs = [[(i, str(p)) for i, p in enumerate(paths)]]
+    jobs = [(i, str(p)) for i, p in enumerate(paths)]
     got: dict[int, np.ndarray] = {}
     killed: list[int] = []
 
@@ -165,7 +165,7 @@ def test_arrays_without_a_slot_come_through_the_pipe(
     with DecoderPool(2) as pool:
         assert all((w.buf is None) == (without == "memfd") for w in pool.workers)
         pool.run(
-            [[(i, str(p)) for i, p in enumerate(paths)]],
+            [(i, str(p)) for i, p in enumerate(paths)],
             lambda k, a: got.__setitem__(k, a.copy()),
             "a test series",
         )

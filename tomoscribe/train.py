@@ -491,34 +491,38 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache", type=Path, default=None,
                    help="rendered training samples (default: in --checkpoint); "
                    "stages of one recipe share it")
-    p.add_argument("--slice-tokens", type=int, default=0,
+    # architecture: unset means "as in --init" (or the built-in default without one)
+    p.add_argument("--slice-tokens", type=int, default=None,
                    help="tokens of the TG-IS slice branch (0: 3D-only model)")
-    p.add_argument("--psat-slices", type=int, default=0,
+    p.add_argument("--psat-slices", type=int, default=None,
                    help="slices per plane of the PSAT fusion (0: no PSAT)")
     p.add_argument("--lm-lr-scale", type=float, default=1.0,
                    help="language stage: learning-rate factor of the projectors and LM "
                    "(below 1: add a slice branch to a trained LM without retraining it much)")
     p.add_argument("--point-weight", type=float, default=1.0,
                    help="weight of the TG-IS pointing loss (language stage)")
-    p.add_argument("--head-channels", type=int, default=NetConfig.head_channels,
-                   help="channels of the full-resolution segmentation head")
+    p.add_argument("--head-channels", type=int, default=None,
+                   help="channels of the full-resolution segmentation head "
+                   f"(default {NetConfig.head_channels})")
     p.add_argument("--stage", choices=("joint", "language", "align"), default="joint",
                    help="joint: everything end to end; language: projectors and LM only, "
                    "on the frozen encoder of --init (fast: features are cached); align: "
                    "the SigLIP image-report head only, on the same cached features")
-    p.add_argument("--align-dim", type=int, default=0,
+    p.add_argument("--align-dim", type=int, default=None,
                    help="width of the SigLIP alignment head (0: none; --stage align)")
     args = p.parse_args(argv)
 
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    cfg = NetConfig(head_channels=args.head_channels, slice_tokens=args.slice_tokens,
-                    psat_slices=args.psat_slices, align_dim=args.align_dim)
-    if args.init is not None:  # continue with the word ids the weights were trained with
-        init_vocab = json.loads((args.init / "config.json").read_text())["net"].get("vocab")
-        if init_vocab is not None:
-            cfg.vocab = tuple(init_vocab)
+    # a run from --init continues that model: its settings (word ids included),
+    # changed only where an architecture option is given
+    cfg = (NetConfig.from_dict(json.loads((args.init / "config.json").read_text())["net"])
+           if args.init is not None else NetConfig())
+    for name in ("head_channels", "slice_tokens", "psat_slices", "align_dim"):
+        if getattr(args, name) is not None:
+            setattr(cfg, name, getattr(args, name))
+        setattr(args, name, getattr(cfg, name))  # recorded in the history as used
     tok = WordTokenizer(cfg.vocab)
     answer_id = tok.index[ANSWER]
     seeds = list(SPLITS["train"][: args.samples])

@@ -44,7 +44,7 @@ import subprocess
 import sys
 import threading
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -214,12 +214,12 @@ class DecoderPool:
 
     def run(
         self,
-        batches: list[list[tuple[int, str]]],
+        files: Sequence[tuple[int, str]],
         place: Callable[[int, np.ndarray], None],
         what: str,
         local: Callable[[str], np.ndarray] | None = None,
     ) -> None:
-        """Decode every file of ``batches``, calling ``place(key, array)`` for each.
+        """Decode every ``(key, path)`` of ``files``, calling ``place(key, array)`` for each.
 
         Files are handed out one at a time from one queue, in order; each
         worker holds up to :data:`SLOTS` of them. One thread per worker reads
@@ -240,7 +240,7 @@ class DecoderPool:
                 :class:`~tomoscribe.errors.GeometryError` for a file a worker
                 could not decode.
         """
-        queue: deque[tuple[int, str]] = deque(item for batch in batches for item in batch)
+        queue: deque[tuple[int, str]] = deque(files)
         lock = threading.Lock()
         errors: list[BaseException] = []
 

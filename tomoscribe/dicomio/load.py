@@ -510,12 +510,10 @@ def _decode_in_processes(
         DecodeWorkerError: a worker process died.
         GeometryError: a file could not be decoded (as in this process).
     """
-    batches = [[(fi, str(series.files[fi])) for fi in files]]
     try:
         with shared_pool(processes - 1) if keep else DecoderPool(processes - 1) as pool:
-            pool.run(
-                batches, place, f"series {series.uid}", local=lambda p: _decode_path(Path(p))
-            )
+            pool.run([(fi, str(series.files[fi])) for fi in files], place,
+                     f"series {series.uid}", local=lambda p: _decode_path(Path(p)))
     except PoolStartError as err:
         return f"decoding processes could not start ({_reason(err)}); decoded in one process"
     return None

@@ -13,7 +13,9 @@ A model folder holds ``config.json`` (name, version, network settings) and
   around it; the components of an organ the text names become that finding's
   segments, measured (longest in-plane diameter, volume) on the source grid;
 * key slices are the source slices where a finding's segment is largest;
-* each question is answered by the language model after the image tokens.
+* each question is answered by the language model after the image tokens
+  (and the TG-IS tokens for that question, where the model has the branch);
+  its key images are the slices of what it names (:meth:`Scribe.key_slices_for`).
 """
 
 from __future__ import annotations
@@ -96,17 +98,15 @@ class Scribe:
         slices where the segmentation's structure is largest.
         """
         mask = self._question_mask(question, findings, label_map)
-        shown: np.ndarray = np.asarray(mask.any(axis=(1, 2)))
+        area = mask.sum(axis=(1, 2)).astype(np.float64)
         src = source_slice_relevance(relevance, grid) if relevance is not None else None
-        if src is not None:
-            if shown.any():
-                # within the structure, the most relevant slices; ties: the larger area
-                area = mask.sum(axis=(1, 2)).astype(np.float64)
-                score = np.where(shown, src + 1e-9 * area / max(area.max(), 1.0), -1.0)
-                order = np.argsort(-score, kind="stable")
-                return tuple(int(k) for k in order[:3] if bool(shown[k]))
-            return tuple(relevant_source_slices(relevance, grid))  # type: ignore[arg-type]
-        return tuple(_key_slices(mask)) if shown.any() else ()
+        if src is None or relevance is None:
+            return tuple(_key_slices(mask)) if area.any() else ()
+        if not area.any():  # nothing segmented: where the branch looked
+            return tuple(relevant_source_slices(relevance, grid))
+        # within the structure, the most relevant slices; ties: the larger area
+        score = np.where(area > 0, src + 1e-9 * area / area.max(), -1.0)
+        return tuple(int(k) for k in np.argsort(-score, kind="stable")[:3] if area[k] > 0)
 
     # ------------------------------------------------------------------ load
     @classmethod
