@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from tomoscribe import __version__
 from tomoscribe.model.network import NetConfig, ScribeNet
 from tomoscribe.model.preprocess import labels_to_model_grid, prepare
+from tomoscribe.model.refine import refined_organs
 from tomoscribe.model.text import (
     ANSWER,
     QUESTION,
@@ -381,6 +382,17 @@ def train_language_stage(net: ScribeNet, samples: list[dict[str, object]], tok: 
     Returns the number of steps taken.
     """
     feats = cached_vision(net, samples, args.checkpoint)
+    if net.cfg.refine_stats:  # the region tokens read the refiner's lesion columns
+        from tomoscribe.train_refine import refined_region_stats
+
+        if net.refine is None or args.init is None:
+            raise SystemExit("--refine-stats needs an --init model with a refiner")
+        stats = refined_region_stats(args.init, [int(s["seed"]) for s in samples],  # type: ignore[call-overload]
+                                     args.checkpoint, args.workers)
+        organ_rows = [i for i, c in enumerate(net.cfg.organ_classes)
+                      if c in refined_organs(net.cfg.organ_classes)]
+        feats = {**feats, "regions": feats["regions"].clone()}
+        feats["regions"][:, organ_rows, -2:] = stats  # the body row keeps its coarse columns
     branch = net.slices
     trainable = [p for m in (net.projector, net.regions, net.lm) for p in m.parameters()]
     groups: list[dict[str, object]] = [{"params": trainable, "scale": args.lm_lr_scale}]
@@ -508,6 +520,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="joint: everything end to end; language: projectors and LM only, "
                    "on the frozen encoder of --init (fast: features are cached); align: "
                    "the SigLIP image-report head only, on the same cached features")
+    p.add_argument("--refine-stats", action=argparse.BooleanOptionalAction, default=None,
+                   help="language stage: region tokens read the refiner's lesion statistics "
+                   "(--init must have a refiner, see python -m tomoscribe.train_refine)")
     p.add_argument("--align-dim", type=int, default=None,
                    help="width of the SigLIP alignment head (0: none; --stage align)")
     args = p.parse_args(argv)
@@ -519,7 +534,7 @@ def main(argv: list[str] | None = None) -> int:
     # changed only where an architecture option is given
     cfg = (NetConfig.from_dict(json.loads((args.init / "config.json").read_text())["net"])
            if args.init is not None else NetConfig())
-    for name in ("head_channels", "slice_tokens", "psat_slices", "align_dim"):
+    for name in ("head_channels", "slice_tokens", "psat_slices", "align_dim", "refine_stats"):
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))
         setattr(args, name, getattr(cfg, name))  # recorded in the history as used
@@ -556,6 +571,7 @@ def main(argv: list[str] | None = None) -> int:
                                                "slice_tokens": args.slice_tokens,
                                                "psat_slices": args.psat_slices,
                                                "point_weight": args.point_weight,
+                                               "refine_stats": args.refine_stats,
                                                "lm_lr_scale": args.lm_lr_scale}]
         save_model(net, args.out, {"version": __version__,
                                    "trained_steps": prior.get("trained_steps"),

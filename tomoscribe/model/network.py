@@ -5,6 +5,8 @@
     x (B, 2, D, H, W)
       -> DCFormerEncoder -> stage features f1..f4
       -> SegHead(f1..f4, x) -> seg logits (B, K, D, H, W), decoder features
+         -> OrganRefiner (optional): each organ's box again at source
+            resolution -> refined organ and lesion labels on the source grid
       -> MixerProjector(f3, f4) -> 24 image tokens ┐
       -> RegionTokens(decoder features, logits) -> 7 organ tokens ┤-> prefix
       -> SliceBranch (TG-IS, optional): 2D slices + 3D band, scored
@@ -31,6 +33,7 @@ from torch import nn
 from tomoscribe.model.dcformer import DCFormerEncoder
 from tomoscribe.model.projector import MixerProjector, RegionTokens
 from tomoscribe.model.psat import PlaneSliceFusion
+from tomoscribe.model.refine import OrganRefiner
 from tomoscribe.model.seghead import SegHead
 from tomoscribe.model.siglip import AlignmentHead
 from tomoscribe.model.text import VOCAB
@@ -62,6 +65,12 @@ class NetConfig:
     psat_slices: int = 0
     #: width of the SigLIP image-report alignment head (0: none)
     align_dim: int = 0
+    #: full-resolution channels of the organ-box refiner (0: none; see
+    #: :mod:`tomoscribe.model.refine`); its levels have 1x, 2x and 3x this
+    refine_width: int = 0
+    #: region tokens read the refiner's lesion statistics (ml, peak) in place
+    #: of the coarse head's (needs a refiner; the language stage learns them)
+    refine_stats: bool = False
     vocab: tuple[str, ...] = field(default_factory=lambda: VOCAB)
 
     def to_dict(self) -> dict[str, object]:
@@ -118,6 +127,10 @@ class ScribeNet(nn.Module):
         if cfg.align_dim:
             self.align = AlignmentHead(cfg.channels[-2], cfg.channels[-1], 2 * cfg.channels[0] + 3,
                                        len(cfg.organ_classes), len(cfg.vocab), cfg.align_dim)
+        self.refine: OrganRefiner | None = None
+        if cfg.refine_width:
+            w = cfg.refine_width
+            self.refine = OrganRefiner((w, 2 * w, 3 * w))
         self.psat: PlaneSliceFusion | None = None
         if cfg.psat_slices:
             self.psat = PlaneSliceFusion(

@@ -8,10 +8,12 @@ A model folder holds ``config.json`` (name, version, network settings) and
 
 * the language model writes the report text from the image tokens; the text
   is parsed back into findings (:func:`tomoscribe.model.text.parse_findings`);
-* the segmentation head's label map is put back on the source grid; lesion
-  voxels are split into connected components, each assigned to the organ
-  around it; the components of an organ the text names become that finding's
-  segments, measured (longest in-plane diameter, volume) on the source grid;
+* the segmentation head's label map is put back on the source grid (or,
+  with a refiner, organs and lesions are segmented again box by box at
+  source resolution, :mod:`tomoscribe.model.refine`); lesion voxels are
+  split into connected components, each assigned to the organ around it;
+  the components of an organ the text names become that finding's segments,
+  measured (longest in-plane diameter, volume) on the source grid;
 * key slices are the source slices where a finding's segment is largest;
 * each question is answered by the language model after the image tokens
   (and the TG-IS tokens for that question, where the model has the branch);
@@ -32,6 +34,7 @@ from tomoscribe.errors import ModelError
 from tomoscribe.model.api import Encoded
 from tomoscribe.model.network import NetConfig, ScribeNet
 from tomoscribe.model.preprocess import GridMap, prepare_volume
+from tomoscribe.model.refine import BODY_CLASS, refine, refined_organs
 from tomoscribe.model.text import (
     ANSWER,
     BOS,
@@ -51,6 +54,8 @@ DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "weights"
 
 #: label of a lesion segment: 10 + index of the lesion in the report
 LESION_LABEL_BASE = 10
+#: refined lesion components smaller than this are noise (a 4.6 mm sphere)
+MIN_LESION_ML = 0.05
 
 
 class Scribe:
@@ -150,14 +155,23 @@ class Scribe:
         """
         x, grid = prepare_volume(volume, self.cfg.model_shape)
         pooled, logits, (band, mass) = self.net.encode_full(x)
-        tokens, keys = self.net.text_side_inputs(x, pooled, band, mass)
+        extra: dict[str, object] = {"grid": grid}
+        token_pooled = pooled
+        if self.net.refine is not None:
+            refined = refine(self.net.refine, volume.voxels, volume.spacing, grid, logits,
+                             refined_organs(self.cfg.organ_classes), self.cfg.lesion_class)
+            extra["refined"] = refined.labels  # (D, H, W) uint8 on the source grid
+            extra["refined_stats"] = refined.stats
+            if self.cfg.refine_stats:
+                low, high, regions = pooled
+                token_pooled = (low, high, refined.region_stats(regions, self.cfg.organ_classes))
+        tokens, keys = self.net.text_side_inputs(x, token_pooled, band, mass)
         prob = logits.softmax(dim=1)
         slice_features = prob.sum(dim=(3, 4)).transpose(1, 2)
-        extra: dict[str, object] = {"grid": grid}
         if keys is not None:
             extra["slice_keys"] = keys  # (1, D, width)
         if self.net.align is not None:
-            extra["pooled"] = pooled  # for image_embedding
+            extra["pooled"] = pooled  # for image_embedding (trained on the coarse statistics)
         return Encoded(volume, tokens, logits, slice_features, extra=extra)
 
     @torch.inference_mode()
@@ -248,21 +262,28 @@ class Scribe:
         text = self.write_text(tokens)
         parsed = parse_findings(text)
 
-        labels_model = encoded.seg_logits.argmax(dim=1)[0].to(torch.uint8).numpy()
         lesion_class = self.cfg.lesion_class
-        comps, comp_organ = _lesion_components(labels_model, lesion_class, self.organ_names)
-        comp_src = grid.to_source_labels(comps.astype(np.int16))
-        organ_src = grid.to_source_labels(labels_model)
+        voxel_ml = float(np.prod(volume.spacing)) / 1000.0
+        refined = encoded.extra.get("refined")
+        if refined is not None:  # the refiner's labels, already on the source grid
+            comp_src, comp_organ = _lesion_components(
+                refined, lesion_class, self.organ_names,
+                min_voxels=max(2, int(np.ceil(MIN_LESION_ML / voxel_ml))))
+            organ_src = refined.copy()
+        else:
+            labels_model = encoded.seg_logits.argmax(dim=1)[0].to(torch.uint8).numpy()
+            comps, comp_organ = _lesion_components(labels_model, lesion_class, self.organ_names)
+            comp_src = grid.to_source_labels(comps.astype(np.int16))
+            organ_src = grid.to_source_labels(labels_model)
         organ_src[organ_src == lesion_class] = 0
-        organ_src[organ_src == 1] = 0  # the body outline is no segment of interest
+        organ_src[organ_src == BODY_CLASS] = 0  # the body outline is no segment of interest
         label_map = organ_src.astype(np.uint8)
 
         segments: list[Segment] = [
             Segment(label, name, name, "organ")
             for label, name in self.organ_names.items()
-            if label != 1 and bool((label_map == label).any())
+            if label != BODY_CLASS and bool((label_map == label).any())
         ]
-        voxel_ml = float(np.prod(volume.spacing)) / 1000.0
         findings: list[Finding] = []
         next_label = LESION_LABEL_BASE
         for pf in parsed:
@@ -361,23 +382,32 @@ def relevant_source_slices(relevance: np.ndarray, grid: GridMap, n: int = 3) -> 
 
 
 def _lesion_components(
-    labels: np.ndarray, lesion_class: int, organ_names: dict[int, str]
+    labels: np.ndarray, lesion_class: int, organ_names: dict[int, str], min_voxels: int = 2
 ) -> tuple[np.ndarray, dict[int, str]]:
-    """Connected lesion components on the model grid and the organ around each."""
+    """Connected lesion components of a label array and the organ around each.
+
+    Components under ``min_voxels`` (noise: a single voxel on the model grid)
+    and components with no organ around them are dropped.
+    """
     from scipy import ndimage
 
-    comps, n = ndimage.label(labels == lesion_class)
+    comps, _n = ndimage.label(labels == lesion_class)
     organ_of: dict[int, str] = {}
-    for c in range(1, n + 1):
-        m = comps == c
-        if int(m.sum()) < 2:  # a single voxel is noise at this resolution
-            comps[m] = 0
+    for c, box in enumerate(ndimage.find_objects(comps), start=1):
+        if box is None:
+            continue
+        # the component's box grown by the ring's width: dilation stays local
+        grown = tuple(slice(max(b.start - 3, 0), b.stop + 3) for b in box)
+        local = comps[grown]
+        m = local == c
+        if int(m.sum()) < min_voxels:
+            local[m] = 0
             continue
         ring = ndimage.binary_dilation(m, iterations=2) & ~m
-        around = labels[ring]
-        around = around[(around != lesion_class) & (around > 1)]
+        around = labels[grown][ring]
+        around = around[(around != lesion_class) & (around > BODY_CLASS)]
         if around.size == 0:
-            comps[m] = 0
+            local[m] = 0
             continue
         organ_of[c] = organ_names[int(np.bincount(around).argmax())]
     return comps, organ_of

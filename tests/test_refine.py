@@ -1,0 +1,227 @@
+"""The organ-box refiner: shapes, geometry, merging, and a training run end to end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from tomoscribe.model.network import NetConfig, ScribeNet
+from tomoscribe.model.preprocess import GridMap, prepare
+from tomoscribe.model.refine import (
+    LESION,
+    ORGAN,
+    OrganRefiner,
+    box_input,
+    box_shape,
+    coarse_in_box,
+    from_canonical,
+    organ_box,
+    refine,
+    to_canonical,
+)
+from tomoscribe.model.scribe import DEFAULT_MODEL_DIR, Scribe, _lesion_components
+from tomoscribe.phantom import make_phantom, render_acquisition
+from tomoscribe.train import main as train_main
+from tomoscribe.train import save_model
+from tomoscribe.train_refine import boxes_of, main, patch
+from tomoscribe.volume import SliceRef, Volume
+
+SMALL = NetConfig(model_shape=(16, 32, 32), channels=(8, 16, 24, 32), depths=(1, 1, 1, 1),
+                  width=32, lm_layers=1, lm_heads=2, max_positions=96)
+
+
+@pytest.mark.parametrize("shape", [(13, 22, 9), (16, 16, 16), (5, 7, 31)])
+def test_refiner_keeps_any_box_shape(shape: tuple[int, int, int]) -> None:
+    net = OrganRefiner((4, 8, 12)).eval()
+    with torch.no_grad():
+        out = net(torch.rand(2, 4, *shape))
+    assert out.shape == (2, 3, *shape)
+
+
+@pytest.mark.parametrize("perm", [(0, 1, 2), (2, 0, 1), (1, 2, 0)])
+def test_canonical_round_trip(perm: tuple[int, int, int]) -> None:
+    grid = GridMap(perm=perm, flip=(True, False, True), start=(0, 0, 0), stop=(4, 5, 6),
+                   model_shape=(2, 2, 2), source_shape=(4, 5, 6))
+    a = np.arange(120).reshape(4, 5, 6)
+    canon = to_canonical(a, grid)
+    assert canon.shape == tuple(a.shape[p] for p in perm)
+    assert np.array_equal(from_canonical(canon, grid), a)
+
+
+def test_organ_box_grows_by_the_margin_in_millimetres() -> None:
+    mask = np.zeros((20, 30, 30), dtype=bool)
+    mask[8:10, 10:20, 12:15] = True
+    assert organ_box(mask, (5.0, 2.0, 2.0), margin_mm=10.0) == ((6, 5, 7), (12, 25, 20))
+    assert organ_box(mask, (5.0, 2.0, 2.0), margin_mm=100.0) == ((0, 0, 0), (20, 30, 30))
+    assert organ_box(np.zeros((3, 3, 3), dtype=bool), (1.0, 1.0, 1.0)) is None
+
+
+def test_box_grid_is_the_source_grid_unless_finer_than_the_floor() -> None:
+    box = ((0, 0, 0), (40, 100, 100))
+    assert box_shape(box, (3.0, 2.5, 4.0)) == (40, 100, 100)
+    assert box_shape(box, (1.25, 0.7, 0.7)) == (20, 28, 28)
+
+
+def test_coarse_maps_are_sampled_at_the_box_voxels() -> None:
+    # a model grid that is the source crop itself: sampling is the identity
+    grid = GridMap(perm=(0, 1, 2), flip=(False, False, False), start=(2, 0, 0),
+                   stop=(10, 6, 6), model_shape=(8, 6, 6), source_shape=(12, 6, 6))
+    ramp = torch.arange(8, dtype=torch.float32).view(1, 1, 8, 1, 1).expand(1, 1, 8, 6, 6)
+    out = coarse_in_box(ramp, grid, ((4, 0, 0), (8, 6, 6)), (4, 6, 6))
+    assert torch.allclose(out[0, 0, :, 3, 3], torch.tensor([2.0, 3.0, 4.0, 5.0]))
+    # a box twice as fine as the model grid interpolates between model voxels
+    grid2 = GridMap(perm=(0, 1, 2), flip=(False, False, False), start=(0, 0, 0),
+                    stop=(16, 6, 6), model_shape=(8, 6, 6), source_shape=(16, 6, 6))
+    out2 = coarse_in_box(ramp, grid2, ((4, 0, 0), (8, 6, 6)), (4, 6, 6))
+    assert torch.allclose(out2[0, 0, :, 0, 0], torch.tensor([1.75, 2.25, 2.75, 3.25]))
+
+
+class _Oracle(nn.Module):
+    """A stand-in refiner: organ where the coarse organ map says so, lesion where HU is low."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        organ = (x[:, 2] > 0.5).float()
+        # soft-tissue window: 0 HU is 0.4; organs are 35-85 HU (0.49-0.61)
+        lesion = ((x[:, 1] < 0.45) & (x[:, 1] > 0.2) & (x[:, 2] > 0.2)).float()
+        return torch.stack([0.5 * torch.ones_like(organ), organ, 2 * lesion], dim=1)
+
+
+def test_refined_labels_merge_organs_and_lesions() -> None:
+    ph = make_phantom(3, lesion_probability=1.0)
+    hu, labels, aff = render_acquisition(ph)
+    shape = (24, 48, 48)
+    _x, grid = prepare(hu, aff, shape)
+    # coarse logits from the truth on the model grid: one-hot, lesion class 8
+    from tomoscribe.model.preprocess import labels_to_model_grid
+
+    y = torch.from_numpy(labels_to_model_grid(labels, grid)).long()
+    logits = torch.nn.functional.one_hot(y, 9).permute(3, 0, 1, 2)[None].float() * 10
+    spacing = tuple(np.linalg.norm(aff[:3, :3], axis=0))
+    res = refine(_Oracle(), hu, spacing, grid, logits, [2, 3, 4, 5, 6, 7], 8)  # type: ignore[arg-type]
+    out = res.labels
+    assert set(res.stats) == {2, 3, 4, 5, 6, 7}
+    assert all(ml >= 0.0 and 0.0 <= peak <= 1.0 for ml, peak in res.stats.values())
+    regions = torch.zeros(1, 7, 5)
+    merged = res.region_stats(regions, (1, 2, 3, 4, 5, 6, 7))
+    assert torch.equal(merged[0, 0], regions[0, 0])  # the body keeps the coarse statistics
+    assert torch.allclose(merged[0, 2, -2:], torch.tensor(res.stats[3]))
+    assert out.shape == hu.shape and out.dtype == np.uint8
+    coarse = grid.to_source_labels(y.numpy().astype(np.uint8))
+    for organ in (3, 4):  # liver and spleen: the refined organ is at least as good
+        d_ref = _dice(out == organ, labels == organ)
+        d_coarse = _dice(coarse == organ, labels == organ)
+        assert d_ref >= d_coarse - 0.02, (organ, d_ref, d_coarse)
+    # no lesion voxel outside the boxes of the refined organs; the body class survives
+    assert (out == 1).any()
+    assert set(np.unique(out)) <= set(range(9))
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    return float(2 * (a & b).sum() / max(a.sum() + b.sum(), 1))
+
+
+def test_lesion_components_drop_specks_and_orphans() -> None:
+    lab = np.zeros((10, 20, 20), dtype=np.uint8)
+    lab[2:8, 2:18, 2:18] = 4  # an organ
+    lab[4:6, 5:8, 5:8] = 8  # a lesion inside it (18 voxels)
+    lab[5, 14, 14] = 8  # a speck inside it
+    lab[0, 0, 0] = 8  # outside any organ
+    comps, organ_of = _lesion_components(lab, 8, {4: "spleen"}, min_voxels=4)
+    assert list(organ_of.values()) == ["spleen"]
+    assert int((comps > 0).sum()) == 18
+
+
+def test_patches_are_centred_near_lesions() -> None:
+    y = np.zeros((40, 60, 60), dtype=np.uint8)
+    y[30:33, 50:53, 5:8] = LESION
+    y[10:30, 10:50, 10:50] = ORGAN
+    box = {"x": np.zeros((4, 40, 60, 60), dtype=np.float16), "y": y, "lesion": True}
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        x, py = patch(box, (16, 24, 24), rng)
+        assert x.shape == (4, 16, 24, 24) and py.shape == (16, 24, 24)
+        assert (py == LESION).any()
+    small = {"x": np.zeros((4, 8, 60, 60), dtype=np.float16), "y": y[:8], "lesion": False}
+    assert patch(small, (16, 24, 24), rng)[1].shape == (8, 24, 24)
+
+
+def test_training_boxes_match_the_inference_input() -> None:
+    torch.manual_seed(0)
+    net = ScribeNet(SMALL).eval()
+    boxes = boxes_of(net, 11)
+    ph = make_phantom(11)
+    hu, _labels, aff = render_acquisition(ph)
+    x, grid = prepare(hu, aff, SMALL.model_shape)
+    with torch.no_grad():
+        logits, _ = net.seg(net.encoder(x), x)
+    sp = tuple(np.linalg.norm(aff[:3, :3], axis=0)[list(grid.perm)])
+    coarse = to_canonical(grid.to_source_labels(logits.argmax(1)[0].to(torch.uint8).numpy()), grid)
+    for b in boxes:
+        organ = int(b["organ"])  # type: ignore[call-overload]
+        box = organ_box(coarse == organ, sp)
+        assert box is not None
+        want = box_input(to_canonical(hu, grid), logits.softmax(1), grid, box, sp, organ, 8)
+        assert np.allclose(b["x"], want[0].numpy(), atol=2e-3)  # type: ignore[arg-type]
+
+
+def test_refine_stage_needs_a_first_stage_that_finds_organs(tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]
+                                                             ) -> None:
+    torch.manual_seed(0)
+    save_model(ScribeNet(SMALL), tmp_path / "untrained", {"version": "9.9"})
+    assert main(["--init", str(tmp_path / "untrained"), "--out", str(tmp_path / "out"),
+                 "--checkpoint", str(tmp_path / "ck"), "--phantoms", "1", "--workers", "1"]) == 1
+    assert "finds no organ" in capsys.readouterr().out
+    assert not (tmp_path / "out").exists()
+
+
+def test_refine_stage_trains_and_the_model_uses_it(tmp_path: Path) -> None:
+    out = tmp_path / "refined"
+    assert main(["--init", str(DEFAULT_MODEL_DIR), "--out", str(out), "--checkpoint",
+                 str(tmp_path / "ck"), "--phantoms", "2", "--steps", "3", "--width", "4",
+                 "--workers", "1", "--patch", "8", "16", "16"]) == 0
+    conf = json.loads((out / "config.json").read_text())
+    prior = json.loads((DEFAULT_MODEL_DIR / "config.json").read_text())
+    assert conf["net"]["refine_width"] == 4 and conf["history"][-1]["stage"] == "refine"
+    assert conf["version"] == prior["version"]
+    # the first stage is unchanged by the refine stage
+    before = torch.load(DEFAULT_MODEL_DIR / "model.pt", weights_only=True)
+    after = torch.load(out / "model.pt", weights_only=True)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert any(k.startswith("refine.") for k in after)
+    scribe = Scribe.load(out)
+    ph = make_phantom(5, lesion_probability=1.0)
+    hu, _labels, aff = render_acquisition(ph)
+    vol = Volume(hu, aff, [SliceRef(f"1.2.3.{k}", "1.2.840.10008.5.1.4.1.1.2")
+                           for k in range(hu.shape[0])])
+    enc = scribe.encode(vol)
+    assert enc.extra["refined"].shape == vol.shape
+    report = scribe.generate(enc, ["is there a lesion in the liver ?"])
+    assert report.label_map.shape == vol.shape
+    assert set(np.unique(report.label_map)) - {0} <= {s.label for s in report.segments}
+
+    # a language stage on the refined statistics, fed as at inference
+    lang = tmp_path / "lang"
+    assert train_main(["--stage", "language", "--init", str(out), "--out", str(lang),
+                       "--checkpoint", str(tmp_path / "ck2"), "--samples", "3", "--steps", "2",
+                       "--batch", "2", "--workers", "1", "--refine-stats"]) == 0
+    stats = torch.load(tmp_path / "ck2" / "refine-stats.pt", weights_only=False)["stats"]
+    assert stats.shape == (3, 6, 2)
+    seed = 1  # the second training phantom: its statistics as the encoder computes them
+    hu, _labels, aff = render_acquisition(make_phantom(seed))
+    tuned = Scribe.load(lang)
+    assert tuned.cfg.refine_stats
+    enc2 = tuned.encode(Volume(hu, aff, [SliceRef(f"1.2.3.{k}", "1.2.840.10008.5.1.4.1.1.2")
+                                         for k in range(hu.shape[0])]))
+    want = torch.tensor([enc2.extra["refined_stats"][c] for c in range(2, 8)])
+    assert torch.allclose(stats[seed], want, atol=1e-4)
+    # and only the organs' region tokens change when the statistics are switched off
+    tuned.cfg.refine_stats = False
+    plain = tuned.encode(Volume(hu, aff, enc2.volume.slices)).image_tokens
+    changed = (plain - enc2.image_tokens).abs().amax(dim=2)[0] > 1e-6
+    assert not changed[:25].any() and changed[25:31].any()

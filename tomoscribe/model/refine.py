@@ -1,0 +1,307 @@
+"""Organ-by-organ refinement at source resolution: the cascade's second stage.
+
+The segmentation head sees the whole body on the 48 x 96 x 96 model grid.
+For a 370 mm scan that is 7.7 mm per slice, so a 10 mm lesion covers one or
+two model slices, and organ borders are blurred by the same factor: this is
+what held lesion Dice at 0.04 (10-15 mm) and the kidneys at 0.78. Cascaded
+segmentation (a coarse whole-volume pass, then a fine pass inside regions of
+interest) is the standard remedy; here the regions are the organs the coarse
+pass found.
+
+For each organ that can hold a lesion (lungs, liver, spleen, kidneys):
+
+1. **Box**: the organ's coarse mask, put on the canonical source array
+   (axes permuted and flipped, never interpolated), its bounding box grown by
+   :data:`MARGIN_MM`.
+2. **Grid**: the source voxels of the box, coarsened by area averaging only
+   along axes finer than :data:`FLOOR_MM` (a 0.7 mm CT is refined at 2.5 mm;
+   the phantoms' 2.5-5 mm grids are used as they are).
+3. **Input** ``(1, 4, d, h, w)``: the two CT windows of the model, the coarse
+   probability of this organ and of the lesion class, sampled trilinearly
+   from the model grid.
+4. :class:`OrganRefiner`, a small U-Net whose inner blocks are DCFormer's
+   decomposed convolutions, gives three classes per voxel: other, this
+   organ, lesion (of any organ: a liver lesion in the right lung's box is
+   still a lesion).
+5. **Merge**: the coarse organ is replaced by the refined one inside the box
+   (where boxes overlap, the later organ's refinement wins on its own class
+   only); lesion voxels are the union of every box's lesion class.
+
+The result (:func:`refine`) is a label array on the source grid, in the
+source orientation, with the coarse pass's label values, and each organ's
+refined lesion statistics, which the region tokens can read in place of the
+coarse ones (``NetConfig.refine_stats``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tomoscribe.model.dcformer import DCBlock
+from tomoscribe.model.preprocess import WINDOWS, GridMap
+
+#: the refinement grid is never finer than this (mm, per axis)
+FLOOR_MM = 2.5
+#: growth of an organ's coarse bounding box (mm): a model voxel and a half
+MARGIN_MM = 12.0
+#: classes of the refiner's output
+OTHER, ORGAN, LESION = 0, 1, 2
+#: input channels: two windows, coarse organ probability, coarse lesion probability
+IN_CHANNELS = 4
+#: class of the body outline: no organ box (it is the whole volume)
+BODY_CLASS = 1
+
+
+def refined_organs(organ_classes: Sequence[int]) -> list[int]:
+    """The organ classes that get a box: every organ but the body."""
+    return [c for c in organ_classes if c != BODY_CLASS]
+
+
+class OrganRefiner(nn.Module):
+    """A small 3D U-Net for one organ box: ``(B, 4, d, h, w) -> (B, 3, d, h, w)``.
+
+    Full resolution has one plain 3 x 3 x 3 convolution on the way in and one
+    on the way out; the half- and quarter-resolution levels use DCFormer
+    blocks (decomposed depthwise convolutions + channel MLP). Any box size
+    works: the input is padded to a multiple of 4 and the output cropped.
+
+    Args:
+        channels: channels at full, half and quarter resolution.
+        kernel: kernel of the decomposed convolutions.
+    """
+
+    def __init__(self, channels: Sequence[int] = (16, 32, 48), kernel: int = 5) -> None:
+        super().__init__()
+        c0, c1, c2 = channels
+        self.stem = nn.Sequential(nn.Conv3d(IN_CHANNELS, c0, 3, padding=1, bias=False),
+                                  nn.BatchNorm3d(c0), nn.GELU())
+        self.down1 = nn.Sequential(nn.Conv3d(c0, c1, 2, stride=2), nn.BatchNorm3d(c1),
+                                   DCBlock(c1, kernel))
+        self.down2 = nn.Sequential(nn.Conv3d(c1, c2, 2, stride=2), nn.BatchNorm3d(c2),
+                                   DCBlock(c2, kernel), DCBlock(c2, kernel))
+        self.up2 = nn.Sequential(nn.Conv3d(c2 + c1, c1, 3, padding=1, bias=False),
+                                 nn.BatchNorm3d(c1), nn.GELU())
+        self.up1 = nn.Sequential(nn.Conv3d(c1 + c0, c0, 3, padding=1, bias=False),
+                                 nn.BatchNorm3d(c0), nn.GELU())
+        self.out = nn.Conv3d(c0, 3, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        d, h, w = (int(v) for v in x.shape[2:])
+        pad = [(-s) % 4 for s in (d, h, w)]
+        if any(pad):  # F.pad takes the last axis first
+            x = F.pad(x, (0, pad[2], 0, pad[1], 0, pad[0]), mode="replicate")
+        f0 = self.stem(x)
+        f1 = self.down1(f0)
+        f2 = self.down2(f1)
+        u = F.interpolate(f2, size=f1.shape[2:], mode="trilinear", align_corners=False)
+        u = self.up2(torch.cat([u, f1], dim=1))
+        u = F.interpolate(u, size=f0.shape[2:], mode="trilinear", align_corners=False)
+        u = self.up1(torch.cat([u, f0], dim=1))
+        out: torch.Tensor = self.out(u)
+        return out[:, :, :d, :h, :w]
+
+
+# ----------------------------------------------------------------- geometry
+def to_canonical(array: np.ndarray, grid: GridMap) -> np.ndarray:
+    """A source-oriented ``(D, H, W)`` array in canonical order (a view)."""
+    canon = np.transpose(array, grid.perm)
+    for a in range(3):
+        if grid.flip[a]:
+            canon = np.flip(canon, axis=a)
+    return canon
+
+
+def from_canonical(canon: np.ndarray, grid: GridMap) -> np.ndarray:
+    """Inverse of :func:`to_canonical` (a contiguous copy)."""
+    for a in range(3):
+        if grid.flip[a]:
+            canon = np.flip(canon, axis=a)
+    return np.ascontiguousarray(np.transpose(canon, np.argsort(grid.perm)))
+
+
+def canonical_spacing(spacing: Sequence[float], grid: GridMap) -> tuple[float, float, float]:
+    """Source voxel size ``(slice, row, column)`` reordered to canonical axes (mm)."""
+    return (float(spacing[grid.perm[0]]), float(spacing[grid.perm[1]]),
+            float(spacing[grid.perm[2]]))
+
+
+Box = tuple[tuple[int, int, int], tuple[int, int, int]]
+
+
+def organ_box(mask: np.ndarray, spacing: Sequence[float], margin_mm: float = MARGIN_MM
+              ) -> Box | None:
+    """Bounding box ``(start, stop)`` of a canonical mask, grown by ``margin_mm``.
+
+    ``None`` for an empty mask.
+    """
+    if not mask.any():
+        return None
+    start, stop = [], []
+    for a in range(3):
+        prof = mask.any(axis=tuple(b for b in range(3) if b != a))
+        nz = np.nonzero(prof)[0]
+        m = int(np.ceil(margin_mm / max(float(spacing[a]), 1e-3)))
+        start.append(max(int(nz[0]) - m, 0))
+        stop.append(min(int(nz[-1]) + 1 + m, mask.shape[a]))
+    return (start[0], start[1], start[2]), (stop[0], stop[1], stop[2])
+
+
+def box_shape(box: Box, spacing: Sequence[float], floor_mm: float = FLOOR_MM
+              ) -> tuple[int, int, int]:
+    """The refinement grid of a box: source voxels, coarsened to ``floor_mm`` where finer."""
+    (s0, s1, s2), (e0, e1, e2) = box
+    out = []
+    for n, sp in zip((e0 - s0, e1 - s1, e2 - s2), spacing, strict=True):
+        out.append(n if sp >= floor_mm else max(round(n * sp / floor_mm), 1))
+    return out[0], out[1], out[2]
+
+
+def _axis_coords(lo: int, hi: int, n_out: int, grid_lo: int, grid_hi: int) -> torch.Tensor:
+    """Normalised model-grid coordinates (``align_corners=False``) of a box's voxel centres."""
+    n = hi - lo
+    centres = lo + (torch.arange(n_out, dtype=torch.float32) + 0.5) * n / n_out - 0.5
+    return 2.0 * (centres - grid_lo + 0.5) / float(grid_hi - grid_lo) - 1.0
+
+
+def coarse_in_box(prob: torch.Tensor, grid: GridMap, box: Box,
+                  shape: tuple[int, int, int]) -> torch.Tensor:
+    """Sample model-grid maps ``(1, C, Dm, Hm, Wm)`` at a box's voxels: ``(1, C, d, h, w)``.
+
+    Trilinear; outside the body crop the border value is repeated.
+    """
+    zs, ys, xs = (_axis_coords(box[0][a], box[1][a], shape[a], grid.start[a], grid.stop[a])
+                  for a in range(3))
+    gz, gy, gx = torch.meshgrid(zs, ys, xs, indexing="ij")
+    g = torch.stack([gx, gy, gz], dim=-1)[None]  # grid_sample wants (x, y, z) = (W, H, D)
+    return F.grid_sample(prob, g, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def box_input(canon_hu: np.ndarray, prob: torch.Tensor, grid: GridMap, box: Box,
+              spacing: Sequence[float], organ: int, lesion: int,
+              floor_mm: float = FLOOR_MM) -> torch.Tensor:
+    """The refiner's input for one organ box: ``(1, 4, d, h, w)`` float32.
+
+    Args:
+        canon_hu: the canonical source array (HU).
+        prob: coarse class probabilities ``(1, K, Dm, Hm, Wm)`` on the model grid.
+        grid: the model grid's :class:`GridMap`.
+        box: from :func:`organ_box`.
+        spacing: canonical source voxel size (mm).
+        organ, lesion: class indices of the organ and of lesions.
+    """
+    (s0, s1, s2), (e0, e1, e2) = box
+    crop = np.ascontiguousarray(canon_hu[s0:e0, s1:e1, s2:e2], dtype=np.float32)
+    t = torch.from_numpy(crop)[None, None]
+    shape = box_shape(box, spacing, floor_mm)
+    if tuple(t.shape[2:]) != shape:
+        t = F.adaptive_avg_pool3d(t, shape)
+    chans = [((t - lo) / (hi - lo)).clamp(0.0, 1.0) for lo, hi in WINDOWS]
+    maps = coarse_in_box(prob[:, [organ, lesion]], grid, box, shape)
+    return torch.cat([*chans, maps], dim=1)
+
+
+def _to_box_grid(pred: np.ndarray, box: Box) -> np.ndarray:
+    """Nearest-neighbour resize of a box-grid label array to the box's source voxels."""
+    size = tuple(box[1][a] - box[0][a] for a in range(3))
+    if pred.shape == size:
+        return pred
+    idx = [np.minimum((np.arange(size[a]) * pred.shape[a]) // size[a], pred.shape[a] - 1)
+           for a in range(3)]
+    return pred[np.ix_(idx[0], idx[1], idx[2])]
+
+
+@dataclass
+class Refinement:
+    """What the refiner gives for one volume.
+
+    Attributes:
+        labels: refined labels on the source grid, source orientation, uint8
+            ``(D, H, W)`` (the coarse pass's label values).
+        stats: per refined organ class, ``(log(1 + lesion ml), peak lesion
+            probability)`` over the organ and its rim: the refined counterpart
+            of the coarse lesion statistics of the region tokens
+            (:class:`tomoscribe.model.projector.RegionTokens`).
+    """
+
+    labels: np.ndarray
+    stats: dict[int, tuple[float, float]] = field(default_factory=dict)
+
+    def region_stats(self, regions: torch.Tensor, organ_classes: Sequence[int]) -> torch.Tensor:
+        """Region-token statistics ``(B, organs, F)`` with the lesion columns refined.
+
+        The last two columns of each refined organ's row are replaced; other
+        rows (the body) keep the coarse values.
+        """
+        out = regions.clone()
+        for row, cls in enumerate(organ_classes):
+            if cls in self.stats:
+                out[:, row, -2:] = torch.tensor(self.stats[cls], dtype=out.dtype)
+        return out
+
+
+def _organ_lesion_stats(prob: torch.Tensor, voxel_ml: float) -> tuple[float, float]:
+    """``(log(1 + ml), peak)`` of lesion probability over the organ, its rim and its lesions.
+
+    ``prob`` is one box's ``(3, d, h, w)`` softmax. The region is the refined
+    organ grown by two voxels, plus every lesion component that touches it (a
+    large lesion is no part of the organ's mask, nor of its two-voxel rim).
+    """
+    from scipy import ndimage
+
+    pred = prob.argmax(dim=0).numpy()
+    organ = pred == ORGAN
+    if not organ.any():
+        return 0.0, 0.0
+    near = ndimage.binary_dilation(organ, iterations=2)
+    comps, _n = ndimage.label(pred == LESION)
+    touching = np.unique(comps[near & (comps > 0)])
+    region = near | np.isin(comps, touching[touching > 0])
+    p = prob[LESION].numpy()[region]
+    return float(np.log1p(p.sum() * voxel_ml)), float(p.max())
+
+
+@torch.no_grad()
+def refine(net: OrganRefiner, hu: np.ndarray, spacing: Sequence[float], grid: GridMap,
+           logits: torch.Tensor, organs: Sequence[int], lesion: int) -> Refinement:
+    """Refine every organ box of a volume (see the module docstring).
+
+    Args:
+        net: the refiner (in eval mode).
+        hu: the source voxels ``(D, H, W)``.
+        spacing: source voxel size ``(slice, row, column)`` in mm.
+        grid: the model grid's map.
+        logits: coarse segmentation logits ``(1, K, Dm, Hm, Wm)``.
+        organs: class indices of the organs to refine (others keep the coarse label).
+        lesion: class index of lesions.
+    """
+    prob = logits.softmax(dim=1)
+    coarse = grid.to_source_labels(logits.argmax(dim=1)[0].to(torch.uint8).numpy())
+    canon = to_canonical(coarse, grid).copy()
+    canon_hu = to_canonical(hu, grid)
+    sp = canonical_spacing(spacing, grid)
+    lesion_mask = np.zeros(canon.shape, dtype=bool)
+    stats: dict[int, tuple[float, float]] = {}
+    for organ in organs:
+        box = organ_box(canon == organ, sp)
+        if box is None:
+            stats[organ] = (0.0, 0.0)
+            continue
+        x = box_input(canon_hu, prob, grid, box, sp, organ, lesion)
+        out = net(x)[0].softmax(dim=0)
+        grid_mm = [(box[1][a] - box[0][a]) * sp[a] / x.shape[2 + a] for a in range(3)]
+        stats[organ] = _organ_lesion_stats(out, float(np.prod(grid_mm)) / 1000.0)
+        pred = _to_box_grid(out.argmax(dim=0).to(torch.uint8).numpy(), box)
+        sl = tuple(slice(box[0][a], box[1][a]) for a in range(3))
+        region = canon[sl]
+        region[region == organ] = 0
+        region[(pred == ORGAN) & (region != lesion)] = organ
+        lesion_mask[sl] |= pred == LESION
+    canon[canon == lesion] = 0
+    canon[lesion_mask] = lesion
+    return Refinement(from_canonical(canon, grid), stats)

@@ -1,0 +1,335 @@
+"""Train the organ-box refiner: ``python -m tomoscribe.train_refine --init MODEL``.
+
+The cascade's second stage (:mod:`tomoscribe.model.refine`) learns from the
+first stage as it is: every training phantom is rendered on its acquisition
+grid, passed through the frozen model of ``--init`` exactly as at inference,
+and each organ box the coarse segmentation gives becomes one sample (input
+``(4, d, h, w)``, target other / organ / lesion on the source voxels). The
+boxes are rendered once into ``--checkpoint``/boxes-*.pt; training is
+resumable from ``--checkpoint``/refine-last.pt like the other stages.
+
+Training reads patches of the boxes (32 x 48 x 48 by default, a quarter of a
+liver box: four times the steps in the same time), inference whole boxes.
+Loss: cross-entropy (lesion weighted) + soft Dice of the organ and of the
+lesion class (an absent lesion scores 1 only when none is predicted). Half
+of the patches drawn are centred near a lesion; each is flipped at random
+along its three axes (the refiner's task is the same for a left and a right
+organ).
+
+The whole model (frozen first stage + refiner) is written to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from tomoscribe.model.network import NetConfig, ScribeNet
+from tomoscribe.model.preprocess import prepare
+from tomoscribe.model.refine import (
+    LESION,
+    ORGAN,
+    OTHER,
+    box_input,
+    canonical_spacing,
+    organ_box,
+    refine,
+    refined_organs,
+    to_canonical,
+)
+from tomoscribe.phantom import SPLITS, make_phantom, render_acquisition
+from tomoscribe.train import load_overlapping, save_model, warmup_cosine
+
+#: the training seeds start here, away from the first stage's 1,200
+FIRST_SEED = 500_000
+
+Box = dict[str, object]
+
+
+def load_net(folder: Path) -> ScribeNet:
+    """A model folder's network (float32, eval mode)."""
+    cfg = NetConfig.from_dict(json.loads((folder / "config.json").read_text())["net"])
+    net = ScribeNet(cfg)
+    state = torch.load(folder / "model.pt", map_location="cpu", weights_only=True)
+    net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+    return net.eval()
+
+
+@torch.no_grad()
+def boxes_of(net: ScribeNet, seed: int) -> list[Box]:
+    """The refiner's training samples of phantom ``seed``: one per coarse organ box."""
+    cfg = net.cfg
+    ph = make_phantom(seed)
+    hu, labels, aff = render_acquisition(ph)
+    x, grid = prepare(hu, aff, cfg.model_shape)
+    feats = net.encoder(x)
+    logits, _dec = net.seg(feats, x)
+    prob = logits.softmax(dim=1)
+    coarse = to_canonical(grid.to_source_labels(logits.argmax(dim=1)[0].to(torch.uint8).numpy()),
+                          grid)
+    canon_hu = to_canonical(hu, grid)
+    truth = to_canonical(labels, grid)
+    spacing = np.linalg.norm(aff[:3, :3], axis=0)
+    sp = canonical_spacing(spacing, grid)
+    out: list[Box] = []
+    for organ in refined_organs(cfg.organ_classes):
+        box = organ_box(coarse == organ, sp)
+        if box is None:
+            continue
+        inp = box_input(canon_hu, prob, grid, box, sp, organ, cfg.lesion_class)
+        t = truth[tuple(slice(box[0][a], box[1][a]) for a in range(3))]
+        y = np.full(t.shape, OTHER, dtype=np.uint8)
+        y[t == organ] = ORGAN
+        y[t == cfg.lesion_class] = LESION
+        if tuple(inp.shape[2:]) != y.shape:  # only for sources finer than the floor
+            continue
+        out.append({"x": inp[0].numpy().astype(np.float16), "y": y, "seed": seed,
+                    "organ": organ, "lesion": bool((y == LESION).any())})
+    return out
+
+
+def _render(args: tuple[Path, list[int]]) -> list[Box]:
+    torch.set_num_threads(1)
+    folder, seeds = args
+    net = load_net(folder)
+    return [b for s in seeds for b in boxes_of(net, s)]
+
+
+def build_boxes(init: Path, seeds: list[int], path: Path, workers: int) -> list[Box]:
+    """Render (or load) the boxes of ``seeds`` through the first stage of ``init``."""
+    weights = (init / "model.pt").stat()
+    key = {"seeds": seeds, "init": str(init.resolve()), "size": weights.st_size,
+           "mtime": int(weights.st_mtime)}
+    if path.exists():
+        data = torch.load(path, weights_only=False)
+        if data["key"] == key:
+            return list(data["boxes"])
+    chunks = [(init, seeds[i : i + 8]) for i in range(0, len(seeds), 8)]
+    boxes: list[Box] = []
+    t0 = time.time()
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        for done, part in enumerate(pool.map(_render, chunks), start=1):
+            boxes.extend(part)
+            print(f"boxes of {min(done * 8, len(seeds))}/{len(seeds)} phantoms: {len(boxes)} "
+                  f"({time.time() - t0:.0f}s)", flush=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"key": key, "boxes": boxes}, path)
+    return boxes
+
+
+def _stats_chunk(args: tuple[Path, list[int]]) -> list[list[tuple[float, float]]]:
+    torch.set_num_threads(1)
+    folder, seeds = args
+    net = load_net(folder)
+    assert net.refine is not None
+    organs = refined_organs(net.cfg.organ_classes)
+    rows = []
+    with torch.no_grad():
+        for seed in seeds:
+            hu, _labels, aff = render_acquisition(make_phantom(seed))
+            x, grid = prepare(hu, aff, net.cfg.model_shape)
+            logits, _dec = net.seg(net.encoder(x), x)
+            res = refine(net.refine, hu, tuple(np.linalg.norm(aff[:3, :3], axis=0)), grid,
+                         logits, organs, net.cfg.lesion_class)
+            rows.append([res.stats[c] for c in organs])
+    return rows
+
+
+def refined_region_stats(init: Path, seeds: list[int], checkpoint: Path,
+                         workers: int = 2) -> torch.Tensor:
+    """The refiner's lesion statistics of training phantoms, ``(N, refined organs, 2)``.
+
+    What a language stage with ``refine_stats`` feeds the region tokens in
+    place of the coarse columns; rendered with the model of ``init`` (which
+    must have a refiner) and cached in ``checkpoint``/refine-stats.pt, keyed
+    by the seeds and the model's weights file.
+    """
+    weights = (init / "model.pt").stat()
+    key = {"seeds": seeds, "init": str(init.resolve()), "size": weights.st_size,
+           "mtime": int(weights.st_mtime)}
+    path = checkpoint / "refine-stats.pt"
+    if path.exists() and (data := torch.load(path, weights_only=False))["key"] == key:
+        cached: torch.Tensor = data["stats"]
+        return cached
+    chunks = [(init, seeds[i : i + 16]) for i in range(0, len(seeds), 16)]
+    rows: list[list[tuple[float, float]]] = []
+    t0 = time.time()
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        for part in pool.map(_stats_chunk, chunks):
+            rows.extend(part)
+            print(f"refined statistics {len(rows)}/{len(seeds)} ({time.time() - t0:.0f}s)",
+                  flush=True)
+    stats = torch.tensor(rows, dtype=torch.float32)
+    checkpoint.mkdir(parents=True, exist_ok=True)
+    torch.save({"key": key, "stats": stats}, path)
+    return stats
+
+
+def refine_loss(logits: torch.Tensor, y: torch.Tensor, lesion_weight: float) -> torch.Tensor:
+    """Weighted cross-entropy + soft Dice of organ and lesion.
+
+    Shapes: logits ``(B, 3, d, h, w)``, y ``(B, d, h, w)`` long.
+    """
+    weight = torch.tensor([1.0, 1.0, lesion_weight])
+    ce = F.cross_entropy(logits, y, weight=weight)
+    prob = logits.softmax(dim=1)
+    loss = ce
+    for cls in (ORGAN, LESION):
+        p, t = prob[:, cls], (y == cls).float()
+        dice = (2 * (p * t).sum() + 1.0) / (p.sum() + t.sum() + 1.0)
+        loss = loss + (1 - dice)
+    return loss
+
+
+def patch(box: Box, size: tuple[int, int, int], rng: np.random.Generator
+          ) -> tuple[np.ndarray, np.ndarray]:
+    """A training patch of a box (the whole box along axes shorter than ``size``).
+
+    Centred on a random lesion voxel (jittered by a quarter patch) when the
+    box has a lesion, anywhere otherwise.
+    """
+    x, y = box["x"], box["y"]
+    assert isinstance(x, np.ndarray) and isinstance(y, np.ndarray)
+    shape = y.shape
+    if box["lesion"]:
+        pts = np.argwhere(y == LESION)
+        centre = pts[int(rng.integers(len(pts)))]
+    else:
+        centre = np.array([int(rng.integers(n)) for n in shape])
+    lo = []
+    for a in range(3):
+        n = min(size[a], shape[a])
+        c = int(centre[a]) + int(rng.integers(-(n // 4), n // 4 + 1))
+        lo.append(int(np.clip(c - n // 2, 0, shape[a] - n)))
+    sl = tuple(slice(lo[a], lo[a] + min(size[a], shape[a])) for a in range(3))
+    return x[(slice(None), *sl)], y[sl]
+
+
+def augment(x: np.ndarray, y: np.ndarray, rng: np.random.Generator
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random flips along each axis: ``(1, 4, d, h, w)`` float, ``(1, d, h, w)`` long."""
+    for a in range(3):
+        if rng.random() < 0.5:
+            x = np.flip(x, axis=a + 1)
+            y = np.flip(y, axis=a)
+    return (torch.from_numpy(np.ascontiguousarray(x)).float()[None],
+            torch.from_numpy(np.ascontiguousarray(y)).long()[None])
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Train the refiner; see ``--help``."""
+    p = argparse.ArgumentParser(prog="python -m tomoscribe.train_refine", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--init", type=Path, required=True,
+                   help="the trained first stage (model folder)")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--checkpoint", type=Path, default=Path("checkpoints/refine"))
+    p.add_argument("--phantoms", type=int, default=400, help="training phantoms")
+    p.add_argument("--width", type=int, default=None,
+                   help="full-resolution channels (default: as in --init, else 12)")
+    p.add_argument("--steps", type=int, default=4000)
+    p.add_argument("--minutes", type=float, default=0.0, help="stop after this long (0: no limit)")
+    p.add_argument("--batch", type=int, default=4, help="patches per step (accumulated)")
+    p.add_argument("--patch", type=int, nargs=3, default=(32, 48, 48),
+                   help="training patch (slices, rows, columns); inference reads whole boxes")
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--lesion-weight", type=float, default=3.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    p.add_argument("--save-every", type=int, default=200)
+    args = p.parse_args(argv)
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    seeds = list(SPLITS["train"][FIRST_SEED : FIRST_SEED + args.phantoms])
+    boxes = build_boxes(args.init, seeds, args.checkpoint / f"boxes-{args.phantoms}.pt",
+                        args.workers)
+    if not boxes:
+        print(f"error: the first stage of {args.init} finds no organ in {len(seeds)} phantoms; "
+              "train it before its refiner", flush=True)
+        return 1
+    with_lesion = [i for i, b in enumerate(boxes) if b["lesion"]]
+    without = [i for i, b in enumerate(boxes) if not b["lesion"]]
+    print(f"{len(boxes)} boxes, {len(with_lesion)} with a lesion", flush=True)
+
+    prior = json.loads((args.init / "config.json").read_text())
+    cfg = NetConfig.from_dict(prior["net"])
+    cfg.refine_width = args.width or cfg.refine_width or 12
+    net = ScribeNet(cfg)
+    init = torch.load(args.init / "model.pt", map_location="cpu", weights_only=True)
+    load_overlapping(net, init)
+    refiner = net.refine
+    assert refiner is not None
+    opt = torch.optim.AdamW(refiner.parameters(), lr=args.lr, weight_decay=1e-4)
+    step, spent = 0, 0.0
+    ckpt = args.checkpoint / "refine-last.pt"
+    if ckpt.exists():
+        state = torch.load(ckpt, weights_only=False)
+        refiner.load_state_dict(state["refine"])
+        opt.load_state_dict(state["opt"])
+        step, spent = int(state["step"]), float(state["seconds"])
+        print(f"resumed from {ckpt} at step {step}", flush=True)
+    rng = np.random.default_rng(args.seed * 1000 + step)
+    n_params = sum(q.numel() for q in refiner.parameters())
+    print(f"refiner: {n_params / 1e3:.0f} k parameters, width {cfg.refine_width}", flush=True)
+
+    def save(final: bool) -> None:
+        args.checkpoint.mkdir(parents=True, exist_ok=True)
+        torch.save({"refine": refiner.state_dict(), "opt": opt.state_dict(), "step": step,
+                    "seconds": time.time() - t0}, ckpt.with_suffix(".tmp"))
+        os.replace(ckpt.with_suffix(".tmp"), ckpt)
+        if final:
+            history = [*prior.get("history", []),
+                       {"stage": "refine", "steps": step, "batch": args.batch, "lr": args.lr,
+                        "phantoms": args.phantoms, "width": cfg.refine_width}]
+            meta = {k: v for k, v in prior.items() if k not in ("name", "net", "history")}
+            save_model(net, args.out, {**meta, "refine_steps": step, "history": history})
+
+    t0 = time.time() - spent
+    refiner.train()
+    running = 0.0
+    while step < args.steps:
+        frac = step / args.steps
+        if args.minutes:
+            frac = max(frac, (time.time() - t0) / (args.minutes * 60))
+        if frac >= 1.0:
+            print("budget reached", flush=True)
+            break
+        for group in opt.param_groups:
+            group["lr"] = warmup_cosine(args.lr, frac)
+        opt.zero_grad(set_to_none=True)
+        total = 0.0
+        for _ in range(args.batch):
+            pool = with_lesion if (with_lesion and rng.random() < 0.5) or not without else without
+            b = boxes[int(pool[int(rng.integers(len(pool)))])]
+            x, y = augment(*patch(b, tuple(args.patch), rng), rng)
+            loss = refine_loss(refiner(x), y, args.lesion_weight) / args.batch
+            loss.backward()
+            total += loss.item()
+        torch.nn.utils.clip_grad_norm_(refiner.parameters(), 2.0)
+        opt.step()
+        step += 1
+        running = total if step == 1 else 0.95 * running + 0.05 * total
+        if step % 20 == 0:
+            print(f"step {step} loss {running:.3f} lr {opt.param_groups[0]['lr']:.2e} "
+                  f"{time.time() - t0:.0f}s", flush=True)
+        if step % args.save_every == 0:
+            save(final=False)
+    refiner.eval()
+    save(final=True)
+    print(f"saved {args.out} after {step} refiner steps", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
