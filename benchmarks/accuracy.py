@@ -44,7 +44,9 @@ A second table (issue #3) scores, for the same rows:
   answer over the training seeds, and writes the most frequent ground-truth
   report text.
 
-Also printed: peak resident memory of the process (``getrusage``).
+Also printed: peak resident memory of the process (``getrusage``), the
+parameter count, and the operations of the image side (encoder,
+segmentation head, refiner, ...) on the first study, in GFLOP.
 """
 
 from __future__ import annotations
@@ -300,6 +302,25 @@ def _gold_answers(ph: Phantom, items: list[tuple[str, str, str]],
     return out
 
 
+def _encode_flops(scribe: Scribe, vol: Volume) -> dict[str, float]:
+    """GFLOP of :meth:`Scribe.encode` on one volume, by top-level module (and in total).
+
+    Counted by ``torch.utils.flop_counter`` (convolutions and matrix products;
+    element-wise work is not counted).
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        scribe.encode(vol)
+    counts = counter.get_flop_counts()
+    out = {"total": counter.get_total_flops() / 1e9}
+    for name, child in scribe.net.named_children():
+        key = type(child).__name__
+        if key in counts:
+            out[name] = sum(counts[key].values()) / 1e9
+    return out
+
+
 def _fmt(v: object, width: int) -> str:
     return f"{v:>{width}.3f}" if isinstance(v, float) else f"{'n/a':>{width}}"
 
@@ -379,6 +400,8 @@ def main(argv: list[str] | None = None) -> int:
         counts = Counter(les.organ for les in ph.lesions)
         questions = [q for _t, _o, q in items[:n_lesion_q]]
 
+        if i == 0:  # operations of one study's image side, counted outside the timing
+            flops = _encode_flops(scribe, vol)
         t0 = time.perf_counter()
         enc = scribe.encode(vol)
         report = scribe.generate(enc, questions)
@@ -465,6 +488,8 @@ def main(argv: list[str] | None = None) -> int:
         "lesion_dice_by_size": {b: (float(np.mean(v)) if v else None, len(v))
                                 for b, v in band_dice.items()},
         "seconds_per_study_cpu": float(np.median(seconds)),
+        "parameters": sum(p.numel() for p in scribe.net.parameters()),
+        "encode_gflops_first_study": flops,
         "lesion_kinds": LESION_KINDS,
         "text_vqa_pointing": {name: e.row() for name, e in extra.items()},
         "questions_per_study": len(items),
@@ -485,7 +510,9 @@ def main(argv: list[str] | None = None) -> int:
     print("lesion Dice by size (model): " + ", ".join(
         f"{b}: {'n/a' if v[0] is None else f'{v[0]:.3f}'} (n={v[1]})"
         for b, v in result["lesion_dice_by_size"].items()))
-    print(f"inference: {result['seconds_per_study_cpu']:.2f} s per study (median, CPU)")
+    print(f"inference: {result['seconds_per_study_cpu']:.2f} s per study (median, CPU); "
+          f"{result['parameters'] / 1e6:.2f} M parameters; image side of the first study "
+          + ", ".join(f"{k} {v:.2f}" for k, v in flops.items()) + " GFLOP")
     _print_second_table(result["text_vqa_pointing"], len(items))
     for t in sorted(disagree):
         print(f"note: answer_for() gives the wrong yes/no answer to {t!r} (the training "

@@ -43,6 +43,18 @@ def test_refiner_keeps_any_box_shape(shape: tuple[int, int, int]) -> None:
     assert out.shape == (2, 3, *shape)
 
 
+def test_refiner_output_does_not_depend_on_train_or_eval_mode() -> None:
+    # no running statistics: patches in training, whole boxes at inference
+    torch.manual_seed(0)
+    net = OrganRefiner((4, 8, 12))
+    x = torch.rand(1, 4, 12, 16, 16)
+    with torch.no_grad():
+        a = net.train()(x)
+        b = net.eval()(x)
+    assert torch.allclose(a, b, atol=1e-6)
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules())
+
+
 @pytest.mark.parametrize("perm", [(0, 1, 2), (2, 0, 1), (1, 2, 0)])
 def test_canonical_round_trip(perm: tuple[int, int, int]) -> None:
     grid = GridMap(perm=perm, flip=(True, False, True), start=(0, 0, 0), stop=(4, 5, 6),

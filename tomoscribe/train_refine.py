@@ -193,14 +193,18 @@ def patch(box: Box, size: tuple[int, int, int], rng: np.random.Generator
           ) -> tuple[np.ndarray, np.ndarray]:
     """A training patch of a box (the whole box along axes shorter than ``size``).
 
-    Centred on a random lesion voxel (jittered by a quarter patch) when the
-    box has a lesion, anywhere otherwise.
+    Centred (jittered by a quarter patch) on a voxel of one of the box's
+    lesions, each lesion as likely as the next whatever its size, when the
+    box has one; anywhere otherwise.
     """
+    from scipy import ndimage
+
     x, y = box["x"], box["y"]
     assert isinstance(x, np.ndarray) and isinstance(y, np.ndarray)
     shape = y.shape
     if box["lesion"]:
-        pts = np.argwhere(y == LESION)
+        comps, n = ndimage.label(y == LESION)
+        pts = np.argwhere(comps == int(rng.integers(1, n + 1)))
         centre = pts[int(rng.integers(len(pts)))]
     else:
         centre = np.array([int(rng.integers(n)) for n in shape])

@@ -15,14 +15,17 @@ decoder can use the early ones and the projector the last two.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 
 
 class DecomposedConv3d(nn.Module):
-    """Sum of three 1D convolutions along D, H and W, each with BatchNorm.
+    """Sum of three 1D convolutions along D, H and W, each with its own norm.
+
+    ``norm`` builds the normalisation of each branch from its channel count
+    (BatchNorm by default).
 
     Shapes: ``(B, C_in, D, H, W) -> (B, C_out, D', H', W')``.
     """
@@ -34,6 +37,7 @@ class DecomposedConv3d(nn.Module):
         kernel_size: int,
         stride: int = 1,
         groups: int = 1,
+        norm: Callable[[int], nn.Module] = nn.BatchNorm3d,
     ) -> None:
         super().__init__()
         pad = kernel_size // 2
@@ -54,7 +58,7 @@ class DecomposedConv3d(nn.Module):
                         groups=groups,
                         bias=False,
                     ),
-                    nn.BatchNorm3d(out_channels),
+                    norm(out_channels),
                 )
             )
 
@@ -71,9 +75,10 @@ class DCBlock(nn.Module):
     Shapes: ``(B, C, D, H, W) -> (B, C, D, H, W)``.
     """
 
-    def __init__(self, channels: int, kernel_size: int, mlp_ratio: int = 2) -> None:
+    def __init__(self, channels: int, kernel_size: int, mlp_ratio: int = 2,
+                 norm: Callable[[int], nn.Module] = nn.BatchNorm3d) -> None:
         super().__init__()
-        self.conv = DecomposedConv3d(channels, channels, kernel_size, groups=channels)
+        self.conv = DecomposedConv3d(channels, channels, kernel_size, groups=channels, norm=norm)
         self.mlp = nn.Sequential(
             nn.Conv3d(channels, channels * mlp_ratio, 1),
             nn.GELU(),

@@ -1,0 +1,26 @@
+"""The accuracy benchmark runs end to end on a few test phantoms and writes its JSON."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_accuracy_benchmark_prints_and_writes_every_row(tmp_path: Path) -> None:
+    out = tmp_path / "acc.json"
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "accuracy.py"), "--n", "2",
+                          "--json", str(out)], capture_output=True, text=True, timeout=600,
+                         cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "GFLOP" in res.stdout and "lesion Dice by size" in res.stdout
+    data = json.loads(out.read_text())
+    assert set(data["rows"]) == {"model", "image-blind", "majority"}
+    assert data["test_studies"] == 2
+    flops = data["encode_gflops_first_study"]
+    assert flops["total"] > 0 and flops["encoder"] > 0 and flops["seg"] > 0
+    assert data["parameters"] > 1e6
+    assert 0.0 <= data["rows"]["model"]["findings_f1"] <= 1.0
