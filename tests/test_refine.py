@@ -133,6 +133,34 @@ def test_refined_labels_merge_organs_and_lesions() -> None:
     assert set(np.unique(out)) <= set(range(9))
 
 
+@pytest.mark.parametrize("perm", [(1, 0, 2), (2, 1, 0)])
+def test_refinement_follows_the_source_orientation(perm: tuple[int, int, int]) -> None:
+    # the same study stored as a coronal or sagittal series, slices reversed:
+    # the refined labels are the axial ones, permuted and flipped the same way
+    ph = make_phantom(6, lesion_probability=1.0, shape=(40, 64, 64))
+    hu, labels, aff = render_acquisition(ph)
+    src_hu = np.ascontiguousarray(np.transpose(hu, perm)[::-1])
+    src_aff = np.eye(4)
+    src_aff[:3, :3] = aff[:3, :3][:, list(perm)]
+    src_aff[:3, 3] = aff[:3, 3] + (src_hu.shape[0] - 1) * src_aff[:3, 0]
+    src_aff[:3, 0] = -src_aff[:3, 0]
+    from tomoscribe.model.preprocess import labels_to_model_grid
+
+    results = []
+    for vox, a, lab in ((hu, aff, labels),
+                        (src_hu, src_aff, np.ascontiguousarray(np.transpose(labels, perm)[::-1]))):
+        _x, grid = prepare(vox, a, (24, 48, 48))
+        y = torch.from_numpy(labels_to_model_grid(lab, grid)).long()
+        logits = torch.nn.functional.one_hot(y, 9).permute(3, 0, 1, 2)[None].float() * 10
+        spacing = tuple(np.linalg.norm(a[:3, :3], axis=0))
+        results.append(refine(_Oracle(), vox, spacing, grid, logits, [2, 3, 4, 5, 6, 7], 8))  # type: ignore[arg-type]
+    axial, other = results
+    assert np.array_equal(np.ascontiguousarray(np.transpose(axial.labels, perm)[::-1]),
+                          other.labels)
+    for organ in axial.stats:
+        assert np.allclose(axial.stats[organ], other.stats[organ], atol=1e-5)
+
+
 def _dice(a: np.ndarray, b: np.ndarray) -> float:
     return float(2 * (a & b).sum() / max(a.sum() + b.sum(), 1))
 

@@ -325,6 +325,30 @@ def cached_vision(net: ScribeNet, samples: list[dict[str, object]],
     return feats
 
 
+def stage_features(net: ScribeNet, samples: list[dict[str, object]],
+                   args: argparse.Namespace) -> VisionCache:
+    """:func:`cached_vision`, with the refiner's lesion columns where the model reads them.
+
+    With ``refine_stats``, the region statistics' last two columns of every
+    refined organ are the refiner's (:func:`tomoscribe.train_refine.refined_region_stats`),
+    as :meth:`tomoscribe.model.scribe.Scribe.encode` feeds them at inference.
+    """
+    feats = cached_vision(net, samples, args.checkpoint)
+    if not net.cfg.refine_stats:
+        return feats
+    from tomoscribe.train_refine import refined_region_stats
+
+    if net.refine is None or args.init is None:
+        raise SystemExit("--refine-stats needs an --init model with a refiner")
+    stats = refined_region_stats(args.init, [int(s["seed"]) for s in samples],  # type: ignore[call-overload]
+                                 args.checkpoint, args.workers)
+    organ_rows = [i for i, c in enumerate(net.cfg.organ_classes)
+                  if c in refined_organs(net.cfg.organ_classes)]
+    feats = {**feats, "regions": feats["regions"].clone()}
+    feats["regions"][:, organ_rows, -2:] = stats  # the body row keeps its coarse columns
+    return feats
+
+
 def train_align_stage(net: ScribeNet, samples: list[dict[str, object]], tok: WordTokenizer,
                       args: argparse.Namespace) -> int:
     """The SigLIP alignment head on the frozen vision side's cached features.
@@ -336,7 +360,7 @@ def train_align_stage(net: ScribeNet, samples: list[dict[str, object]], tok: Wor
     head = net.align
     if head is None:
         raise SystemExit("--stage align needs --align-dim > 0")
-    feats = cached_vision(net, samples, args.checkpoint)
+    feats = stage_features(net, samples, args)
     texts = [findings_to_text(s["lesions"]) for s in samples]  # type: ignore[arg-type]
     ids = pad_rows([tok.encode(t) for t in texts])
     opt = torch.optim.AdamW(head.parameters(), lr=args.lr, weight_decay=1e-4)
@@ -381,18 +405,7 @@ def train_language_stage(net: ScribeNet, samples: list[dict[str, object]], tok: 
 
     Returns the number of steps taken.
     """
-    feats = cached_vision(net, samples, args.checkpoint)
-    if net.cfg.refine_stats:  # the region tokens read the refiner's lesion columns
-        from tomoscribe.train_refine import refined_region_stats
-
-        if net.refine is None or args.init is None:
-            raise SystemExit("--refine-stats needs an --init model with a refiner")
-        stats = refined_region_stats(args.init, [int(s["seed"]) for s in samples],  # type: ignore[call-overload]
-                                     args.checkpoint, args.workers)
-        organ_rows = [i for i, c in enumerate(net.cfg.organ_classes)
-                      if c in refined_organs(net.cfg.organ_classes)]
-        feats = {**feats, "regions": feats["regions"].clone()}
-        feats["regions"][:, organ_rows, -2:] = stats  # the body row keeps its coarse columns
+    feats = stage_features(net, samples, args)
     branch = net.slices
     trainable = [p for m in (net.projector, net.regions, net.lm) for p in m.parameters()]
     groups: list[dict[str, object]] = [{"params": trainable, "scale": args.lm_lr_scale}]

@@ -68,8 +68,9 @@ class NetConfig:
     #: full-resolution channels of the organ-box refiner (0: none; see
     #: :mod:`tomoscribe.model.refine`); its levels have 1x, 2x and 3x this
     refine_width: int = 0
-    #: region tokens read the refiner's lesion statistics (ml, peak) in place
-    #: of the coarse head's (needs a refiner; the language stage learns them)
+    #: the region tokens and the alignment head read the refiner's lesion
+    #: statistics (ml, peak) in place of the coarse head's (needs a refiner;
+    #: the language and align stages learn them)
     refine_stats: bool = False
     vocab: tuple[str, ...] = field(default_factory=lambda: VOCAB)
 

@@ -171,7 +171,7 @@ class Scribe:
         if keys is not None:
             extra["slice_keys"] = keys  # (1, D, width)
         if self.net.align is not None:
-            extra["pooled"] = pooled  # for image_embedding (trained on the coarse statistics)
+            extra["pooled"] = token_pooled  # for image_embedding
         return Encoded(volume, tokens, logits, slice_features, extra=extra)
 
     @torch.inference_mode()
