@@ -14,8 +14,12 @@ Columns: findings precision / recall / F1 (organ-level: a finding is correct
 when the report names an organ that has a lesion), studies whose findings are
 exactly right, false findings on normal studies, closed-question accuracy
 (yes/no questions about each organ), lesion Dice per size band (per lesion,
-on the source grid) and Dice of each large organ (model only: the baselines
-have no segmentation).
+on the source grid, of the lesion segments the report keeps: those of organs
+its text names) and Dice of each large organ (model only: the baselines have
+no segmentation). The segmentation alone is scored too: per size band, the
+share of lesions with any predicted lesion voxel and their Dice against every
+predicted lesion voxel (the refiner's labels, else the head's), and the
+predicted lesion components that touch no lesion.
 
 A second table (issue #3) scores, for the same rows:
 
@@ -60,6 +64,7 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from tomoscribe.model.scribe import LESION_LABEL_BASE, Scribe, relevant_source_slices
 from tomoscribe.model.text import QUESTION_TEMPLATES, WordTokenizer, answer_for
@@ -388,6 +393,10 @@ def main(argv: list[str] | None = None) -> int:
     rows = {"model": Tally(), "image-blind": Tally(), "majority": Tally()}
     organ_dice: dict[str, list[float]] = {o: [] for o in ORGANS_SCORED}
     band_dice: dict[str, list[float]] = {f"{lo:.0f}-{hi:.0f} mm": [] for lo, hi in BANDS}
+    # the segmentation alone, before the report decides which lesions to keep
+    seg_dice: dict[str, list[float]] = {f"{lo:.0f}-{hi:.0f} mm": [] for lo, hi in BANDS}
+    seg_found: dict[str, list[bool]] = {f"{lo:.0f}-{hi:.0f} mm": [] for lo, hi in BANDS}
+    seg_false = 0
     seconds: list[float] = []
     extra = {name: Extra() for name in rows}
     disagree: set[str] = set()
@@ -400,8 +409,8 @@ def main(argv: list[str] | None = None) -> int:
         counts = Counter(les.organ for les in ph.lesions)
         questions = [q for _t, _o, q in items[:n_lesion_q]]
 
-        if i == 0:  # operations of one study's image side, counted outside the timing
-            flops = _encode_flops(scribe, vol)
+        if i == 0:
+            first = vol  # its operations are counted after the loop (and the peak memory)
         t0 = time.perf_counter()
         enc = scribe.encode(vol)
         report = scribe.generate(enc, questions)
@@ -453,6 +462,14 @@ def main(argv: list[str] | None = None) -> int:
         from scipy import ndimage
 
         pred_les = report.label_map >= LESION_LABEL_BASE
+        seg_labels = enc.extra.get("refined")
+        if seg_labels is None:  # a model without a refiner: the head's labels on the source grid
+            seg_labels = enc.extra["grid"].to_source_labels(
+                enc.seg_logits.argmax(dim=1)[0].to(torch.uint8).numpy())
+        seg_les = seg_labels == scribe.cfg.lesion_class
+        found, n_found = ndimage.label(seg_les)
+        seg_false += sum(1 for c in range(1, n_found + 1)
+                         if not (labels[found == c] == LESION_LABEL).any())
         comps, _n = ndimage.label(labels == LESION_LABEL)
         truth_slices = _lesion_slices(ph, comps, aff)
         for name, rep in (("model", report), ("image-blind", blind)):
@@ -472,10 +489,16 @@ def main(argv: list[str] | None = None) -> int:
             d = _dice(pred_les & near, t_mask)
             for lo, hi in BANDS:
                 if lo <= les.diameter_mm < hi:
-                    band_dice[f"{lo:.0f}-{hi:.0f} mm"].append(d)
+                    band = f"{lo:.0f}-{hi:.0f} mm"
+                    band_dice[band].append(d)
+                    seg_dice[band].append(_dice(seg_les & near, t_mask))
+                    seg_found[band].append(bool((seg_les & t_mask).any()))
         if (i + 1) % 10 == 0:
             print(f"  {i + 1}/{len(seeds)} studies", file=sys.stderr, flush=True)
 
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    # counting under torch's dispatch mode takes more memory than running
+    flops = _encode_flops(scribe, first)
     table = {name: t.row() for name, t in rows.items()}
     result = {
         "model": scribe.name,
@@ -487,6 +510,11 @@ def main(argv: list[str] | None = None) -> int:
         "organ_dice": {o: float(np.mean(v)) for o, v in organ_dice.items()},
         "lesion_dice_by_size": {b: (float(np.mean(v)) if v else None, len(v))
                                 for b, v in band_dice.items()},
+        "segmentation_lesions_by_size": {
+            b: {"dice": float(np.mean(seg_dice[b])) if seg_dice[b] else None,
+                "detected": float(np.mean(seg_found[b])) if seg_found[b] else None,
+                "n": len(seg_dice[b])} for b in seg_dice},
+        "segmentation_false_lesion_components": seg_false,
         "seconds_per_study_cpu": float(np.median(seconds)),
         "parameters": sum(p.numel() for p in scribe.net.parameters()),
         "encode_gflops_first_study": flops,
@@ -495,7 +523,7 @@ def main(argv: list[str] | None = None) -> int:
         "questions_per_study": len(items),
         "majority_report_text": majority_text,
         "answer_for_disagrees_on": sorted(disagree),
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+        "peak_rss_mib": peak_rss,
         "benchmark_wall_seconds": time.perf_counter() - wall0,
     }
     cols = ["findings_precision", "findings_recall", "findings_f1", "studies_exact",
@@ -510,6 +538,12 @@ def main(argv: list[str] | None = None) -> int:
     print("lesion Dice by size (model): " + ", ".join(
         f"{b}: {'n/a' if v[0] is None else f'{v[0]:.3f}'} (n={v[1]})"
         for b, v in result["lesion_dice_by_size"].items()))
+    seg_parts = []
+    for band, v in result["segmentation_lesions_by_size"].items():
+        seg_parts.append(f"{band}: n/a" if not v["n"] else
+                         f"{band}: {v['detected']:.3f} / {v['dice']:.3f} (n={v['n']})")
+    print("segmentation alone, every lesion voxel (detected / Dice): " + ", ".join(seg_parts)
+          + f"; {seg_false} predicted lesion components with no lesion voxel")
     print(f"inference: {result['seconds_per_study_cpu']:.2f} s per study (median, CPU); "
           f"{result['parameters'] / 1e6:.2f} M parameters; image side of the first study "
           + ", ".join(f"{k} {v:.2f}" for k, v in flops.items()) + " GFLOP")

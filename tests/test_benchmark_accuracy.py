@@ -24,3 +24,5 @@ def test_accuracy_benchmark_prints_and_writes_every_row(tmp_path: Path) -> None:
     assert flops["total"] > 0 and flops["encoder"] > 0 and flops["seg"] > 0
     assert data["parameters"] > 1e6
     assert 0.0 <= data["rows"]["model"]["findings_f1"] <= 1.0
+    assert set(data["segmentation_lesions_by_size"]) == set(data["lesion_dice_by_size"])
+    assert "segmentation alone" in res.stdout

@@ -265,3 +265,19 @@ def test_refine_stage_trains_and_the_model_uses_it(tmp_path: Path) -> None:
     plain = tuned.encode(Volume(hu, aff, enc2.volume.slices)).image_tokens
     changed = (plain - enc2.image_tokens).abs().amax(dim=2)[0] > 1e-6
     assert not changed[:25].any() and changed[25:31].any()
+
+
+def test_recall_term_weighs_a_small_lesion_like_a_large_one() -> None:
+    from tomoscribe.train_refine import refine_loss
+
+    y = torch.zeros(1, 8, 16, 16, dtype=torch.long)
+    y[0, 4, 8, 8] = LESION  # one lesion voxel, predicted as background
+    logits = torch.zeros(1, 3, 8, 16, 16)
+    logits[:, 0] = 5.0
+    plain = refine_loss(logits, y, 5.0)
+    with_recall = refine_loss(logits, y, 5.0, recall_weight=1.0)
+    # the mean over the lesion's single voxel is its full cross-entropy (about 5)
+    assert float(with_recall - plain) > 4.0
+    no_lesion = torch.zeros_like(y)
+    assert torch.equal(refine_loss(logits, no_lesion, 5.0, 1.0),
+                       refine_loss(logits, no_lesion, 5.0))

@@ -17,8 +17,9 @@ For each organ that can hold a lesion (lungs, liver, spleen, kidneys):
    along axes finer than :data:`FLOOR_MM` (a 0.7 mm CT is refined at 2.5 mm;
    the phantoms' 2.5-5 mm grids are used as they are).
 3. **Input** ``(1, 4, d, h, w)``: the two CT windows of the model, the coarse
-   probability of this organ and of the lesion class, sampled trilinearly
-   from the model grid.
+   probability of this organ or a lesion (where the organ is, its lesions
+   included) and of the lesion class, sampled trilinearly from the model
+   grid.
 4. :class:`OrganRefiner`, a small U-Net whose inner blocks are DCFormer's
    decomposed convolutions, gives three classes per voxel: other, this
    organ, lesion (of any organ: a liver lesion in the right lung's box is
@@ -52,7 +53,7 @@ FLOOR_MM = 2.5
 MARGIN_MM = 12.0
 #: classes of the refiner's output
 OTHER, ORGAN, LESION = 0, 1, 2
-#: input channels: two windows, coarse organ probability, coarse lesion probability
+#: input channels: two windows, coarse organ-or-lesion probability, coarse lesion probability
 IN_CHANNELS = 4
 #: class of the body outline: no organ box (it is the whole volume)
 BODY_CLASS = 1
@@ -216,7 +217,11 @@ def box_input(canon_hu: np.ndarray, prob: torch.Tensor, grid: GridMap, box: Box,
         t = F.adaptive_avg_pool3d(t, shape)
     chans = [((t - lo) / (hi - lo)).clamp(0.0, 1.0) for lo, hi in WINDOWS]
     maps = coarse_in_box(prob[:, [organ, lesion]], grid, box, shape)
-    return torch.cat([*chans, maps], dim=1)
+    # where the organ is, its lesions included: a refiner given the organ's
+    # own probability copied it, and every lesion the coarse head had missed
+    # (a 37 HU nodule in a lung) stayed lung
+    region = (maps[:, :1] + maps[:, 1:]).clamp(max=1.0)
+    return torch.cat([*chans, region, maps[:, 1:]], dim=1)
 
 
 def _to_box_grid(pred: np.ndarray, box: Box) -> np.ndarray:
