@@ -27,7 +27,7 @@ stop:
 	@bash scripts/demo.sh stop
 
 ## train: retrain the shipped default model, stage by stage, as it was trained
-## (about 2 h on 2 CPU cores; the README's "Training" section explains each stage)
+## (about 3.5 h on 2 CPU cores; the README's "Training" section explains each stage)
 TRAIN := $(PY) -m tomoscribe.train --samples 1200 --cache checkpoints/cache-1200-48x96x96.pt
 train: setup
 	$(TRAIN) --checkpoint checkpoints/stage1 --out checkpoints/stage1-weights --head-channels 8 \
@@ -40,7 +40,13 @@ train: setup
 	$(TRAIN) --stage language --init checkpoints/stage2a-weights --checkpoint checkpoints/stage2 \
 		--out checkpoints/stage2b-weights --steps 1500 --batch 32 --lr 5e-4
 	$(TRAIN) --stage align --init checkpoints/stage2b-weights --checkpoint checkpoints/stage2 \
-		--out tomoscribe/weights --align-dim 64 --steps 1500 --batch 128 --lr 1e-3
+		--out checkpoints/stage2c-weights --align-dim 64 --steps 1500 --batch 128 --lr 1e-3
+	$(PY) -m tomoscribe.train_refine --init checkpoints/stage2c-weights --checkpoint checkpoints/stage3 \
+		--out checkpoints/stage3-weights --phantoms 400 --steps 6000 --minutes 35 --threads 2
+	$(TRAIN) --stage language --init checkpoints/stage3-weights --checkpoint checkpoints/stage2 \
+		--out checkpoints/stage3b-weights --refine-stats --steps 1500 --batch 32 --lr 5e-4
+	$(TRAIN) --stage align --init checkpoints/stage3b-weights --checkpoint checkpoints/stage2 \
+		--out tomoscribe/weights --steps 1500 --batch 128 --lr 1e-3
 
 ## ablation: the README's ablation rows: from the shipped weights, 1,000 more language steps
 ## each for 3D-only, 3D + TG-IS and 3D + TG-IS + PSAT, then each scored on the test phantoms

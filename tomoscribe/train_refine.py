@@ -29,6 +29,7 @@ The whole model (frozen first stage + refiner) is written to ``--out``.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import time
@@ -132,6 +133,16 @@ def build_boxes(init: Path, seeds: list[int], path: Path, workers: int) -> list[
     return boxes
 
 
+def vision_hash(folder: Path) -> str:
+    """SHA-256 of a model folder's encoder, segmentation head and refiner weights."""
+    state = torch.load(folder / "model.pt", map_location="cpu", weights_only=True)
+    digest = hashlib.sha256()
+    for name in sorted(k for k in state if k.startswith(("encoder.", "seg.", "refine."))):
+        digest.update(name.encode())
+        digest.update(state[name].numpy().tobytes())
+    return digest.hexdigest()
+
+
 def _stats_chunk(args: tuple[Path, list[int]]) -> list[list[tuple[float, float]]]:
     torch.set_num_threads(1)
     folder, seeds = args
@@ -157,11 +168,10 @@ def refined_region_stats(init: Path, seeds: list[int], checkpoint: Path,
     What a language stage with ``refine_stats`` feeds the region tokens in
     place of the coarse columns; rendered with the model of ``init`` (which
     must have a refiner) and cached in ``checkpoint``/refine-stats.pt, keyed
-    by the seeds and the model's weights file.
+    by the seeds and the weights they depend on (:func:`vision_hash`), so the
+    language and align stages of one recipe share them.
     """
-    weights = (init / "model.pt").stat()
-    key = {"seeds": seeds, "init": str(init.resolve()), "size": weights.st_size,
-           "mtime": int(weights.st_mtime)}
+    key = {"seeds": seeds, "vision": vision_hash(init)}
     path = checkpoint / "refine-stats.pt"
     if path.exists() and (data := torch.load(path, weights_only=False))["key"] == key:
         cached: torch.Tensor = data["stats"]
