@@ -53,6 +53,7 @@ from tomoscribe.model.refine import (
     refined_organs,
     to_canonical,
 )
+from tomoscribe.model.scribe import Scribe
 from tomoscribe.phantom import SPLITS, make_phantom, render_acquisition
 from tomoscribe.train import load_overlapping, save_model, warmup_cosine
 
@@ -63,12 +64,8 @@ Box = dict[str, object]
 
 
 def load_net(folder: Path) -> ScribeNet:
-    """A model folder's network (float32, eval mode)."""
-    cfg = NetConfig.from_dict(json.loads((folder / "config.json").read_text())["net"])
-    net = ScribeNet(cfg)
-    state = torch.load(folder / "model.pt", map_location="cpu", weights_only=True)
-    net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
-    return net.eval()
+    """A model folder's network (float32, eval mode), loaded as inference loads it."""
+    return Scribe.load(folder).net
 
 
 @torch.no_grad()
@@ -113,9 +110,7 @@ def _render(args: tuple[Path, list[int]]) -> list[Box]:
 
 def build_boxes(init: Path, seeds: list[int], path: Path, workers: int) -> list[Box]:
     """Render (or load) the boxes of ``seeds`` through the first stage of ``init``."""
-    weights = (init / "model.pt").stat()
-    key = {"seeds": seeds, "init": str(init.resolve()), "size": weights.st_size,
-           "mtime": int(weights.st_mtime)}
+    key = {"seeds": seeds, "vision": vision_hash(init)}
     if path.exists():
         data = torch.load(path, weights_only=False)
         if data["key"] == key:
