@@ -218,6 +218,22 @@ def test_concurrent_series_each_get_workers(tmp_path: Path, default_pool: None) 
     assert len(decoder._shared) == 1 and decoder._shared[0].alive()
 
 
+def test_unused_pool_is_closed_after_the_idle_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(decoder, "IDLE_SECONDS", 0.5)
+    with shared_pool(1) as pool:
+        pool.ping()
+        (proc,) = pool.procs
+    with shared_pool(1) as again:  # used again within the idle time: the same pool
+        assert again is pool
+    time.sleep(0.3)
+    assert decoder._shared and proc.poll() is None  # the second use restarted the clock
+    deadline = time.monotonic() + 10
+    while decoder._shared and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not decoder._shared, "the idle pool was kept"
+    assert proc.wait(timeout=10) is not None  # ended and reaped
+
+
 def test_pool_is_closed_at_interpreter_exit(tmp_path: Path) -> None:
     _series(tmp_path)
     code = (

@@ -21,9 +21,10 @@ of a threaded parent can deadlock.
 
 Workers cost about 0.4 s of imports each to start. :func:`shared_pool` keeps
 one pool per process for later series (a PACS plugin's worker loads many
-studies); it is closed at interpreter exit, and started again after a worker
-died. A worker ignores SIGINT (the parent decides, and kills it), and ends at
-end of input, that is when the parent closes its pipe or dies.
+studies); it is closed after :data:`IDLE_SECONDS` unused and at interpreter
+exit, and started again after a worker died. A worker ignores SIGINT (the
+parent decides, and kills it), and ends at end of input, that is when the
+parent closes its pipe or dies.
 
 Protocol (pickle protocol 5 frames): the parent writes a list of
 ``(path, slot)`` requests; the worker answers each, in order, with
@@ -370,14 +371,42 @@ class DecoderPool:
 
 # ---------------------------------------------------------------- the process-wide pool
 
+#: seconds an unused shared pool is kept before its workers are ended
+IDLE_SECONDS = 300.0
+
 _shared_lock = threading.Lock()
 _shared: list[DecoderPool] = []  # at most one
 _inherited: list[list[_Worker]] = []  # a forked child's copy of its parent's workers
+_idle: list[threading.Timer] = []  # at most one: ends the shared pool when unused
 
 
 def _close_shared() -> None:
+    while _idle:
+        _idle.pop().cancel()
     while _shared:
         _shared.pop().close()
+
+
+def _close_if_idle(timer: threading.Timer) -> None:
+    """Timer thread: end the shared pool unless it was used since ``timer`` was set."""
+    if not _shared_lock.acquire(blocking=False):
+        return  # in use: the user sets a new timer when done
+    try:
+        if _idle and _idle[0] is timer:
+            _close_shared()
+    finally:
+        _shared_lock.release()
+
+
+def _arm_idle_timer() -> None:
+    """(Re)start the idle timer of the shared pool; called with the lock held."""
+    while _idle:
+        _idle.pop().cancel()
+    if _shared and IDLE_SECONDS > 0:
+        timer = threading.Timer(IDLE_SECONDS, lambda: _close_if_idle(timer))
+        timer.daemon = True
+        _idle.append(timer)
+        timer.start()
 
 
 def _forget_shared_in_child() -> None:
@@ -392,6 +421,7 @@ def _forget_shared_in_child() -> None:
         _inherited.append(pool.workers)  # never finalized here: their fds are closed already
         pool.workers = []
     _shared.clear()
+    _idle.clear()  # timers are threads of the parent: none runs in the child
 
 
 atexit.register(_close_shared)
@@ -404,7 +434,9 @@ def shared_pool(processes: int) -> Iterator[DecoderPool]:
     """The process-wide pool of ``processes`` workers, started on first use and kept.
 
     Later series skip the workers' start-up. The pool is started again when
-    the number asked for changed or a worker died; it is closed at interpreter
+    the number asked for changed or a worker died; it is closed after
+    :data:`IDLE_SECONDS` unused (a PACS plugin's worker waits for studies for
+    days: its decoders should not hold memory meanwhile) and at interpreter
     exit. While another thread uses it, a pool of its own is started for
     this call (and closed after it).
 
@@ -430,6 +462,7 @@ def shared_pool(processes: int) -> Iterator[DecoderPool]:
         if not pool.alive():
             _close_shared()
     finally:
+        _arm_idle_timer()
         _shared_lock.release()
 
 
