@@ -130,6 +130,8 @@ def test_refined_labels_merge_organs_and_lesions() -> None:
         assert d_ref >= d_coarse - 0.02, (organ, d_ref, d_coarse)
     # no lesion voxel outside the boxes of the refined organs; the body class survives
     assert (out == 1).any()
+    # what the coarse pass put inside the body stays inside it (the body, not air)
+    assert not (out[coarse > 0] == 0).any()
     assert set(np.unique(out)) <= set(range(9))
 
 

@@ -26,7 +26,9 @@ For each organ that can hold a lesion (lungs, liver, spleen, kidneys):
    still a lesion).
 5. **Merge**: the coarse organ is replaced by the refined one inside the box
    (where boxes overlap, the later organ's refinement wins on its own class
-   only); lesion voxels are the union of every box's lesion class.
+   only); lesion voxels are the union of every box's lesion class. Voxels
+   the coarse pass called this organ, or a lesion, and no refiner kept
+   become the body class (they are inside the body).
 
 The result (:func:`refine`) is a label array on the source grid, in the
 source orientation, with the coarse pass's label values, and each organ's
@@ -317,9 +319,9 @@ def refine(net: OrganRefiner, hu: np.ndarray, spacing: Sequence[float], grid: Gr
         pred = _to_box_grid(out.argmax(dim=0).to(torch.uint8).numpy(), box)
         sl = tuple(slice(box[0][a], box[1][a]) for a in range(3))
         region = canon[sl]
-        region[region == organ] = 0
+        region[region == organ] = BODY_CLASS  # inside the body, not this organ
         region[(pred == ORGAN) & (region != lesion)] = organ
         lesion_mask[sl] |= pred == LESION
-    canon[canon == lesion] = 0
+    canon[canon == lesion] = BODY_CLASS  # a coarse lesion no refiner confirmed
     canon[lesion_mask] = lesion
     return Refinement(from_canonical(canon, grid), stats)
