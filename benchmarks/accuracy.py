@@ -44,6 +44,12 @@ A second table (issue #3) scores, for the same rows:
   among the slices the segmentation supports, or the segmentation alone for
   a 3D-only model); "TG-IS top": the same for the branch's own most relevant
   slice, ungated (the issue's key-slice pointing);
+* referring segmentation (models with a ``<seg>`` token): every
+  :data:`~tomoscribe.model.text.REFER_TEMPLATES` question (each organ
+  template once per organ); whether the model answered with a mask exactly
+  when there is something to segment, and the Dice of each mask against
+  :func:`~tomoscribe.model.segtoken.refer_target` on the source labels, per
+  kind (an organ with its lesions, an organ's lesions, every lesion);
 * the majority row answers each question with its most frequent ground-truth
   answer over the training seeds, and writes the most frequent ground-truth
   report text.
@@ -67,7 +73,8 @@ import numpy as np
 import torch
 
 from tomoscribe.model.scribe import LESION_LABEL_BASE, Scribe, relevant_source_slices
-from tomoscribe.model.text import QUESTION_TEMPLATES, WordTokenizer, answer_for
+from tomoscribe.model.segtoken import refer_target
+from tomoscribe.model.text import QUESTION_TEMPLATES, REFER_TEMPLATES, WordTokenizer, answer_for
 from tomoscribe.phantom import (
     LESION_LABEL,
     ORGAN_LABELS,
@@ -77,7 +84,7 @@ from tomoscribe.phantom import (
     render_acquisition,
     report_text,
 )
-from tomoscribe.report import LESION_KINDS
+from tomoscribe.report import LESION_KINDS, Answer
 from tomoscribe.volume import SliceRef, Volume
 
 try:  # run as a script (benchmarks/ on sys.path) or as benchmarks.accuracy
@@ -364,6 +371,47 @@ def _print_second_table(table: dict[str, dict[str, object]], n_questions: int) -
         print(f"{t:<44}" + "".join(cells))
 
 
+class Refer:
+    """Referring segmentation (``<seg>``) for one row: answers and mask Dice per kind."""
+
+    KINDS = ("organ", "organ lesions", "every lesion")
+
+    def __init__(self) -> None:
+        self.right = 0
+        self.asked = 0
+        self.dice: dict[str, list[float]] = {k: [] for k in self.KINDS}
+        self.missing: dict[str, int] = dict.fromkeys(self.KINDS, 0)
+
+    def add(self, kind: str, answer: Answer, truth: np.ndarray) -> None:
+        """Score one answer against the true mask (empty: the answer should be none)."""
+        self.asked += 1
+        has_mask = answer.mask is not None
+        self.right += int(has_mask == bool(truth.any()))
+        if truth.any():
+            if has_mask:
+                self.dice[kind].append(_dice(answer.mask, truth))  # type: ignore[arg-type]
+            else:
+                self.missing[kind] += 1
+
+    def row(self) -> dict[str, object]:
+        return {"answer_accuracy": self.right / self.asked if self.asked else None,
+                "questions": self.asked,
+                "dice": {k: float(np.mean(v)) if v else None for k, v in self.dice.items()},
+                "masks": {k: len(v) for k, v in self.dice.items()},
+                "no_mask_given": self.missing}
+
+
+def refer_items() -> list[tuple[str, str, str | None]]:
+    """Every referring question asked per study: ``(template, kind, organ or None)``."""
+    out: list[tuple[str, str, str | None]] = []
+    for t in REFER_TEMPLATES:
+        kind = ("every lesion" if "{organ}" not in t else
+                "organ lesions" if t.startswith("segment the lesions") else "organ")
+        organs: list[str | None] = list(ORGANS_SCORED) if "{organ}" in t else [None]
+        out += [(t, kind, o) for o in organs]
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -397,6 +445,8 @@ def main(argv: list[str] | None = None) -> int:
     seg_dice: dict[str, list[float]] = {f"{lo:.0f}-{hi:.0f} mm": [] for lo, hi in BANDS}
     seg_found: dict[str, list[bool]] = {f"{lo:.0f}-{hi:.0f} mm": [] for lo, hi in BANDS}
     seg_false = 0
+    refer = ({"model": Refer(), "image-blind": Refer()} if scribe.net.segtoken is not None
+             else {})
     seconds: list[float] = []
     extra = {name: Extra() for name in rows}
     disagree: set[str] = set()
@@ -493,6 +543,15 @@ def main(argv: list[str] | None = None) -> int:
                     band_dice[band].append(d)
                     seg_dice[band].append(_dice(seg_les & near, t_mask))
                     seg_found[band].append(bool((seg_les & t_mask).any()))
+        if refer:  # referring segmentation: the <seg> answers and their masks
+            asks = refer_items()
+            qs = [t.format(organ=o) if o else t for t, _k, o in asks]
+            truths = [refer_target(labels, t, ORGAN_LABELS[o] if o else None, LESION_LABEL,
+                                   tuple(ORGAN_LABELS.values())) for t, _k, o in asks]
+            for name, blind_row in (("model", False), ("image-blind", True)):
+                got = scribe.generate(enc, qs, blind=blind_row).answers
+                for (_t, kind, _o), ans, truth in zip(asks, got, truths, strict=True):
+                    refer[name].add(kind, ans, truth)
         if (i + 1) % 10 == 0:
             print(f"  {i + 1}/{len(seeds)} studies", file=sys.stderr, flush=True)
 
@@ -523,6 +582,7 @@ def main(argv: list[str] | None = None) -> int:
         "questions_per_study": len(items),
         "majority_report_text": majority_text,
         "answer_for_disagrees_on": sorted(disagree),
+        "referring_segmentation": {name: r.row() for name, r in refer.items()},
         "peak_rss_mib": peak_rss,
         "benchmark_wall_seconds": time.perf_counter() - wall0,
     }
@@ -548,6 +608,11 @@ def main(argv: list[str] | None = None) -> int:
           f"{result['parameters'] / 1e6:.2f} M parameters; image side of the first study "
           + ", ".join(f"{k} {v:.2f}" for k, v in flops.items()) + " GFLOP")
     _print_second_table(result["text_vqa_pointing"], len(items))
+    for name, r in result["referring_segmentation"].items():
+        dice = ", ".join(f"{k} {'n/a' if v is None else f'{v:.3f}'} (n={r['masks'][k]})"
+                         for k, v in r["dice"].items())
+        print(f"referring segmentation ({name}): <seg>/none right {r['answer_accuracy']:.3f} "
+              f"of {r['questions']}; mask Dice {dice}")
     for t in sorted(disagree):
         print(f"note: answer_for() gives the wrong yes/no answer to {t!r} (the training "
               "target); scored here against the lesion counts")

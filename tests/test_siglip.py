@@ -100,7 +100,9 @@ def test_vocabulary_does_not_depend_on_the_hash_seed() -> None:
 
 
 def test_shipped_model_uses_the_builtin_vocabulary() -> None:
+    """Its word ids are the built-in ones (words added since it was trained come last)."""
     from tomoscribe.model.scribe import DEFAULT_MODEL_DIR
-    from tomoscribe.model.text import VOCAB
+    from tomoscribe.model.text import ADDED_WORDS, VOCAB
 
-    assert Scribe.load(DEFAULT_MODEL_DIR).cfg.vocab == VOCAB
+    vocab = Scribe.load(DEFAULT_MODEL_DIR).cfg.vocab
+    assert vocab in (VOCAB, VOCAB[: -len(ADDED_WORDS)])

@@ -81,6 +81,9 @@ class Answer:
     question: str
     answer: str
     key_slices: tuple[int, ...] = ()
+    #: what a referring question asked to segment, ``(D, H, W)`` bool on the
+    #: source grid (``None``: no mask; see :mod:`tomoscribe.model.segtoken`)
+    mask: np.ndarray | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass

@@ -35,6 +35,7 @@ from tomoscribe.model.projector import MixerProjector, RegionTokens
 from tomoscribe.model.psat import PlaneSliceFusion
 from tomoscribe.model.refine import OrganRefiner
 from tomoscribe.model.seghead import SegHead
+from tomoscribe.model.segtoken import SegTokenDecoder
 from tomoscribe.model.siglip import AlignmentHead
 from tomoscribe.model.text import VOCAB
 from tomoscribe.model.tgis import SliceBranch
@@ -72,6 +73,9 @@ class NetConfig:
     #: statistics (ml, peak) in place of the coarse head's (needs a refiner;
     #: the language and align stages learn them)
     refine_stats: bool = False
+    #: a ``<seg>`` token and its mask decoder (referring segmentation, see
+    #: :mod:`tomoscribe.model.segtoken`)
+    seg_token: bool = False
     vocab: tuple[str, ...] = field(default_factory=lambda: VOCAB)
 
     def to_dict(self) -> dict[str, object]:
@@ -132,6 +136,9 @@ class ScribeNet(nn.Module):
         if cfg.refine_width:
             w = cfg.refine_width
             self.refine = OrganRefiner((w, 2 * w, 3 * w))
+        self.segtoken: SegTokenDecoder | None = None
+        if cfg.seg_token:
+            self.segtoken = SegTokenDecoder(cfg.width, cfg.channels[0], cfg.num_classes)
         self.psat: PlaneSliceFusion | None = None
         if cfg.psat_slices:
             self.psat = PlaneSliceFusion(
@@ -195,11 +202,20 @@ class ScribeNet(nn.Module):
         Returns ``(pooled, seg logits, (band (B, C1, d), class mass (B, K, D)))``
         (see :meth:`SliceBranch.band`).
         """
+        pooled, logits, band, _dec = self.encode_with_decoder(x)
+        return pooled, logits, band
+
+    def encode_with_decoder(
+        self, x: torch.Tensor
+    ) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor,
+               tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """:meth:`encode_full` plus the segmentation head's decoder features ``(B, C0, d, h, w)``
+        (what the ``<seg>`` mask decoder reads)."""
         feats = self.encoder(x)
         logits, dec = self.seg(feats, x)
         low, high = self.projector.pool(feats[-2], feats[-1])
         band = SliceBranch.band(feats[1], logits)
-        return (low, high, self.regions.pool(dec, logits)), logits, band
+        return (low, high, self.regions.pool(dec, logits)), logits, band, dec
 
     def instruction_embedding(self, ids: torch.Tensor) -> torch.Tensor:
         """Mean input embedding ``(B, width)`` of instruction ids ``(B, L)`` (pad 0 ignored)."""
@@ -236,6 +252,16 @@ class ScribeNet(nn.Module):
         return F.cross_entropy(
             pred.reshape(-1, pred.shape[-1]), ids.reshape(-1), ignore_index=0
         )
+
+    def hidden_states(self, tokens: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """The LM's last-layer hidden states ``(B, L, width)`` at the text positions.
+
+        ``tokens`` ``(B, T, width)`` is the image prefix, ``ids`` ``(B, L)`` the text.
+        """
+        emb = torch.cat([tokens, self.embed_text(ids)], dim=1)
+        out = self.lm(inputs_embeds=emb, output_hidden_states=True)
+        hidden: torch.Tensor = out.hidden_states[-1][:, tokens.shape[1]:]
+        return hidden
 
     @torch.no_grad()
     def generate(self, tokens: torch.Tensor, prompt: list[int], max_new: int = 40,

@@ -37,6 +37,7 @@ from tomoscribe.model.api import Encoded
 from tomoscribe.model.network import NetConfig, ScribeNet
 from tomoscribe.model.preprocess import GridMap, prepare_volume
 from tomoscribe.model.refine import BODY_CLASS, refine, refined_organs
+from tomoscribe.model.segtoken import SEG
 from tomoscribe.model.text import (
     ANSWER,
     BOS,
@@ -46,6 +47,7 @@ from tomoscribe.model.text import (
     UNK,
     WordTokenizer,
     impression_of,
+    is_referring,
     parse_findings,
     sentence_case,
 )
@@ -159,8 +161,10 @@ class Scribe:
         slice).
         """
         x, grid = prepare_volume(volume, self.cfg.model_shape)
-        pooled, logits, (band, mass) = self.net.encode_full(x)
+        pooled, logits, (band, mass), dec = self.net.encode_with_decoder(x)
         extra: dict[str, object] = {"grid": grid}
+        if self.net.segtoken is not None:  # what the <seg> mask decoder reads
+            extra["voxel_features"] = self.net.segtoken.voxel_features(dec, logits)
         token_pooled = pooled
         if self.net.refine is not None:
             refined = refine(self.net.refine, volume.voxels, volume.spacing, grid, logits,
@@ -253,6 +257,36 @@ class Scribe:
                                 banned=self.banned)
         return self.tok.decode(ids)
 
+    @torch.inference_mode()
+    def refer(self, encoded: Encoded, question: str, *, blind: bool = False
+              ) -> tuple[str, np.ndarray | None]:
+        """Answer ``question``; where the answer is ``<seg>``, also the mask it asks for.
+
+        Returns ``(answer text, mask)``: the mask is ``(D, H, W)`` bool on the
+        source grid (see :mod:`tomoscribe.model.segtoken`), ``None`` when the
+        model has no mask decoder or did not answer ``<seg>``.
+        """
+        tokens, _relevance = self.prefix(encoded, self.tok.encode(question), blind=blind)
+        prompt = [self.tok.index[QUESTION], *self.tok.encode(question), self.tok.index[ANSWER]]
+        room = self.cfg.max_positions - tokens.shape[1] - 8
+        prompt = prompt[-room:] if len(prompt) > room else prompt
+        ids = self.net.generate(tokens, prompt, max_new=8, eos_id=self.tok.eos_id,
+                                banned=self.banned)
+        text = self.tok.decode(ids)
+        decoder = self.net.segtoken
+        seg_id = self.tok.index.get(SEG)
+        if decoder is None or seg_id is None or seg_id not in ids:
+            return text, None
+        seq = torch.tensor([prompt + ids[: ids.index(seg_id) + 1]], dtype=torch.long)
+        hidden = self.net.hidden_states(tokens, seq)[:, -1]  # at the <seg> input position
+        feats = encoded.extra["voxel_features"]
+        if blind:
+            feats = torch.zeros_like(feats)
+        logits = decoder(hidden, feats)[0]
+        grid: GridMap = encoded.extra["grid"]
+        mask = grid.to_source_labels((logits > 0).to(torch.uint8).numpy())
+        return text, np.asarray(mask > 0)
+
     def generate(self, encoded: Encoded, questions: Sequence[str] = (), *,
                  blind: bool = False) -> Report:
         """Write the report for an encoded volume.
@@ -335,9 +369,20 @@ class Scribe:
 
         answers = []
         for q in questions:
-            ans, q_relevance = self.ask(encoded, q, blind=blind)
+            if self.net.segtoken is not None and is_referring(q):
+                ans, mask = self.refer(encoded, q, blind=blind)
+                if mask is not None:  # the model answered <seg>: the mask is the answer
+                    shown = (f"Segmented: {float(mask.sum()) * voxel_ml:.1f} ml."
+                             if mask.any() else "Segmented, but the mask is empty.")
+                    answers.append(Answer(q, shown, tuple(_key_slices(mask)) if mask.any()
+                                          else (), mask))
+                    continue
+                _tokens, q_relevance = self.prefix(encoded, self.tok.encode(q), blind=blind)
+            else:
+                ans, q_relevance = self.ask(encoded, q, blind=blind)
             key_slices = self.key_slices_for(q, findings, label_map, q_relevance, grid)
-            answers.append(Answer(q, sentence_case(ans) or "(no answer)", key_slices))
+            text_ans = sentence_case(ans.replace(SEG, " ").strip())
+            answers.append(Answer(q, text_ans or "(no answer)", key_slices))
 
         impression = sentence_case(impression_of(text)) or "No impression generated."
         return Report(

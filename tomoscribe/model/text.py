@@ -49,6 +49,10 @@ _BASE_WORDS = (
 )
 
 
+#: appended to the vocabulary, in this order, after 0.3.0 (referring segmentation)
+ADDED_WORDS = ("segment", "<seg>")
+
+
 def _vocabulary() -> list[str]:
     words: list[str] = list(SPECIAL)
     seen = set(words)
@@ -70,6 +74,8 @@ def _vocabulary() -> list[str]:
         add(SHORT[kind])
         add(SHORT_PLURAL[kind])
     add(" ".join(NUMBER_WORDS))
+    # words added after a model was shipped go last: the ids of the others stay
+    add(" ".join(ADDED_WORDS))
     return words
 
 
@@ -237,6 +243,31 @@ QUESTION_TEMPLATES: tuple[str, ...] = (
     "which organ has a lesion ?",
     "are there any focal findings ?",
 )
+
+
+#: referring segmentation: the answer is ``<seg> .`` (a mask follows) or ``none .``
+REFER_TEMPLATES: tuple[str, ...] = (
+    "segment the {organ} .",
+    "segment the lesions in the {organ} .",
+    "segment the lesions .",
+)
+
+
+def is_referring(question: str) -> bool:
+    """Whether a question asks for a mask (``segment ...``)."""
+    return question.strip().lower().startswith("segment")
+
+
+def refer_answer(template: str, organ: str, counts: Counter[str], organ_present: bool = True
+                 ) -> str:
+    """Ground-truth answer to a filled referring ``template``: ``<seg> .`` or ``none .``."""
+    if template.startswith("segment the lesions in"):
+        there = counts.get(organ, 0) > 0
+    elif template.startswith("segment the lesions"):
+        there = sum(counts.values()) > 0
+    else:
+        there = organ_present
+    return "<seg> ." if there else "none ."
 
 
 def answer_for(template: str, organ: str, counts: Counter[str]) -> str:

@@ -1,0 +1,138 @@
+"""The ``<seg>`` token and its mask decoder: referring segmentation (after M3D-LaMed).
+
+M3D-LaMed adds a ``[SEG]`` token to the language model's vocabulary. Asked
+to segment something, the model answers with that token, and the last
+hidden state at its position is turned into a prompt for a 3D mask decoder
+(SegVol's, prompted like SAM), which reads the image encoder's features and
+returns a mask of whatever the text referred to.
+
+Here the same contract, sized for the default model::
+
+    [image tokens] <question> segment the lesions in the liver . <answer> <seg> . <eos>
+                                                                           |
+    h = LM hidden state (last layer) at the <seg> input position    (B, width)
+    q = MLP(h) -> (w, b)                                             (B, F), (B,)
+    f = [decoder features, upsampled to the model grid (C0);
+         clamped log class probabilities of the segmentation (K)]   (B, F, D, H, W)
+    mask logits = sum_F w * f + b                                    (B, D, H, W)
+
+The decoder is a prompt-conditioned 1 x 1 x 1 convolution (the dynamic
+mask head of CondInst / MaskFormer) over the frozen segmentation's
+features, not SegVol's transformer: the segmentation head already
+separates every structure the phantoms have, so what the prompt must carry
+is *which* structure (an organ, an organ's lesions, every lesion), and a
+linear read-out of per-voxel class evidence can express each of those (a
+lesion in the liver = lesion evidence x nearness to liver, which the
+decoder features carry; they are the features the region tokens pool).
+
+The mask is on the model grid; :func:`mask_to_source` puts it on the
+source grid. When the answer is ``none`` (nothing of that kind in the
+study) no ``<seg>`` is written and there is no mask.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+#: the token that asks for a mask
+SEG = "<seg>"
+#: log probabilities are clamped here (a confident "no" is as good as a certain one)
+LOG_FLOOR = -8.0
+
+
+class SegTokenDecoder(nn.Module):
+    """Prompt-conditioned mask head.
+
+    Args:
+        width: the language model's hidden size.
+        feat_channels: channels of the segmentation head's decoder features.
+        num_classes: classes of the segmentation.
+        hidden: width of the prompt MLP.
+
+    Shapes: :meth:`voxel_features` ``(B, C0, d, h, w)`` and ``(B, K, D, H, W)``
+    -> ``(B, C0 + K, D, H, W)``; :meth:`forward` hidden ``(B, width)`` and
+    features -> mask logits ``(B, D, H, W)``.
+    """
+
+    def __init__(self, width: int, feat_channels: int, num_classes: int,
+                 hidden: int = 128) -> None:
+        super().__init__()
+        self.feat_channels = feat_channels + num_classes
+        self.prompt = nn.Sequential(nn.Linear(width, hidden), nn.GELU(),
+                                    nn.Linear(hidden, self.feat_channels + 1))
+        # per-channel scale of the features (the decoder features are not normalised)
+        self.scale = nn.Parameter(torch.ones(self.feat_channels))
+
+    @staticmethod
+    def voxel_features(decoder: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """Per-voxel features of the model grid (no gradient to the frozen segmentation)."""
+        up = F.interpolate(decoder.detach(), size=logits.shape[2:], mode="trilinear",
+                           align_corners=False)
+        logp = logits.detach().log_softmax(dim=1).clamp(min=LOG_FLOOR)
+        return torch.cat([up, logp], dim=1)
+
+    def forward(self, hidden: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
+        q = self.prompt(hidden)
+        w, b = q[:, :-1] * self.scale, q[:, -1]
+        out: torch.Tensor = torch.einsum("bf,bfdhw->bdhw", w, feats) + b[:, None, None, None]
+        return out
+
+
+def mask_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy + soft Dice per sample (averaged).
+
+    Shapes: logits and target ``(B, D, H, W)`` (target 0/1 float).
+    """
+    bce = F.binary_cross_entropy_with_logits(logits, target)
+    p = logits.sigmoid()
+    dims = (1, 2, 3)
+    dice = (2 * (p * target).sum(dims) + 1.0) / (p.sum(dims) + target.sum(dims) + 1.0)
+    return bce + (1 - dice).mean()
+
+
+def lesion_owners(y: np.ndarray, lesion_class: int, organ_classes: Sequence[int]
+                  ) -> tuple[np.ndarray, dict[int, int]]:
+    """Connected lesion components of a label array and the organ class around each.
+
+    Returns ``(components (D, H, W) int32, {component: organ class})``; a
+    component's organ is the most frequent organ class in the one-voxel shell
+    around it (0 when it touches none).
+    """
+    from scipy import ndimage
+
+    comps, _n = ndimage.label(y == lesion_class)
+    owners: dict[int, int] = {}
+    organs = np.isin(y, list(organ_classes))
+    for i, sl in enumerate(ndimage.find_objects(comps), start=1):
+        if sl is None:
+            continue
+        grown = tuple(slice(max(s.start - 1, 0), s.stop + 1) for s in sl)
+        comp = comps[grown] == i
+        shell = ndimage.binary_dilation(comp) & ~comp & organs[grown]
+        values, counts = np.unique(y[grown][shell], return_counts=True)
+        owners[i] = int(values[np.argmax(counts)]) if values.size else 0
+    return comps, owners
+
+
+def refer_target(y: np.ndarray, template: str, organ_class: int | None, lesion_class: int,
+                 organ_classes: Sequence[int]) -> np.ndarray:
+    """The mask a referring question asks for, from a label array ``(D, H, W)`` (bool).
+
+    ``segment the {organ}``: the organ with its lesions; ``segment the lesions
+    in the {organ}``: the lesions whose shell is mostly that organ; ``segment
+    the lesions``: every lesion voxel. (The body is not an organ here.)
+    """
+    if template.startswith("segment the lesions") and organ_class is None:
+        return np.asarray(y == lesion_class)
+    assert organ_class is not None
+    comps, owners = lesion_owners(y, lesion_class, [c for c in organ_classes if c != 1])
+    mine = [i for i, o in owners.items() if o == organ_class]
+    lesions = np.isin(comps, mine) if mine else np.zeros(y.shape, dtype=bool)
+    if template.startswith("segment the lesions"):
+        return lesions
+    return np.asarray((y == organ_class) | lesions)

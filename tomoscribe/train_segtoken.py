@@ -1,0 +1,226 @@
+"""Teach a model referring segmentation: ``python -m tomoscribe.train_segtoken --init MODEL``.
+
+Adds the ``<seg>`` token and its mask decoder (:mod:`tomoscribe.model.segtoken`)
+to the model of ``--init``. The vocabulary grows by the words appended since
+that model (:data:`~tomoscribe.model.text.ADDED_WORDS`): the other word ids
+stay, their embeddings are kept, the new ones start as built.
+
+Each step is a language-stage step (reports and one templated question per
+sample, on the frozen vision side's cached features, as
+``python -m tomoscribe.train --stage language``, so the model keeps what it
+knew) plus ``--refer`` referring questions
+(:data:`~tomoscribe.model.text.REFER_TEMPLATES`): the answer (``<seg> .`` or
+``none .``) is scored like any answer, and where it is ``<seg>`` the mask
+decoder, prompted by the language model's hidden state at that token, is
+scored against the mask on the model grid (binary cross-entropy + soft
+Dice). The mask decoder reads the frozen segmentation's features, which are
+too large to cache (25 x 48 x 96 x 96 per sample), so the encoder runs for
+those samples in each step: most of a step's time.
+
+Trained: projectors, region tokens, language model and mask decoder; the
+encoder, segmentation head and refiner stay as they are. Three of four
+referring questions are drawn with a ``<seg>`` answer (a mask to learn from).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from tomoscribe import __version__
+from tomoscribe.model.network import NetConfig, ScribeNet
+from tomoscribe.model.segtoken import SEG, mask_loss, refer_target
+from tomoscribe.model.text import (
+    ANSWER,
+    QUESTION,
+    REFER_TEMPLATES,
+    VOCAB,
+    WordTokenizer,
+    refer_answer,
+)
+from tomoscribe.phantom import SPLITS
+from tomoscribe.report import ORGANS
+from tomoscribe.train import (
+    build_cache,
+    lm_step_loss,
+    load_overlapping,
+    pad_rows,
+    qa_loss_mask,
+    save_model,
+    stage_features,
+    text_batch,
+    warmup_cosine,
+)
+
+#: organs a referring question names (the body is not one)
+REFER_ORGANS = tuple(o for o in ORGANS if o != "body")
+
+
+def draw_refer(sample: dict[str, object], organ_labels: dict[str, int], lesion_class: int,
+               rng: np.random.Generator, positive: float = 0.75
+               ) -> tuple[str, str | None, str, str]:
+    """A referring question about a sample: ``(template, organ or None, question, answer)``.
+
+    With probability ``positive`` the question is one whose answer is
+    ``<seg>`` (an organ present, an organ with lesions, or any lesion).
+    """
+    lesions = sample["lesions"]
+    y = sample["y"]
+    assert isinstance(lesions, list) and isinstance(y, np.ndarray)
+    counts = Counter(o for o, _k in lesions)
+    present = {o for o in REFER_ORGANS if bool((y == organ_labels[o]).any())}
+    want_seg = rng.random() < positive
+    for _ in range(20):
+        template = REFER_TEMPLATES[int(rng.integers(len(REFER_TEMPLATES)))]
+        organ = str(rng.choice(REFER_ORGANS)) if "{organ}" in template else None
+        if organ is not None and template.startswith("segment the lesions") and counts \
+                and want_seg:
+            organ = str(rng.choice(sorted(counts)))
+        answer = refer_answer(template, organ or "", counts, organ in present)
+        q = template.format(organ=organ) if organ else template
+        if (answer.startswith(SEG)) == want_seg:
+            break
+    return template, organ, q, answer
+
+
+def refer_step_loss(net: ScribeNet, tok: WordTokenizer, tokens: torch.Tensor,
+                    chosen: list[dict[str, object]], rng: np.random.Generator
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Answer loss and mask loss of one referring question per sample of ``chosen``.
+
+    ``tokens`` ``(R, T, width)`` is their image prefix. Returns ``(answer
+    loss, mask loss)`` (the mask loss is 0 when no answer is ``<seg>``).
+    """
+    assert net.segtoken is not None
+    cfg = net.cfg
+    organ_labels = {o: cfg.organ_classes[i] for i, o in enumerate(ORGANS)}
+    seg_id = tok.index[SEG]
+    drawn = [draw_refer(s, organ_labels, cfg.lesion_class, rng) for s in chosen]
+    ids = pad_rows([tok.encode(f"{QUESTION} {q} {ANSWER} {a}") + [tok.eos_id]
+                    for _t, _o, q, a in drawn])
+    emb = torch.cat([tokens, net.embed_text(ids)], dim=1)
+    out = net.lm(inputs_embeds=emb, output_hidden_states=True)
+    t = tokens.shape[1]
+    pred = out.logits[:, t - 1 : -1]
+    target = qa_loss_mask(ids, tok.index[ANSWER])
+    answer = F.cross_entropy(pred.reshape(-1, pred.shape[-1]), target.reshape(-1),
+                             ignore_index=0)
+    rows = [i for i, (_t, _o, _q, a) in enumerate(drawn) if a.startswith(SEG)]
+    if not rows:
+        return answer, answer.new_zeros(())
+    hidden = out.hidden_states[-1][:, t:]
+    pos = [int((ids[i] == seg_id).nonzero()[0]) for i in rows]
+    h = torch.stack([hidden[i, p] for i, p in zip(rows, pos, strict=True)])
+    x = torch.from_numpy(np.stack([chosen[i]["x"] for i in rows])).float()  # type: ignore[misc]
+    with torch.no_grad():
+        logits, dec = net.seg(net.encoder(x), x)
+        feats = net.segtoken.voxel_features(dec, logits)
+    masks = []
+    for i in rows:
+        tmpl, organ, _q, _a = drawn[i]
+        y = chosen[i]["y"]
+        assert isinstance(y, np.ndarray)
+        masks.append(refer_target(y, tmpl, organ_labels[organ] if organ else None,
+                                  cfg.lesion_class, cfg.organ_classes))
+    goal = torch.from_numpy(np.stack(masks)).float()
+    return answer, mask_loss(net.segtoken(h, feats), goal)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Train the ``<seg>`` token and its decoder; see ``--help``."""
+    p = argparse.ArgumentParser(prog="python -m tomoscribe.train_segtoken", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--init", type=Path, required=True, help="the trained model (folder)")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--checkpoint", type=Path, default=Path("checkpoints/segtoken"),
+                   help="where the cached vision features (and refined statistics) live")
+    p.add_argument("--cache", type=Path, default=None, help="rendered training samples")
+    p.add_argument("--samples", type=int, default=1200)
+    p.add_argument("--steps", type=int, default=800)
+    p.add_argument("--batch", type=int, default=32, help="samples per step (language part)")
+    p.add_argument("--refer", type=int, default=4,
+                   help="referring questions per step (each runs the encoder once)")
+    p.add_argument("--mask-weight", type=float, default=1.0)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    args = p.parse_args(argv)
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    prior = json.loads((args.init / "config.json").read_text())
+    cfg = NetConfig.from_dict(prior["net"])
+    if VOCAB[: len(cfg.vocab)] != cfg.vocab:
+        print(f"error: the vocabulary of {args.init} is not a prefix of this version's; "
+              "word ids would change", flush=True)
+        return 1
+    cfg.vocab = VOCAB
+    cfg.seg_token = True
+    tok = WordTokenizer(cfg.vocab)
+    seeds = list(SPLITS["train"][: args.samples])
+    cache = args.cache or (
+        args.checkpoint / f"cache-{args.samples}-{'x'.join(map(str, cfg.model_shape))}.pt")
+    samples = build_cache(seeds, cfg.model_shape, cache, args.workers)
+    net = ScribeNet(cfg)
+    load_overlapping(net, torch.load(args.init / "model.pt", map_location="cpu",
+                                     weights_only=True))
+    args.refine_stats = cfg.refine_stats  # stage_features reads it from the network
+    feats = stage_features(net, samples, args)
+    assert net.segtoken is not None
+    for module in (net.encoder, net.seg, net.refine, net.align):
+        if module is not None:
+            for param in module.parameters():
+                param.requires_grad_(False)
+    text_params = [q for m in (net.projector, net.regions, net.lm) for q in m.parameters()]
+    opt = torch.optim.AdamW([{"params": text_params, "scale": 1.0},
+                             {"params": list(net.segtoken.parameters()), "scale": 2.0}],
+                            lr=args.lr, weight_decay=1e-4)
+    rng = np.random.default_rng(args.seed)
+    answer_id = tok.index[ANSWER]
+    net.train()
+    for module in (net.encoder, net.seg):
+        module.eval()
+    t0 = time.time()
+    step = 0
+    for step in range(1, args.steps + 1):
+        lr = warmup_cosine(args.lr, step / args.steps)
+        for group in opt.param_groups:
+            group["lr"] = lr * float(group["scale"])
+        idx = rng.integers(len(samples), size=args.batch)
+        rows = torch.from_numpy(idx)
+        tokens = net.tokens_from_pooled((feats["low"][rows], feats["high"][rows],
+                                         feats["regions"][rows]))
+        chosen = [samples[int(i)] for i in idx]
+        reports, qas = text_batch(chosen, tok, rng)
+        lang = lm_step_loss(net, tokens, reports, qas, answer_id)
+        n = min(args.refer, len(chosen))
+        refer, mask = refer_step_loss(net, tok, tokens[:n], chosen[:n], rng)
+        loss = lang + refer + args.mask_weight * mask
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(text_params + list(net.segtoken.parameters()), 2.0)
+        opt.step()
+        if step % 25 == 0:
+            print(f"segtoken step {step} language {lang.item():.3f} refer {refer.item():.3f} "
+                  f"mask {mask.item():.3f} lr {lr:.2e} {time.time() - t0:.0f}s", flush=True)
+    net.eval()
+    history = [*prior.get("history", []),
+               {"stage": "segtoken", "steps": step, "batch": args.batch, "refer": args.refer,
+                "lr": args.lr, "mask_weight": args.mask_weight}]
+    meta = {k: v for k, v in prior.items() if k not in ("name", "net", "history", "version")}
+    save_model(net, args.out, {**meta, "version": __version__, "history": history})
+    print(f"saved {args.out} after {step} steps", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
