@@ -283,3 +283,23 @@ def test_recall_term_weighs_a_small_lesion_like_a_large_one() -> None:
     no_lesion = torch.zeros_like(y)
     assert torch.equal(refine_loss(logits, no_lesion, 5.0, 1.0),
                        refine_loss(logits, no_lesion, 5.0))
+
+
+def test_hint_jitter_moves_only_the_organ_hint_border() -> None:
+    from tomoscribe.train_refine import jitter_hint
+
+    x = torch.zeros(1, 4, 16, 20, 20)
+    x[:, 2, 2:14, 5:15, 5:15] = 1.0
+    x[:, 0] = torch.rand(16, 20, 20)
+    x[:, 3] = torch.rand(16, 20, 20)
+    sizes = set()
+    for seed in range(30):
+        y = jitter_hint(x.clone(), np.random.default_rng(seed))
+        assert y.shape == x.shape
+        assert torch.equal(y[:, [0, 1, 3]], x[:, [0, 1, 3]])  # the image and lesion hint stay
+        hint = y[0, 2]
+        assert set(hint.unique().tolist()) <= {0.0, 1.0}
+        sizes.add(int(hint.sum()))
+        # still where the organ is: the box's centre stays inside the hint
+        assert hint[7:9, 9:11, 9:11].all()
+    assert min(sizes) < 1200 < max(sizes)  # both shrunk and grown (the hint is 1200 voxels)

@@ -66,7 +66,7 @@ def test_decoder_learns_to_pick_the_structure_the_prompt_names() -> None:
 def test_referring_targets_follow_the_phantom_lesions() -> None:
     ph = make_phantom(11, lesion_probability=1.0)
     _hu, labels, _aff = render_acquisition(ph)
-    comps, owners = lesion_owners(labels, LESION_LABEL, [c for c in ORGAN_CLASSES if c != 1])
+    _comps, owners = lesion_owners(labels, LESION_LABEL, [c for c in ORGAN_CLASSES if c != 1])
     names = {v: k for k, v in ORGAN_LABELS.items()}
     assert sorted(names[o] for o in owners.values()) == sorted(les.organ for les in ph.lesions)
     every = refer_target(labels, "segment the lesions .", None, LESION_LABEL, ORGAN_CLASSES)
