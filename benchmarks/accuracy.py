@@ -49,7 +49,9 @@ A second table (issue #3) scores, for the same rows:
   template once per organ); whether the model answered with a mask exactly
   when there is something to segment, and the Dice of each mask against
   :func:`~tomoscribe.model.segtoken.refer_target` on the source labels, per
-  kind (an organ with its lesions, an organ's lesions, every lesion);
+  kind (an organ with its lesions, an organ's lesions, every lesion), as
+  the answer carries it (snapped to the refined segmentation) and the
+  decoder's own mask;
 * the majority row answers each question with its most frequent ground-truth
   answer over the training seeds, and writes the most frequent ground-truth
   report text.
@@ -380,6 +382,7 @@ class Refer:
         self.right = 0
         self.asked = 0
         self.dice: dict[str, list[float]] = {k: [] for k in self.KINDS}
+        self.raw: dict[str, list[float]] = {k: [] for k in self.KINDS}  # before snapping
         self.missing: dict[str, int] = dict.fromkeys(self.KINDS, 0)
 
     def add(self, kind: str, answer: Answer, truth: np.ndarray) -> None:
@@ -397,6 +400,8 @@ class Refer:
         return {"answer_accuracy": self.right / self.asked if self.asked else None,
                 "questions": self.asked,
                 "dice": {k: float(np.mean(v)) if v else None for k, v in self.dice.items()},
+                "dice_decoder_alone": {k: float(np.mean(v)) if v else None
+                                       for k, v in self.raw.items()},
                 "masks": {k: len(v) for k, v in self.dice.items()},
                 "no_mask_given": self.missing}
 
@@ -550,8 +555,12 @@ def main(argv: list[str] | None = None) -> int:
                                    tuple(ORGAN_LABELS.values())) for t, _k, o in asks]
             for name, blind_row in (("model", False), ("image-blind", True)):
                 got = scribe.generate(enc, qs, blind=blind_row).answers
-                for (_t, kind, _o), ans, truth in zip(asks, got, truths, strict=True):
+                for (_t, kind, _o), q, ans, truth in zip(asks, qs, got, truths, strict=True):
                     refer[name].add(kind, ans, truth)
+                    if ans.mask is not None and truth.any() and not blind_row:
+                        _a, raw = scribe.refer(enc, q, snap=False)
+                        if raw is not None:
+                            refer[name].raw[kind].append(_dice(raw, truth))
         if (i + 1) % 10 == 0:
             print(f"  {i + 1}/{len(seeds)} studies", file=sys.stderr, flush=True)
 
@@ -611,8 +620,10 @@ def main(argv: list[str] | None = None) -> int:
     for name, r in result["referring_segmentation"].items():
         dice = ", ".join(f"{k} {'n/a' if v is None else f'{v:.3f}'} (n={r['masks'][k]})"
                          for k, v in r["dice"].items())
+        raw = ", ".join(f"{k} {'n/a' if v is None else f'{v:.3f}'}"
+                        for k, v in r["dice_decoder_alone"].items())
         print(f"referring segmentation ({name}): <seg>/none right {r['answer_accuracy']:.3f} "
-              f"of {r['questions']}; mask Dice {dice}")
+              f"of {r['questions']}; mask Dice {dice}; decoder's own mask: {raw}")
     for t in sorted(disagree):
         print(f"note: answer_for() gives the wrong yes/no answer to {t!r} (the training "
               "target); scored here against the lesion counts")

@@ -17,6 +17,7 @@ from tomoscribe.model.segtoken import (
     lesion_owners,
     mask_loss,
     refer_target,
+    snap_to_segmentation,
 )
 from tomoscribe.model.text import (
     ADDED_WORDS,
@@ -83,6 +84,23 @@ def test_referring_targets_follow_the_phantom_lesions() -> None:
     free = next(o for o in ("spleen", "left kidney", "right kidney", "liver") if o not in counts)
     assert not refer_target(labels, "segment the lesions in the {organ} .", ORGAN_LABELS[free],
                             LESION_LABEL, ORGAN_CLASSES).any()
+
+
+def test_snap_keeps_the_regions_a_coarse_mask_mostly_covers() -> None:
+    labels = np.zeros((20, 20, 20), dtype=np.uint8)
+    labels[2:10, 2:18, 2:18] = 3  # an organ
+    labels[12:18, 2:18, 2:18] = 5  # another
+    labels[4:6, 4:6, 4:6] = 8  # a lesion in the first
+    labels[14:16, 4:6, 4:6] = 8  # and one in the second
+    coarse = np.zeros(labels.shape, dtype=bool)
+    coarse[1:9, 1:19, 1:19] = True  # the first organ, blurred and a slice short
+    coarse[14:16, 4:5, 4:6] = True  # half of the second lesion
+    snapped = snap_to_segmentation(coarse, labels, [3, 5], 8)
+    want = (labels == 3)
+    want[4:6, 4:6, 4:6] = True
+    want[14:16, 4:6, 4:6] = True
+    assert np.array_equal(snapped, want)
+    assert not snap_to_segmentation(np.zeros_like(coarse), labels, [3, 5], 8).any()
 
 
 def test_referring_answers_and_vocabulary() -> None:

@@ -37,7 +37,7 @@ from tomoscribe.model.api import Encoded
 from tomoscribe.model.network import NetConfig, ScribeNet
 from tomoscribe.model.preprocess import GridMap, prepare_volume
 from tomoscribe.model.refine import BODY_CLASS, refine, refined_organs
-from tomoscribe.model.segtoken import SEG
+from tomoscribe.model.segtoken import SEG, snap_to_segmentation
 from tomoscribe.model.text import (
     ANSWER,
     BOS,
@@ -258,13 +258,15 @@ class Scribe:
         return self.tok.decode(ids)
 
     @torch.inference_mode()
-    def refer(self, encoded: Encoded, question: str, *, blind: bool = False
-              ) -> tuple[str, np.ndarray | None]:
+    def refer(self, encoded: Encoded, question: str, *, blind: bool = False,
+              snap: bool = True) -> tuple[str, np.ndarray | None]:
         """Answer ``question``; where the answer is ``<seg>``, also the mask it asks for.
 
         Returns ``(answer text, mask)``: the mask is ``(D, H, W)`` bool on the
         source grid (see :mod:`tomoscribe.model.segtoken`), ``None`` when the
-        model has no mask decoder or did not answer ``<seg>``.
+        model has no mask decoder or did not answer ``<seg>``. With ``snap``
+        and a refiner, the mask is made of the refined regions the decoder's
+        mask mostly covers (:func:`~tomoscribe.model.segtoken.snap_to_segmentation`).
         """
         tokens, _relevance = self.prefix(encoded, self.tok.encode(question), blind=blind)
         prompt = [self.tok.index[QUESTION], *self.tok.encode(question), self.tok.index[ANSWER]]
@@ -284,8 +286,12 @@ class Scribe:
             feats = torch.zeros_like(feats)
         logits = decoder(hidden, feats)[0]
         grid: GridMap = encoded.extra["grid"]
-        mask = grid.to_source_labels((logits > 0).to(torch.uint8).numpy())
-        return text, np.asarray(mask > 0)
+        mask = np.asarray(grid.to_source_labels((logits > 0).to(torch.uint8).numpy()) > 0)
+        refined = encoded.extra.get("refined")
+        if snap and refined is not None and not blind:
+            organs = [c for c in self.cfg.organ_classes if c != BODY_CLASS]
+            mask = snap_to_segmentation(mask, refined, organs, self.cfg.lesion_class)
+        return text, mask
 
     def generate(self, encoded: Encoded, questions: Sequence[str] = (), *,
                  blind: bool = False) -> Report:

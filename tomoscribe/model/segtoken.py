@@ -136,3 +136,38 @@ def refer_target(y: np.ndarray, template: str, organ_class: int | None, lesion_c
     if template.startswith("segment the lesions"):
         return lesions
     return np.asarray((y == organ_class) | lesions)
+
+
+def snap_to_segmentation(mask: np.ndarray, labels: np.ndarray, classes: Sequence[int],
+                         lesion_class: int, share: float = 0.5) -> np.ndarray:
+    """The regions of a finer segmentation that a coarse mask mostly covers (bool).
+
+    The decoder's mask is drawn on the 48 x 96 x 96 model grid (7.7 mm
+    between slices of a 370 mm scan); the cascade's refined labels are on the
+    source grid. The decoder says *which* structure, the refined labels
+    *where its border is*: each region of ``labels`` (a class in ``classes``,
+    or one connected lesion component) of which at least ``share`` of the
+    voxels are in ``mask`` is kept whole, the rest dropped.
+
+    Args:
+        mask: the decoder's mask on the source grid ``(D, H, W)`` bool.
+        labels: the refined labels on the same grid.
+        classes: organ classes that count as regions.
+        lesion_class: lesions count component by component.
+    """
+    from scipy import ndimage
+
+    out = np.zeros(mask.shape, dtype=bool)
+    for c in classes:
+        region = labels == c
+        n = int(region.sum())
+        if n and int((mask & region).sum()) >= share * n:
+            out |= region
+    comps, _n = ndimage.label(labels == lesion_class)
+    for i, sl in enumerate(ndimage.find_objects(comps), start=1):
+        if sl is None:
+            continue
+        comp = comps[sl] == i
+        if int((mask[sl] & comp).sum()) >= share * int(comp.sum()):
+            out[sl] |= comp
+    return out
