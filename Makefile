@@ -46,6 +46,13 @@ train: setup
 	$(TRAIN) --stage language --init checkpoints/stage3-weights --checkpoint checkpoints/stage2 \
 		--out checkpoints/stage3b-weights --refine-stats --steps 1500 --batch 32 --lr 5e-4
 	$(TRAIN) --stage align --init checkpoints/stage3b-weights --checkpoint checkpoints/stage2 \
+		--out checkpoints/stage3c-weights --steps 1500 --batch 128 --lr 1e-3
+	$(PY) -m tomoscribe.train_refine --init checkpoints/stage3c-weights --checkpoint checkpoints/stage4 \
+		--out checkpoints/stage4-weights --phantoms 400 --steps 6000 --minutes 30 --threads 2 \
+		--lr 1e-3 --hint-jitter 0.7
+	$(PY) -m tomoscribe.train_segtoken --init checkpoints/stage4-weights --checkpoint checkpoints/stage4 \
+		--cache checkpoints/cache-1200-48x96x96.pt --out checkpoints/stage4b-weights --steps 800 --batch 32 --refer 4 --threads 2
+	$(TRAIN) --stage align --init checkpoints/stage4b-weights --checkpoint checkpoints/stage4 \
 		--out tomoscribe/weights --steps 1500 --batch 128 --lr 1e-3
 
 ## ablation: the README's ablation rows: from the shipped weights, 1,000 more language steps

@@ -38,7 +38,3 @@ def test_resident_memory_stays_flat_over_studies() -> None:
     rss = [float(v) for v in proc.stdout.split()]
     # the default allocator grew 240 MiB from the second study to the sixth here; now ~20
     assert rss[-1] - rss[1] < 80, rss
-
-
-def test_fixed_threshold_is_set_on_glibc() -> None:
-    assert scribe.fixed_mmap_threshold() == (scribe._LIBC is not None)

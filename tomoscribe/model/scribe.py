@@ -122,12 +122,10 @@ class Scribe:
     def load(cls, model_dir: Path | str | None = None) -> Scribe:
         """Load a model folder (``None``: the default model shipped with tomoscribe).
 
-        Also fixes the process's malloc threshold (:func:`fixed_mmap_threshold`).
 
         Raises:
             ModelError: the folder is missing, incomplete or does not match.
         """
-        fixed_mmap_threshold()
         folder = Path(model_dir) if model_dir is not None else DEFAULT_MODEL_DIR
         conf_path, weights = folder / "config.json", folder / "model.pt"
         if not conf_path.is_file() or not weights.is_file():
@@ -492,46 +490,34 @@ def _longest_diameter(mask: np.ndarray, k: int, spacing: tuple[float, float, flo
 _CACHE: dict[Path, Scribe] = {}
 _LOCK = threading.Lock()
 
-#: allocations of this many bytes or more get a memory mapping of their own
-MMAP_THRESHOLD = 1 << 20
-_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
-
-
 def _glibc() -> ctypes.CDLL | None:
-    """The C library when it is glibc (it has ``mallopt`` and ``malloc_trim``), else None."""
+    """The C library when it is glibc (it has ``malloc_trim``), else None."""
     if not sys.platform.startswith("linux"):
         return None
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:  # musl and others
         return None
-    return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+    return libc if hasattr(libc, "malloc_trim") else None
 
 
 _LIBC = _glibc()
 
 
-def fixed_mmap_threshold(threshold: int = MMAP_THRESHOLD) -> bool:
-    """Have glibc's malloc give every large block back to the system when freed.
+def trim_heap() -> None:
+    """Give the heap's free memory back to the system (glibc only; a no-op elsewhere).
 
     glibc serves a block above its mmap threshold with a mapping of its own,
-    unmapped on free, but raises the threshold up to 32 MB each time such a
-    block is freed; after that, tensors of a few MB (the refiner's organ
+    unmapped on free, but raises the threshold (up to 32 MB) each time such
+    a block is freed; after that, tensors of a few MB (the refiner's organ
     boxes, a different size in every study) come from the heap, which keeps
-    the freed memory. A worker's resident memory grew by 50-100 MB per study:
-    1.24 GiB after 12 phantom studies, and the accuracy benchmark peaked at
-    1.94 GiB over 60. With the threshold fixed at 1 MB (which also stops the
-    raising) and the heap trimmed after each encoding (:func:`trim_heap`),
-    it stays near 0.5 GiB. Called by :meth:`Scribe.load`; a no-op off glibc.
-
-    Returns:
-        whether the threshold was set.
+    the freed memory. A worker's resident memory grew by 50-100 MB per study
+    (1.24 GiB after 12 phantom studies; the accuracy benchmark peaked at
+    1.94 GiB over 60). :meth:`Scribe.encode` calls this after each encoding:
+    it stays near 0.5 GiB. Fixing the threshold instead (``mallopt``) also
+    bounded the peak, but made each study 1.3-1.4x slower (every large
+    tensor became fresh pages); ``benchmarks/inference.py`` measures both.
     """
-    return bool(_LIBC is not None and _LIBC.mallopt(_M_MMAP_THRESHOLD, threshold))
-
-
-def trim_heap() -> None:
-    """Give the free memory at the heap's end back to the system (glibc only)."""
     if _LIBC is not None:
         _LIBC.malloc_trim(0)
 
