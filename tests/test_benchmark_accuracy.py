@@ -26,3 +26,23 @@ def test_accuracy_benchmark_prints_and_writes_every_row(tmp_path: Path) -> None:
     assert 0.0 <= data["rows"]["model"]["findings_f1"] <= 1.0
     assert set(data["segmentation_lesions_by_size"]) == set(data["lesion_dice_by_size"])
     assert "segmentation alone" in res.stdout
+    # the shipped model answers "segment ..." with a mask: the referring rows are there
+    refer = data["referring_segmentation"]
+    if refer:
+        assert set(refer) == {"model", "image-blind"}
+        assert refer["model"]["questions"] == 2 * 13
+        assert "referring segmentation (model)" in res.stdout
+
+
+def test_inference_benchmark_compares_trimming_side_by_side(tmp_path: Path) -> None:
+    out = tmp_path / "inf.json"
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "inference.py"), "--n", "2",
+                          "--threads", "1", "--json", str(out)], capture_output=True, text=True,
+                         timeout=600, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert set(data["rows"]) == {"tomoscribe", "glibc default"}
+    for row in data["rows"].values():
+        assert row["median_seconds"] > 0 and row["peak_rss_mib"] >= row["rss_last_mib"] > 100
+    assert set(data["ratios"]) == {"time", "rss_last", "peak_rss"}
+    assert "tomoscribe / glibc default" in res.stdout
