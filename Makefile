@@ -27,7 +27,7 @@ stop:
 	@bash scripts/demo.sh stop
 
 ## train: retrain the shipped default model, stage by stage, as it was trained
-## (about 3.5 h on 2 CPU cores; the README's "Training" section explains each stage)
+## (about 5 h on 2 CPU cores; the README's "Training" section explains each stage)
 TRAIN := $(PY) -m tomoscribe.train --samples 1200 --cache checkpoints/cache-1200-48x96x96.pt
 train: setup
 	$(TRAIN) --checkpoint checkpoints/stage1 --out checkpoints/stage1-weights --head-channels 8 \
