@@ -403,6 +403,10 @@ class Refer:
                 "dice_decoder_alone": {k: float(np.mean(v)) if v else None
                                        for k, v in self.raw.items()},
                 "masks": {k: len(v) for k, v in self.dice.items()},
+                # every question with something to segment, a missing mask as 0
+                "dice_missing_as_zero": {
+                    k: (float(np.sum(v)) / (len(v) + self.missing[k])
+                        if len(v) + self.missing[k] else None) for k, v in self.dice.items()},
                 "no_mask_given": self.missing}
 
 
@@ -622,8 +626,12 @@ def main(argv: list[str] | None = None) -> int:
                          for k, v in r["dice"].items())
         raw = ", ".join(f"{k} {'n/a' if v is None else f'{v:.3f}'}"
                         for k, v in r["dice_decoder_alone"].items())
+        zero = ", ".join(f"{k} {'n/a' if v is None else f'{v:.3f}'} "
+                         f"(missing {r['no_mask_given'][k]})"
+                         for k, v in r["dice_missing_as_zero"].items())
         print(f"referring segmentation ({name}): <seg>/none right {r['answer_accuracy']:.3f} "
-              f"of {r['questions']}; mask Dice {dice}; decoder's own mask: {raw}")
+              f"of {r['questions']}; mask Dice {dice}; decoder's own mask: {raw}; "
+              f"a missing mask as 0: {zero}")
     for t in sorted(disagree):
         print(f"note: answer_for() gives the wrong yes/no answer to {t!r} (the training "
               "target); scored here against the lesion counts")

@@ -150,9 +150,16 @@ def test_segtoken_stage_trains_and_a_seg_answer_gives_a_source_grid_mask(
     # whatever two steps taught it, force the answer "<seg> ." to test the mask path
     monkeypatch.setattr(scribe.net, "generate",
                         lambda *a, **k: [seg_id, scribe.tok.index["."], scribe.tok.eos_id])
+    # and a decoder that marks everything: the answer keeps what the question names
+    decoder = scribe.net.segtoken
+    monkeypatch.setattr(decoder, "forward",
+                        lambda h, f: torch.full((1, *f.shape[2:]), 5.0))
     report = scribe.generate(enc, ["segment the liver .", "is there a lesion in the liver ?"])
     liver, plain = report.answers
     assert liver.mask is not None and liver.mask.shape == vol.shape
     assert liver.mask.dtype == np.bool_
     assert liver.answer.startswith("Segmented")
+    refined = enc.extra["refined"]
+    assert liver.mask[refined == 4].all()  # the whole liver (class 4)
+    assert not liver.mask[(refined != 4) & (refined != 8)].any()  # nothing but it and lesions
     assert plain.mask is None and SEG not in plain.answer  # not a referring question

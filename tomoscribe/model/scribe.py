@@ -264,7 +264,9 @@ class Scribe:
         source grid (see :mod:`tomoscribe.model.segtoken`), ``None`` when the
         model has no mask decoder or did not answer ``<seg>``. With ``snap``
         and a refiner, the mask is made of the refined regions the decoder's
-        mask mostly covers (:func:`~tomoscribe.model.segtoken.snap_to_segmentation`).
+        mask mostly covers (:func:`~tomoscribe.model.segtoken.snap_to_segmentation`),
+        within the organ the question names (:meth:`_within_named_organ`);
+        when nothing is left the answer is ``none .`` without a mask.
         """
         tokens, _relevance = self.prefix(encoded, self.tok.encode(question), blind=blind)
         prompt = [self.tok.index[QUESTION], *self.tok.encode(question), self.tok.index[ANSWER]]
@@ -289,7 +291,33 @@ class Scribe:
         if snap and refined is not None and not blind:
             organs = [c for c in self.cfg.organ_classes if c != BODY_CLASS]
             mask = snap_to_segmentation(mask, refined, organs, self.cfg.lesion_class)
+            mask = self._within_named_organ(question, mask, refined, encoded.volume.spacing)
+            if not mask.any():  # nothing of that kind where the question says
+                return "none .", None
         return text, mask
+
+    def _within_named_organ(self, question: str, mask: np.ndarray, refined: np.ndarray,
+                            spacing: Sequence[float]) -> np.ndarray:
+        """A snapped mask restricted to the organ the question names, with that organ's lesions.
+
+        The decoder reads per-voxel features: asked for the lesions of a
+        lung, it could mark a liver lesion (the sample study did). A lesion
+        component is kept only when the organ around it (as the report
+        assigns lesions to organs) is the one named; a question naming no
+        organ keeps every lesion.
+        """
+        q = question.lower()
+        named = sorted((n for n in self.organ_names.values() if n != "body" and n in q),
+                       key=len, reverse=True)
+        if not named:
+            return mask
+        lesion_class = self.cfg.lesion_class
+        voxel_ml = float(np.prod(spacing)) / 1000.0
+        comps, owner = _lesion_components(refined, lesion_class, self.organ_names,
+                                          min_voxels=max(2, int(np.ceil(MIN_LESION_ML / voxel_ml))))
+        mine = np.isin(comps, [c for c, o in owner.items() if o == named[0]])
+        organ = next(k for k, v in self.organ_names.items() if v == named[0])
+        return np.asarray(mask & (mine | (refined == organ)))
 
     def generate(self, encoded: Encoded, questions: Sequence[str] = (), *,
                  blind: bool = False) -> Report:
