@@ -63,7 +63,7 @@ from tomoscribe.train import (
 REFER_ORGANS = tuple(o for o in ORGANS if o != "body")
 
 
-def draw_refer(sample: dict[str, object], organ_labels: dict[str, int], lesion_class: int,
+def draw_refer(sample: dict[str, object], organ_labels: dict[str, int],
                rng: np.random.Generator, positive: float = 0.75
                ) -> tuple[str, str | None, str, str]:
     """A referring question about a sample: ``(template, organ or None, question, answer)``.
@@ -102,7 +102,7 @@ def refer_step_loss(net: ScribeNet, tok: WordTokenizer, tokens: torch.Tensor,
     cfg = net.cfg
     organ_labels = {o: cfg.organ_classes[i] for i, o in enumerate(ORGANS)}
     seg_id = tok.index[SEG]
-    drawn = [draw_refer(s, organ_labels, cfg.lesion_class, rng) for s in chosen]
+    drawn = [draw_refer(s, organ_labels, rng) for s in chosen]
     ids = pad_rows([tok.encode(f"{QUESTION} {q} {ANSWER} {a}") + [tok.eos_id]
                     for _t, _o, q, a in drawn])
     emb = torch.cat([tokens, net.embed_text(ids)], dim=1)

@@ -37,7 +37,7 @@ from tomoscribe.model.api import Encoded
 from tomoscribe.model.network import NetConfig, ScribeNet
 from tomoscribe.model.preprocess import GridMap, prepare_volume
 from tomoscribe.model.refine import BODY_CLASS, refine, refined_organs
-from tomoscribe.model.segtoken import SEG, snap_to_segmentation
+from tomoscribe.model.segtoken import SEG, lesion_owners, snap_to_segmentation
 from tomoscribe.model.text import (
     ANSWER,
     BOS,
@@ -85,16 +85,34 @@ class Scribe:
         segment when the report has one, else the organ's segment; a question
         naming no organ: every lesion segment.
         """
+        named = self._named_organ(question)
+        if named is not None:
+            hits = [f for f in findings if f.structure == named and f.segment is not None]
+            if hits:
+                return np.asarray(label_map == hits[0].segment)
+            label = next(k for k, v in self.organ_names.items() if v == named)
+            return np.asarray(label_map == label)
+        return np.asarray(label_map >= LESION_LABEL_BASE)
+
+    def _named_organ(self, question: str) -> str | None:
+        """The organ a question names (the longest organ name in it), or ``None``."""
         q = question.lower()
         named = sorted((n for n in self.organ_names.values() if n != "body" and n in q),
                        key=len, reverse=True)
-        if named:
-            hits = [f for f in findings if f.structure == named[0] and f.segment is not None]
-            if hits:
-                return np.asarray(label_map == hits[0].segment)
-            label = next(k for k, v in self.organ_names.items() if v == named[0])
-            return np.asarray(label_map == label)
-        return np.asarray(label_map >= LESION_LABEL_BASE)
+        return named[0] if named else None
+
+    def _refined_components(self, encoded: Encoded) -> tuple[np.ndarray, dict[int, str]]:
+        """Lesion components of the refined labels and their organs (computed once per volume)."""
+        cached = encoded.extra.get("refined_components")
+        if cached is None:
+            voxel_ml = float(np.prod(encoded.volume.spacing)) / 1000.0
+            cached = _lesion_components(encoded.extra["refined"], self.cfg.lesion_class,
+                                        self.organ_names,
+                                        min_voxels=max(2, int(np.ceil(MIN_LESION_ML / voxel_ml))))
+            encoded.extra["refined_components"] = cached
+        comps: np.ndarray = cached[0]
+        owners: dict[int, str] = cached[1]
+        return comps, owners
 
     def key_slices_for(self, question: str, findings: list[Finding], label_map: np.ndarray,
                        relevance: np.ndarray | None, grid: GridMap) -> tuple[int, ...]:
@@ -121,7 +139,6 @@ class Scribe:
     @classmethod
     def load(cls, model_dir: Path | str | None = None) -> Scribe:
         """Load a model folder (``None``: the default model shipped with tomoscribe).
-
 
         Raises:
             ModelError: the folder is missing, incomplete or does not match.
@@ -291,13 +308,13 @@ class Scribe:
         if snap and refined is not None and not blind:
             organs = [c for c in self.cfg.organ_classes if c != BODY_CLASS]
             mask = snap_to_segmentation(mask, refined, organs, self.cfg.lesion_class)
-            mask = self._within_named_organ(question, mask, refined, encoded.volume.spacing)
+            mask = self._within_named_organ(question, mask, encoded)
             if not mask.any():  # nothing of that kind where the question says
                 return "none .", None
         return text, mask
 
-    def _within_named_organ(self, question: str, mask: np.ndarray, refined: np.ndarray,
-                            spacing: Sequence[float]) -> np.ndarray:
+    def _within_named_organ(self, question: str, mask: np.ndarray, encoded: Encoded
+                            ) -> np.ndarray:
         """A snapped mask restricted to the organ the question names, with that organ's lesions.
 
         The decoder reads per-voxel features: asked for the lesions of a
@@ -306,18 +323,13 @@ class Scribe:
         assigns lesions to organs) is the one named; a question naming no
         organ keeps every lesion.
         """
-        q = question.lower()
-        named = sorted((n for n in self.organ_names.values() if n != "body" and n in q),
-                       key=len, reverse=True)
-        if not named:
+        named = self._named_organ(question)
+        if named is None:
             return mask
-        lesion_class = self.cfg.lesion_class
-        voxel_ml = float(np.prod(spacing)) / 1000.0
-        comps, owner = _lesion_components(refined, lesion_class, self.organ_names,
-                                          min_voxels=max(2, int(np.ceil(MIN_LESION_ML / voxel_ml))))
-        mine = np.isin(comps, [c for c, o in owner.items() if o == named[0]])
-        organ = next(k for k, v in self.organ_names.items() if v == named[0])
-        return np.asarray(mask & (mine | (refined == organ)))
+        comps, owner = self._refined_components(encoded)
+        mine = np.isin(comps, [c for c, o in owner.items() if o == named])
+        organ = next(k for k, v in self.organ_names.items() if v == named)
+        return np.asarray(mask & (mine | (encoded.extra["refined"] == organ)))
 
     def generate(self, encoded: Encoded, questions: Sequence[str] = (), *,
                  blind: bool = False) -> Report:
@@ -338,9 +350,7 @@ class Scribe:
         voxel_ml = float(np.prod(volume.spacing)) / 1000.0
         refined = encoded.extra.get("refined")
         if refined is not None:  # the refiner's labels, already on the source grid
-            comp_src, comp_organ = _lesion_components(
-                refined, lesion_class, self.organ_names,
-                min_voxels=max(2, int(np.ceil(MIN_LESION_ML / voxel_ml))))
+            comp_src, comp_organ = self._refined_components(encoded)
             organ_src = refined.copy()
         else:
             labels_model = encoded.seg_logits.argmax(dim=1)[0].to(torch.uint8).numpy()
@@ -467,33 +477,15 @@ def relevant_source_slices(relevance: np.ndarray, grid: GridMap, n: int = 3) -> 
 def _lesion_components(
     labels: np.ndarray, lesion_class: int, organ_names: dict[int, str], min_voxels: int = 2
 ) -> tuple[np.ndarray, dict[int, str]]:
-    """Connected lesion components of a label array and the organ around each.
+    """Connected lesion components of a label array and the organ around each (by name).
 
     Components under ``min_voxels`` (noise: a single voxel on the model grid)
-    and components with no organ around them are dropped.
+    and components with no organ within two voxels are dropped
+    (:func:`~tomoscribe.model.segtoken.lesion_owners`).
     """
-    from scipy import ndimage
-
-    comps, _n = ndimage.label(labels == lesion_class)
-    organ_of: dict[int, str] = {}
-    for c, box in enumerate(ndimage.find_objects(comps), start=1):
-        if box is None:
-            continue
-        # the component's box grown by the ring's width: dilation stays local
-        grown = tuple(slice(max(b.start - 3, 0), b.stop + 3) for b in box)
-        local = comps[grown]
-        m = local == c
-        if int(m.sum()) < min_voxels:
-            local[m] = 0
-            continue
-        ring = ndimage.binary_dilation(m, iterations=2) & ~m
-        around = labels[grown][ring]
-        around = around[(around != lesion_class) & (around > BODY_CLASS)]
-        if around.size == 0:
-            local[m] = 0
-            continue
-        organ_of[c] = organ_names[int(np.bincount(around).argmax())]
-    return comps, organ_of
+    organs = [c for c in organ_names if c != BODY_CLASS]
+    comps, owners = lesion_owners(labels, lesion_class, organs, ring=2, min_voxels=min_voxels)
+    return comps, {c: organ_names[o] for c, o in owners.items()}
 
 
 def _key_slices(mask: np.ndarray, n: int = 3) -> list[int]:
@@ -517,6 +509,7 @@ def _longest_diameter(mask: np.ndarray, k: int, spacing: tuple[float, float, flo
 
 _CACHE: dict[Path, Scribe] = {}
 _LOCK = threading.Lock()
+
 
 def _glibc() -> ctypes.CDLL | None:
     """The C library when it is glibc (it has ``malloc_trim``), else None."""

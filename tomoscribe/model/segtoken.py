@@ -95,13 +95,15 @@ def mask_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return bce + (1 - dice).mean()
 
 
-def lesion_owners(y: np.ndarray, lesion_class: int, organ_classes: Sequence[int]
-                  ) -> tuple[np.ndarray, dict[int, int]]:
+def lesion_owners(y: np.ndarray, lesion_class: int, organ_classes: Sequence[int],
+                  ring: int = 1, min_voxels: int = 1) -> tuple[np.ndarray, dict[int, int]]:
     """Connected lesion components of a label array and the organ class around each.
 
-    Returns ``(components (D, H, W) int32, {component: organ class})``; a
-    component's organ is the most frequent organ class in the one-voxel shell
-    around it (0 when it touches none).
+    A component's organ is the most frequent of ``organ_classes`` in the
+    ``ring``-voxel shell around it. Components under ``min_voxels`` and
+    components that touch no organ are dropped (zeroed in the array).
+
+    Returns ``(components (D, H, W) int32, {component: organ class})``.
     """
     from scipy import ndimage
 
@@ -111,11 +113,19 @@ def lesion_owners(y: np.ndarray, lesion_class: int, organ_classes: Sequence[int]
     for i, sl in enumerate(ndimage.find_objects(comps), start=1):
         if sl is None:
             continue
-        grown = tuple(slice(max(s.start - 1, 0), s.stop + 1) for s in sl)
-        comp = comps[grown] == i
-        shell = ndimage.binary_dilation(comp) & ~comp & organs[grown]
-        values, counts = np.unique(y[grown][shell], return_counts=True)
-        owners[i] = int(values[np.argmax(counts)]) if values.size else 0
+        # the component's box grown by the ring's width: dilation stays local
+        grown = tuple(slice(max(s.start - ring - 1, 0), s.stop + ring + 1) for s in sl)
+        local = comps[grown]
+        comp = local == i
+        if int(comp.sum()) < min_voxels:
+            local[comp] = 0
+            continue
+        shell = ndimage.binary_dilation(comp, iterations=ring) & ~comp & organs[grown]
+        values = y[grown][shell]
+        if values.size == 0:
+            local[comp] = 0
+            continue
+        owners[i] = int(np.bincount(values).argmax())
     return comps, owners
 
 
