@@ -33,6 +33,7 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -158,7 +159,7 @@ def _stats_chunk(args: tuple[Path, list[int]]) -> list[list[tuple[float, float]]
             x, grid = prepare(hu, aff, net.cfg.model_shape)
             logits, _dec = net.seg(net.encoder(x), x)
             res = refine(net.refine, hu, tuple(np.linalg.norm(aff[:3, :3], axis=0)), grid,
-                         logits, organs, net.cfg.lesion_class)
+                         logits, organs, net.cfg.lesion_class, net.cfg.refine_flips)
             rows.append([res.stats[c] for c in organs])
     return rows
 
@@ -204,7 +205,7 @@ def refine_loss(logits: torch.Tensor, y: torch.Tensor, lesion_weight: float,
 
     Shapes: logits ``(B, 3, d, h, w)``, y ``(B, d, h, w)`` long.
     """
-    weight = torch.tensor([1.0, 1.0, lesion_weight])
+    weight = torch.tensor([1.0, 1.0, lesion_weight], device=logits.device)
     ce = F.cross_entropy(logits, y, weight=weight)
     prob = logits.softmax(dim=1)
     loss = ce
@@ -290,6 +291,40 @@ def jitter_hint(x: torch.Tensor, rng: np.random.Generator, max_radius: int = 2,
     return x
 
 
+class PatchStream(torch.utils.data.IterableDataset[tuple[torch.Tensor, torch.Tensor]]):
+    """An endless stream of augmented training patches ``((1, 4, d, h, w), (1, d, h, w))``.
+
+    Half of the patches come from boxes with a lesion (centred on one); each
+    is flipped at random, has its coarse lesion channel zeroed with
+    probability ``coarse_dropout`` and its organ hint jittered with
+    probability ``hint_jitter``. Run in DataLoader workers (``--loaders``),
+    patch cutting keeps up with a GPU; each worker draws from its own
+    generator (``seed`` and the worker's id).
+    """
+
+    def __init__(self, boxes: list[Box], size: tuple[int, int, int], coarse_dropout: float,
+                 hint_jitter: float, seed: int) -> None:
+        self.boxes, self.size, self.seed = boxes, size, seed
+        self.coarse_dropout, self.hint_jitter = coarse_dropout, hint_jitter
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        info = torch.utils.data.get_worker_info()
+        if info is not None:
+            torch.set_num_threads(1)
+        rng = np.random.default_rng([self.seed, 0 if info is None else info.id + 1])
+        with_lesion = [i for i, b in enumerate(self.boxes) if b["lesion"]]
+        without = [i for i, b in enumerate(self.boxes) if not b["lesion"]]
+        while True:
+            pool = with_lesion if (with_lesion and rng.random() < 0.5) or not without else without
+            b = self.boxes[int(pool[int(rng.integers(len(pool)))])]
+            x, y = augment(*patch(b, self.size, rng), rng)
+            if rng.random() < self.coarse_dropout:
+                x[:, 3] = 0.0  # no coarse lesion hint: the lesion must come from the image
+            if rng.random() < self.hint_jitter:
+                jitter_hint(x, rng)  # the organ's edge must come from the image
+            yield x, y
+
+
 def main(argv: list[str] | None = None) -> int:
     """Train the refiner; see ``--help``."""
     p = argparse.ArgumentParser(prog="python -m tomoscribe.train_refine", description=__doc__,
@@ -314,11 +349,19 @@ def main(argv: list[str] | None = None) -> int:
                    help="share of patches whose coarse lesion channel is zeroed")
     p.add_argument("--hint-jitter", type=float, default=0.0,
                    help="share of patches whose coarse organ hint is grown, shrunk and shifted")
+    p.add_argument("--fresh", action="store_true",
+                   help="start the refiner from new weights, not from --init's refiner")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--workers", type=int, default=2, help="processes rendering the boxes")
+    p.add_argument("--loaders", type=int, default=0,
+                   help="processes cutting training patches (0: in the training process)")
+    p.add_argument("--device", default="cpu",
+                   help="torch device of the refiner's training (cpu, cuda, auto)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     p.add_argument("--save-every", type=int, default=200)
     args = p.parse_args(argv)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
+                          else "cpu" if args.device == "auto" else args.device)
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -330,30 +373,37 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: the first stage of {args.init} finds no organ in {len(seeds)} phantoms; "
               "train it before its refiner", flush=True)
         return 1
-    with_lesion = [i for i, b in enumerate(boxes) if b["lesion"]]
-    without = [i for i, b in enumerate(boxes) if not b["lesion"]]
-    print(f"{len(boxes)} boxes, {len(with_lesion)} with a lesion", flush=True)
+    print(f"{len(boxes)} boxes, {sum(bool(b['lesion']) for b in boxes)} with a lesion",
+          flush=True)
 
     prior = json.loads((args.init / "config.json").read_text())
     cfg = NetConfig.from_dict(prior["net"])
     cfg.refine_width = args.width or cfg.refine_width or 12
     net = ScribeNet(cfg)
     init = torch.load(args.init / "model.pt", map_location="cpu", weights_only=True)
+    if args.fresh:
+        init = {k: v for k, v in init.items() if not k.startswith("refine.")}
     load_overlapping(net, init)
     refiner = net.refine
     assert refiner is not None
+    refiner.to(device)
     opt = torch.optim.AdamW(refiner.parameters(), lr=args.lr, weight_decay=1e-4)
     step, spent = 0, 0.0
     ckpt = args.checkpoint / "refine-last.pt"
     if ckpt.exists():
-        state = torch.load(ckpt, weights_only=False)
+        state = torch.load(ckpt, map_location=device, weights_only=False)
         refiner.load_state_dict(state["refine"])
         opt.load_state_dict(state["opt"])
         step, spent = int(state["step"]), float(state["seconds"])
         print(f"resumed from {ckpt} at step {step}", flush=True)
-    rng = np.random.default_rng(args.seed * 1000 + step)
+    stream = PatchStream(boxes, tuple(args.patch), args.coarse_dropout, args.hint_jitter,
+                         args.seed * 1000 + step)
+    patches = iter(torch.utils.data.DataLoader(
+        stream, batch_size=None, num_workers=args.loaders,
+        prefetch_factor=4 if args.loaders else None, persistent_workers=bool(args.loaders)))
     n_params = sum(q.numel() for q in refiner.parameters())
-    print(f"refiner: {n_params / 1e3:.0f} k parameters, width {cfg.refine_width}", flush=True)
+    print(f"refiner: {n_params / 1e3:.0f} k parameters, width {cfg.refine_width}, "
+          f"on {device}", flush=True)
 
     def save(final: bool) -> None:
         args.checkpoint.mkdir(parents=True, exist_ok=True)
@@ -361,13 +411,15 @@ def main(argv: list[str] | None = None) -> int:
                     "seconds": time.time() - t0}, ckpt.with_suffix(".tmp"))
         os.replace(ckpt.with_suffix(".tmp"), ckpt)
         if final:
+            refiner.cpu()
             history = [*prior.get("history", []),
                        {"stage": "refine", "steps": step, "batch": args.batch, "lr": args.lr,
                         "phantoms": args.phantoms, "width": cfg.refine_width,
                         "lesion_weight": args.lesion_weight,
                         "coarse_dropout": args.coarse_dropout,
                         "hint_jitter": args.hint_jitter,
-                        "recall_weight": args.recall_weight}]
+                        "recall_weight": args.recall_weight, "patch": list(args.patch),
+                        "fresh": args.fresh, "device": device.type}]
             meta = {k: v for k, v in prior.items() if k not in ("name", "net", "history")}
             save_model(net, args.out, {**meta, "refine_steps": step, "history": history})
 
@@ -384,22 +436,19 @@ def main(argv: list[str] | None = None) -> int:
         for group in opt.param_groups:
             group["lr"] = warmup_cosine(args.lr, frac)
         opt.zero_grad(set_to_none=True)
-        total = 0.0
+        total = torch.zeros((), device=device)
         for _ in range(args.batch):
-            pool = with_lesion if (with_lesion and rng.random() < 0.5) or not without else without
-            b = boxes[int(pool[int(rng.integers(len(pool)))])]
-            x, y = augment(*patch(b, tuple(args.patch), rng), rng)
-            if rng.random() < args.coarse_dropout:
-                x[:, 3] = 0.0  # no coarse lesion hint: the lesion must come from the image
-            if rng.random() < args.hint_jitter:
-                jitter_hint(x, rng)  # the organ's edge must come from the image
+            x, y = next(patches)
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             loss = refine_loss(refiner(x), y, args.lesion_weight, args.recall_weight) / args.batch
             loss.backward()
-            total += loss.item()
+            total += loss.detach()
         torch.nn.utils.clip_grad_norm_(refiner.parameters(), 2.0)
         opt.step()
         step += 1
-        running = total if step == 1 else 0.95 * running + 0.05 * total
+        if step % 20 == 0 or step == 1:  # reading the loss waits for the device
+            value = float(total)
+            running = value if step == 1 else 0.5 * running + 0.5 * value
         if step % 20 == 0:
             print(f"step {step} loss {running:.3f} lr {opt.param_groups[0]['lr']:.2e} "
                   f"{time.time() - t0:.0f}s", flush=True)
