@@ -303,3 +303,53 @@ def test_hint_jitter_moves_only_the_organ_hint_border() -> None:
         # still where the organ is: the box's centre stays inside the hint
         assert hint[7:9, 9:11, 9:11].all()
     assert min(sizes) < 1200 < max(sizes)  # both shrunk and grown (the hint is 1200 voxels)
+
+
+def test_fresh_refiner_and_patch_loaders(tmp_path: Path) -> None:
+    """``--fresh`` drops the refiner of ``--init``; loader processes feed the same stream."""
+    from tomoscribe.train_refine import PatchStream
+
+    shipped = torch.load(DEFAULT_MODEL_DIR / "model.pt", weights_only=True)
+    for flags, same in (([], True), (["--fresh"], False)):
+        out = tmp_path / f"out{len(flags)}"
+        assert main(["--init", str(DEFAULT_MODEL_DIR), "--out", str(out), "--checkpoint",
+                     str(tmp_path / f"ck{len(flags)}"), "--phantoms", "1", "--steps", "0",
+                     "--workers", "1", "--device", "auto", *flags]) == 0
+        after = torch.load(out / "model.pt", weights_only=True)
+        refine_keys = [k for k in shipped if k.startswith("refine.")]
+        assert refine_keys
+        assert all(torch.equal(shipped[k], after[k]) for k in refine_keys) is same
+
+    rng = np.random.default_rng(0)
+    y = np.zeros((12, 20, 20), dtype=np.uint8)
+    y[2:10, 4:16, 4:16] = 1
+    y[5:7, 8:10, 8:10] = 2
+    x = rng.normal(size=(4, 12, 20, 20)).astype(np.float16)
+    boxes = [{"x": x, "y": y, "lesion": True}, {"x": x, "y": (y == 1).astype(np.uint8),
+                                                  "lesion": False}]
+    stream = PatchStream(boxes, (8, 16, 16), coarse_dropout=1.0, hint_jitter=0.5, seed=3)
+    loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=1)
+    got = [item for item, _ in zip(loader, range(40), strict=False)]
+    assert all(px.shape == (1, 4, 8, 16, 16) and py.shape == (1, 8, 16, 16) for px, py in got)
+    assert all(not px[:, 3].any() for px, _ in got)  # coarse lesion channel always dropped
+    with_lesion = sum(bool((py == 2).any()) for _, py in got)
+    assert 8 <= with_lesion <= 32  # half of the draws come from the box with a lesion
+
+
+def test_flipped_passes_are_flipped_back_and_averaged() -> None:
+    from tomoscribe.model.refine import FLIP_SETS, OrganRefiner, box_softmax
+
+    torch.manual_seed(0)
+    net = OrganRefiner((4, 8, 12)).eval()
+    x = torch.rand(1, 4, 9, 13, 11)
+    with torch.no_grad():
+        plain = net(x)[0].softmax(dim=0)
+        assert torch.allclose(box_softmax(net, x, 0), plain, atol=1e-6)
+        mirrored = net(x.flip(4))[0].softmax(dim=0).flip(3)  # (3, d, h, w): W is dim 3
+        assert torch.allclose(box_softmax(net, x, 1), (plain + mirrored) / 2, atol=1e-6)
+        assert not torch.allclose(mirrored, plain, atol=1e-3)  # the copies do differ
+        for n, sets in FLIP_SETS.items():
+            assert len(sets) == n + 1
+            p = box_softmax(net, x, n)
+            assert p.shape == (3, 9, 13, 11)
+            assert torch.allclose(p.sum(dim=0), torch.ones(9, 13, 11), atol=1e-5)

@@ -73,6 +73,10 @@ class NetConfig:
     #: statistics (ml, peak) in place of the coarse head's (needs a refiner;
     #: the language and align stages learn them)
     refine_stats: bool = False
+    #: flipped copies of each organ box the refiner also reads, its softmax
+    #: averaged with the plain pass (test-time augmentation: 0 none, 1 left-right,
+    #: 3 each axis, 7 every combination; see :data:`tomoscribe.model.refine.FLIP_SETS`)
+    refine_flips: int = 0
     #: a ``<seg>`` token and its mask decoder (referring segmentation, see
     #: :mod:`tomoscribe.model.segtoken`)
     seg_token: bool = False

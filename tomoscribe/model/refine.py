@@ -61,6 +61,15 @@ IN_CHANNELS = 4
 BODY_CLASS = 1
 
 
+#: flips of a box's canonical axes (slice, row, column) per ``NetConfig.refine_flips``
+FLIP_SETS: dict[int, tuple[tuple[int, ...], ...]] = {
+    0: ((),),
+    1: ((), (2,)),
+    3: ((), (0,), (1,), (2,)),
+    7: ((), (0,), (1,), (2,), (0, 1), (0, 2), (1, 2), (0, 1, 2)),
+}
+
+
 def refined_organs(organ_classes: Sequence[int]) -> list[int]:
     """The organ classes that get a box: every organ but the body."""
     return [c for c in organ_classes if c != BODY_CLASS]
@@ -286,9 +295,27 @@ def _organ_lesion_stats(prob: torch.Tensor, voxel_ml: float) -> tuple[float, flo
     return float(np.log1p(p.sum() * voxel_ml)), float(p.max())
 
 
+def box_softmax(net: OrganRefiner, x: torch.Tensor, flips: int = 0) -> torch.Tensor:
+    """Class probabilities ``(3, d, h, w)`` of one box input ``(1, 4, d, h, w)``.
+
+    With ``flips``, the mean of the plain pass and of the flipped copies of
+    :data:`FLIP_SETS` (each flipped back). The refiner was trained on patches
+    flipped at random along every axis, so each copy is an input it knows; an
+    organ's edge that one pass places a voxel too far is outvoted.
+    """
+    total = torch.zeros((3, *x.shape[2:]))
+    sets = FLIP_SETS[flips]
+    for axes in sets:
+        dims = [a + 2 for a in axes]
+        out = net(x.flip(dims) if dims else x)
+        total += (out.flip(dims) if dims else out)[0].softmax(dim=0)
+    return total / len(sets)
+
+
 @torch.no_grad()
 def refine(net: OrganRefiner, hu: np.ndarray, spacing: Sequence[float], grid: GridMap,
-           logits: torch.Tensor, organs: Sequence[int], lesion: int) -> Refinement:
+           logits: torch.Tensor, organs: Sequence[int], lesion: int,
+           flips: int = 0) -> Refinement:
     """Refine every organ box of a volume (see the module docstring).
 
     Args:
@@ -299,6 +326,7 @@ def refine(net: OrganRefiner, hu: np.ndarray, spacing: Sequence[float], grid: Gr
         logits: coarse segmentation logits ``(1, K, Dm, Hm, Wm)``.
         organs: class indices of the organs to refine (others keep the coarse label).
         lesion: class index of lesions.
+        flips: flipped copies of each box averaged in (:func:`box_softmax`).
     """
     prob = logits.softmax(dim=1)
     coarse = grid.to_source_labels(logits.argmax(dim=1)[0].to(torch.uint8).numpy())
@@ -313,7 +341,7 @@ def refine(net: OrganRefiner, hu: np.ndarray, spacing: Sequence[float], grid: Gr
             stats[organ] = (0.0, 0.0)
             continue
         x = box_input(canon_hu, prob, grid, box, sp, organ, lesion)
-        out = net(x)[0].softmax(dim=0)
+        out = box_softmax(net, x, flips)
         grid_mm = [(box[1][a] - box[0][a]) * sp[a] / x.shape[2 + a] for a in range(3)]
         stats[organ] = _organ_lesion_stats(out, float(np.prod(grid_mm)) / 1000.0)
         pred = _to_box_grid(out.argmax(dim=0).to(torch.uint8).numpy(), box)
