@@ -83,6 +83,7 @@ from tomoscribe.phantom import (
     SPLITS,
     Phantom,
     make_phantom,
+    muscle_contrast_to_noise,
     render_acquisition,
     report_text,
 )
@@ -96,6 +97,9 @@ except ImportError:  # pragma: no cover
 
 ORGANS_SCORED = ("right lung", "left lung", "liver", "spleen", "right kidney", "left kidney")
 BANDS = ((10.0, 15.0), (15.0, 25.0), (25.0, 36.0))
+#: an organ whose density differs from muscle by less than this many noise
+#: standard deviations is "faint" (:func:`tomoscribe.phantom.muscle_contrast_to_noise`)
+FAINT_CNR = 0.5
 
 
 def _prf(tp: int, fp: int, fn: int) -> tuple[float, float, float]:
@@ -335,6 +339,11 @@ def _encode_flops(scribe: Scribe, vol: Volume) -> dict[str, float]:
     return out
 
 
+def _fmt_mean(v: tuple[float | None, int]) -> str:
+    """``"0.912 (n=12)"`` of a ``(mean, n)`` pair."""
+    return f"{'n/a' if v[0] is None else f'{v[0]:.3f}'} (n={v[1]})"
+
+
 def _fmt(v: object, width: int) -> str:
     return f"{v:>{width}.3f}" if isinstance(v, float) else f"{'n/a':>{width}}"
 
@@ -449,6 +458,8 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = {"model": Tally(), "image-blind": Tally(), "majority": Tally()}
     organ_dice: dict[str, list[float]] = {o: [] for o in ORGANS_SCORED}
+    organ_dice_cnr: dict[str, dict[str, list[float]]] = {
+        o: {"faint": [], "visible": []} for o in ORGANS_SCORED}
     band_dice: dict[str, list[float]] = {f"{lo:.0f}-{hi:.0f} mm": [] for lo, hi in BANDS}
     # the segmentation alone, before the report decides which lesions to keep
     seg_dice: dict[str, list[float]] = {f"{lo:.0f}-{hi:.0f} mm": [] for lo, hi in BANDS}
@@ -517,6 +528,8 @@ def main(argv: list[str] | None = None) -> int:
         for organ in ORGANS_SCORED:
             lab = ORGAN_LABELS[organ]
             organ_dice[organ].append(_dice(report.label_map == lab, labels == lab))
+            faint = muscle_contrast_to_noise(ph, organ) < FAINT_CNR
+            organ_dice_cnr[organ]["faint" if faint else "visible"].append(organ_dice[organ][-1])
         # per-lesion Dice: truth component vs predicted lesion voxels near it
         from scipy import ndimage
 
@@ -580,6 +593,9 @@ def main(argv: list[str] | None = None) -> int:
         "normal_studies": rows["model"].normal,
         "rows": table,
         "organ_dice": {o: float(np.mean(v)) for o, v in organ_dice.items()},
+        "organ_dice_by_muscle_contrast": {
+            o: {k: (float(np.mean(v)) if v else None, len(v)) for k, v in parts.items()}
+            for o, parts in organ_dice_cnr.items()},
         "lesion_dice_by_size": {b: (float(np.mean(v)) if v else None, len(v))
                                 for b, v in band_dice.items()},
         "segmentation_lesions_by_size": {
@@ -608,6 +624,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:<12}" + "".join(f"{r[c]:>26.3f}" for c in cols))
     print("organ Dice (model): " + ", ".join(f"{o} {d:.3f}"
                                             for o, d in result["organ_dice"].items()))
+    print(f"organ Dice where the organ is faint against muscle (|HU difference| < {FAINT_CNR} x "
+          "noise) / visible: " + ", ".join(
+              f"{o} {_fmt_mean(v['faint'])} / {_fmt_mean(v['visible'])}"
+              for o, v in result["organ_dice_by_muscle_contrast"].items()
+              if v["faint"][1]))
     print("lesion Dice by size (model): " + ", ".join(
         f"{b}: {'n/a' if v[0] is None else f'{v[0]:.3f}'} (n={v[1]})"
         for b, v in result["lesion_dice_by_size"].items()))
