@@ -101,6 +101,14 @@ def test_snap_keeps_the_regions_a_coarse_mask_mostly_covers() -> None:
     want[14:16, 4:6, 4:6] = True
     assert np.array_equal(snapped, want)
     assert not snap_to_segmentation(np.zeros_like(coarse), labels, [3, 5], 8).any()
+    # a lesion the coarse mask only touches is kept (one voxel of eight); an organ is not
+    touch = np.zeros(labels.shape, dtype=bool)
+    touch[14, 4, 4] = True
+    touch[12:14, 2:18, 2:18] = True  # a third of the second organ
+    want = np.zeros(labels.shape, dtype=bool)
+    want[14:16, 4:6, 4:6] = True
+    assert np.array_equal(snap_to_segmentation(touch, labels, [3, 5], 8), want)
+    assert not snap_to_segmentation(touch, labels, [3, 5], 8, lesion_share=0.5).any()
 
 
 def test_referring_answers_and_vocabulary() -> None:
