@@ -174,6 +174,9 @@ def snap_to_segmentation(mask: np.ndarray, labels: np.ndarray, classes: Sequence
         labels: the refined labels on the same grid.
         classes: organ classes that count as regions.
         lesion_class: lesions count component by component.
+        share: least covered share of an organ region that keeps it.
+        lesion_share: least covered share of a lesion component that keeps
+            it, beyond touching it at all.
     """
     from scipy import ndimage
 
