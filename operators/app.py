@@ -165,7 +165,7 @@ class RunResult:
 
 
 #: order in which outputs are listed (and moved into place): SR first
-_KIND_ORDER = ("SR_", "SEG_", "MEAS_", "PDF_")
+_KIND_ORDER = ("SR_", "SEG_", "QSEG_", "MEAS_", "PDF_")
 
 
 def _publish_order(path: Path) -> tuple[int, str]:

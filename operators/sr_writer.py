@@ -27,7 +27,8 @@ class SRWriterOperator(StepOperator):
         report: a :class:`tomoscribe.report.Report`.
         image: the :class:`tomoscribe.volume.Volume` it was made from.
         seg: a :class:`~operators.seg_writer.SegOutput` (only with
-            ``with_seg``): findings with a segment then reference that SEG.
+            ``with_seg``): findings with a segment then reference that SEG,
+            answers with a mask the answer SEG.
     """
 
     def __init__(
@@ -53,7 +54,8 @@ class SRWriterOperator(StepOperator):
         report: Report = op_input.receive("report")
         volume: Volume = op_input.receive("image")
         seg: SegOutput | None = op_input.receive("seg") if self.with_seg else None
-        sr = build_sr(report, volume, seg=seg.dataset if seg is not None else None)
+        sr = build_sr(report, volume, seg=seg.dataset if seg is not None else None,
+                      answer_seg=seg.answers if seg is not None else None)
         path = write_dataset(sr, self.state.staging, f"SR_{sr.SOPInstanceUID}.dcm")
         self.state.written.append(path)
 

@@ -53,14 +53,14 @@ def find_study(server: OrthancServer, study_uid: str) -> str | None:
 
 
 #: our optional outputs, told apart from the draft SR by their series number
-_OPTIONAL_SERIES = {"9903": "MEAS", "9904": "PDF"}
+_OPTIONAL_SERIES = {"9903": "MEAS", "9904": "PDF", "9905": "QSEG"}
 
 
 def own_series(server: OrthancServer, study_id: str) -> dict[str, list[str]]:
     """Kind -> instance ids of tomoscribe's series in the study.
 
-    The kind is the modality (SR, SEG), or MEAS / PDF for the measurement SR
-    and the encapsulated PDF report.
+    The kind is the modality (SR, SEG), or MEAS / PDF / QSEG for the measurement
+    SR, the encapsulated PDF report and the referring answers' masks.
     """
     out: dict[str, list[str]] = {}
     for series in server.get_json(f"/studies/{study_id}/series"):
@@ -88,7 +88,7 @@ def check_outputs(server: OrthancServer, study_id: str, tmp: Path) -> dict[str, 
     import highdicom as hd
 
     outputs = own_series(server, study_id)
-    assert {"SEG", "SR"} <= set(outputs) <= {"SEG", "SR", "MEAS", "PDF"}, outputs
+    assert {"SEG", "SR"} <= set(outputs) <= {"SEG", "SR", "MEAS", "PDF", "QSEG"}, outputs
     assert all(len(ids) == 1 for ids in outputs.values()), outputs
     paths = {}
     for modality, (instance_id,) in outputs.items():
@@ -105,6 +105,17 @@ def check_outputs(server: OrthancServer, study_id: str, tmp: Path) -> dict[str, 
     sr = pydicom.dcmread(paths["SR"])
     assert sr.Manufacturer == "tomoscribe"
     return paths
+
+
+def sr_references(path: Path) -> set[str]:
+    """The SOP Instance UIDs the SR's content items reference."""
+    def walk(items: Any) -> Iterator[str]:
+        for item in items:
+            for ref in item.get("ReferencedSOPSequence", []):
+                yield str(ref.ReferencedSOPInstanceUID)
+            yield from walk(item.get("ContentSequence", []))
+
+    return set(walk(pydicom.dcmread(path).ContentSequence))
 
 
 def sr_text(path: Path) -> str:
@@ -234,7 +245,12 @@ def _run_app_missing() -> str | None:
 
 
 def test_real_app_end_to_end(tmp_path: Path) -> None:
-    """C-STORE a phantom CT; the real app's SR + SEG land once in the same study."""
+    """C-STORE a phantom CT; the real app's SR + SEG land once in the same study.
+
+    The plugin asks a question and a referring one: the SR holds both answers,
+    the mask answering "segment the liver ." lands as its own SEG series and
+    the SR points at it.
+    """
     missing = _run_app_missing()
     if missing:
         pytest.skip(missing)
@@ -242,7 +258,8 @@ def test_real_app_end_to_end(tmp_path: Path) -> None:
     from tomoscribe.model.scribe import DEFAULT_MODEL_DIR
 
     assert (DEFAULT_MODEL_DIR / "model.pt").is_file(), "the shipped default model is missing"
-    with orthanc_server(tmp_path / "server", {"LeaseSeconds": 30},
+    questions = ["is there a lesion in the liver ?", "segment the liver ."]
+    with orthanc_server(tmp_path / "server", {"LeaseSeconds": 30, "Questions": questions},
                         stable_age=STABLE_AGE) as server:
         t0 = time.monotonic()
         server.storescu(folder)
@@ -253,6 +270,11 @@ def test_real_app_end_to_end(tmp_path: Path) -> None:
         dump = subprocess.run(["dsrdump", str(paths["SR"])], capture_output=True, text=True)
         assert dump.returncode == 0 and "error" not in dump.stderr.lower(), dump.stderr
         assert sr_text(paths["SR"]).strip(), "the SR has no text"
+        texts = sr_text(paths["SR"])
+        assert all(q in texts for q in questions), texts
+        qseg = pydicom.dcmread(paths["QSEG"])
+        assert [s.SegmentLabel for s in qseg.SegmentSequence] == ["Q2: segment the liver"]
+        assert qseg.SOPInstanceUID in sr_references(paths["SR"])
         print(f"study to report: {time.monotonic() - t0:.1f} s")
 
         server.wait_for(lambda: server.get_json("/tomoscribe/health")["events"][
@@ -261,11 +283,11 @@ def test_real_app_end_to_end(tmp_path: Path) -> None:
         time.sleep(STABLE_AGE + 3)
         jobs = job_for(server, study_uid)
         assert len(jobs) == 1 and jobs[0]["state"] == "done" and jobs[0]["attempts"] == 1
-        # the default outputs: draft SR, SEG, the PDF report, and the measurement SR
-        # when a finding was measured; each exactly once
+        # the default outputs: draft SR, SEG, the PDF report, the answer SEG, and the
+        # measurement SR when a finding was measured; each exactly once
         after = {m: len(ids) for m, ids in own_series(server, study_id).items()}
         assert after == {kind: 1 for kind in paths}, after
-        assert "PDF" in after
+        assert {"PDF", "QSEG"} <= set(after)
 
 
 def test_no_processes_left_behind(tmp_path: Path) -> None:

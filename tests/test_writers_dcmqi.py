@@ -8,6 +8,7 @@ groups, codes, values and segment references.
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import json
 import re
@@ -18,9 +19,9 @@ import numpy as np
 import pytest
 from test_writers_measurements import case  # noqa: F401
 
-from tomoscribe.report import Report
+from tomoscribe.report import Answer, Report
 from tomoscribe.volume import Volume
-from tomoscribe.writers import build_seg
+from tomoscribe.writers import build_answer_seg, build_seg
 from tomoscribe.writers.measurements import build_measurement_sr
 from tomoscribe.writers.seg import segment_numbers
 
@@ -138,3 +139,43 @@ def test_tid1500reader_reads_our_measurements(case: tuple[Report, Volume],  # no
         values = {m["quantity"]["CodeValue"]: float(m["value"]) for m in group["measurementItems"]}
         assert values["103339001"] == pytest.approx(finding.size_mm, abs=0.05)
         assert values["42798000"] > 0
+
+
+@needs_dcmqi
+def test_segimage2itkimage_reads_overlapping_answer_masks(case: tuple[Report, Volume],  # noqa: F811
+                                                          tmp_path: Path) -> None:
+    """The answer SEG (overlapping masks, only the slices they touch) read back by dcmqi."""
+    report, volume = case
+    organs = np.asarray(report.label_map) > 0
+    lesion = np.asarray(report.label_map) == max(s.label for s in report.segments)
+    assert lesion.any() and (organs & lesion).any()  # they overlap
+    asked = dataclasses.replace(report, answers=[
+        Answer("segment the liver .", "Segmented.", (), organs),
+        Answer("segment the lesions .", "Segmented.", (), lesion)])
+    seg = build_answer_seg(asked, volume)
+    assert seg is not None
+    seg.save_as(tmp_path / "qseg.dcm", enforce_file_format=True)
+    out = tmp_path / "out"
+    out.mkdir()
+    assert SEGIMAGE2ITKIMAGE is not None
+    proc = subprocess.run([str(SEGIMAGE2ITKIMAGE), "--inputDICOM", str(tmp_path / "qseg.dcm"),
+                           "--outputDirectory", str(out), "-t", "nrrd"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    meta = json.loads((out / "meta.json").read_text())
+    described = {item["SegmentLabel"]: int(item["labelID"])
+                 for group in meta["segmentAttributes"] for item in group}
+    assert set(described) == {"Q1: segment the liver", "Q2: segment the lesions"}
+    inverse = np.linalg.inv(volume.affine)
+    files = sorted(out.glob("*.nrrd"))
+    for label, mask in (("Q1: segment the liver", organs), ("Q2: segment the lesions", lesion)):
+        number = described[label]
+        found = []
+        for path in files:  # dcmqi writes one file per group of non-overlapping segments
+            data, affine = read_nrrd(path)
+            theirs = np.argwhere(data == number)
+            if len(theirs) and len(theirs) == int(mask.sum()):
+                lps = theirs @ affine[:3, :3].T + affine[:3, 3]
+                index = np.rint(lps @ inverse[:3, :3].T + inverse[:3, 3]).astype(int)
+                found.append(bool(mask[index[:, 0], index[:, 1], index[:, 2]].all()))
+        assert found == [True], (label, [p.name for p in files])

@@ -33,7 +33,7 @@ from tomoscribe.writers.identity import (
 )
 from tomoscribe.writers.measurements import build_measurement_sr
 from tomoscribe.writers.pdf import build_pdf_report
-from tomoscribe.writers.seg import build_seg
+from tomoscribe.writers.seg import build_answer_seg, build_seg
 from tomoscribe.writers.sr import build_sr
 
 __all__ = [
@@ -44,6 +44,7 @@ __all__ = [
     "SERIES_DESCRIPTION_PREFIX",
     "SR_SERIES_DESCRIPTION",
     "SR_SERIES_NUMBER",
+    "build_answer_seg",
     "build_measurement_sr",
     "build_outputs",
     "build_pdf_report",
@@ -68,18 +69,22 @@ def build_outputs(
         pdf: also build the Encapsulated PDF report.
 
     Returns:
-        ``[(file name, dataset), ...]``: SR first, then SEG if there is one, then
-        ``MEAS_`` and ``PDF_`` when asked for. File names are
+        ``[(file name, dataset), ...]``: SR first, then SEG if there is one,
+        then ``QSEG_`` (the referring answers' masks) if any answer has one,
+        then ``MEAS_`` and ``PDF_`` when asked for. File names are
         ``<KIND>_<SOPInstanceUID>.dcm``, hence deterministic per job.
 
     Raises:
         ReportError: the report or volume cannot be written (one line).
     """
     seg = build_seg(report, volume)
-    sr = build_sr(report, volume, seg=seg)
+    answer_seg = build_answer_seg(report, volume)
+    sr = build_sr(report, volume, seg=seg, answer_seg=answer_seg)
     outputs: list[tuple[str, Dataset]] = [(f"SR_{sr.SOPInstanceUID}.dcm", sr)]
     if seg is not None:
         outputs.append((f"SEG_{seg.SOPInstanceUID}.dcm", seg))
+    if answer_seg is not None:
+        outputs.append((f"QSEG_{answer_seg.SOPInstanceUID}.dcm", answer_seg))
     if measurements:
         meas = build_measurement_sr(report, volume, seg)
         if meas is not None:

@@ -86,6 +86,36 @@ def lesion_code(structure: str) -> Code:
     return LESION_CODES[LESION_KINDS.get(structure, DEFAULT_LESION_KIND)]
 
 
+def named_structure(text: str) -> str | None:
+    """The organ key a free-text question names (the longest one in it), or ``None``.
+
+    ``"body"`` is not matched: it is the default region, never what is asked.
+    """
+    q = " ".join(text.lower().split())
+    named = sorted((o for o in STRUCTURE_CODES if o != "body" and o in q), key=len, reverse=True)
+    return named[0] if named else None
+
+
+def answer_coding(question: str) -> SegmentCoding:
+    """Category, type and region of the mask that answers a referring ``question``.
+
+    "segment the lesions in the liver ." is a liver lesion (region liver);
+    "segment the lesions ." a lesion without a region; "segment the spleen ."
+    the spleen. A question that names neither is coded as the generic
+    Anatomical structure (SCT 91723000), so the mask is still written.
+    """
+    organ = named_structure(question)
+    if "lesion" in question.lower():
+        if organ is None:
+            return SegmentCoding(MORPHOLOGICALLY_ALTERED_STRUCTURE,
+                                 LESION_CODES[DEFAULT_LESION_KIND], None)
+        return SegmentCoding(MORPHOLOGICALLY_ALTERED_STRUCTURE, lesion_code(organ),
+                             structure_code(organ))
+    if organ is None:
+        return SegmentCoding(ANATOMICAL_STRUCTURE, ANATOMICAL_STRUCTURE, None)
+    return SegmentCoding(ANATOMICAL_STRUCTURE, structure_code(organ), None)
+
+
 def segment_coding(segment: Segment) -> SegmentCoding:
     """Category, type and region of a :class:`~tomoscribe.report.Segment`.
 

@@ -30,6 +30,7 @@ SR_SERIES_NUMBER = 9901
 SEG_SERIES_NUMBER = 9902
 MEASUREMENTS_SERIES_NUMBER = 9903
 PDF_SERIES_NUMBER = 9904
+ANSWERS_SERIES_NUMBER = 9905
 
 #: Every series description we write starts with this prefix.
 SERIES_DESCRIPTION_PREFIX = SOFTWARE_NAME
@@ -37,9 +38,10 @@ SR_SERIES_DESCRIPTION = f"{SERIES_DESCRIPTION_PREFIX} draft report"
 SEG_SERIES_DESCRIPTION = f"{SERIES_DESCRIPTION_PREFIX} segmentation"
 MEASUREMENTS_SERIES_DESCRIPTION = f"{SERIES_DESCRIPTION_PREFIX} measurements"
 PDF_SERIES_DESCRIPTION = f"{SERIES_DESCRIPTION_PREFIX} draft report (PDF)"
+ANSWERS_SERIES_DESCRIPTION = f"{SERIES_DESCRIPTION_PREFIX} answer masks"
 
 #: Kinds of object we write, as used in :func:`output_uids`.
-OUTPUT_KINDS: tuple[str, ...] = ("sr", "seg", "measurements", "pdf")
+OUTPUT_KINDS: tuple[str, ...] = ("sr", "seg", "measurements", "pdf", "answers")
 
 #: Manufacturer attributes of the tags Orthanc hands the plugin, by keyword and
 #: by ``gggg,eeee`` key (Orthanc's "simplified" and "full" tag JSON).
@@ -54,7 +56,7 @@ def output_uids(study_uid: str, model_version: str, kind: str) -> tuple[str, str
         study_uid: StudyInstanceUID of the source study (the job key).
         model_version: version of the model that wrote the report (the job key).
         kind: one of :data:`OUTPUT_KINDS` (``"sr"``, ``"seg"``, ``"measurements"``,
-            ``"pdf"``).
+            ``"pdf"``, ``"answers"``).
 
     Returns:
         ``(series_instance_uid, sop_instance_uid)``; the same arguments always

@@ -25,7 +25,7 @@ from tomoscribe.errors import ReportError
 from tomoscribe.report import Report
 from tomoscribe.volume import Volume
 from tomoscribe.writers import identity
-from tomoscribe.writers.codes import segment_coding
+from tomoscribe.writers.codes import answer_coding, segment_coding
 from tomoscribe.writers.common import check_segments, source_headers, study_uid_of
 
 
@@ -137,16 +137,32 @@ def build_seg(report: Report, volume: Volume) -> hd.seg.Segmentation | None:
             )
         )
     pixel_array = lut[label_map]  # (D, H, W) segment numbers 0..N
+    return _segmentation(report, volume, source_images, pixel_array, descriptions, "seg")
 
-    series_uid, sop_uid = identity.output_uids(study_uid, report.model_version, "seg")
+
+#: Per output kind: series number, series description, content description.
+_SERIES = {
+    "seg": (identity.SEG_SERIES_NUMBER, identity.SEG_SERIES_DESCRIPTION,
+            f"{SOFTWARE_NAME} draft segmentation"),
+    "answers": (identity.ANSWERS_SERIES_NUMBER, identity.ANSWERS_SERIES_DESCRIPTION,
+                f"{SOFTWARE_NAME} masks answering referring questions"),
+}
+
+
+def _segmentation(report: Report, volume: Volume, source_images: list[Dataset],
+                  pixel_array: np.ndarray, descriptions: list[hd.seg.SegmentDescription],
+                  kind: str) -> hd.seg.Segmentation:
+    """The BINARY Segmentation of ``pixel_array`` (frame ``k`` <-> ``source_images[k]``)."""
+    series_number, series_description, content_description = _SERIES[kind]
+    series_uid, sop_uid = identity.output_uids(study_uid_of(volume), report.model_version, kind)
     try:
-        seg = hd.seg.Segmentation(
+        return hd.seg.Segmentation(
             source_images=source_images,
             pixel_array=pixel_array,
             segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
             segment_descriptions=descriptions,
             series_instance_uid=series_uid,
-            series_number=identity.SEG_SERIES_NUMBER,
+            series_number=series_number,
             sop_instance_uid=sop_uid,
             instance_number=1,
             manufacturer=MANUFACTURER,
@@ -154,13 +170,95 @@ def build_seg(report: Report, volume: Volume) -> hd.seg.Segmentation | None:
             software_versions=identity.software_versions(report),
             device_serial_number=identity.device_serial_number(report),
             content_label="TOMOSCRIBE",
-            content_description=f"{SOFTWARE_NAME} draft segmentation",
+            content_description=content_description,
             content_creator_name=None,
             omit_empty_frames=True,
-            series_description=identity.SEG_SERIES_DESCRIPTION,
+            series_description=series_description,
             contributing_equipment=[identity.contributing_equipment(report)],
             specific_character_set="ISO_IR 192",  # UTF-8: model text is free Unicode
         )
     except (ValueError, TypeError, AttributeError, KeyError) as exc:
         raise ReportError(f"cannot build the segmentation: {exc}") from exc
-    return seg
+
+
+def answer_label(index: int, question: str) -> str:
+    """SegmentLabel of the mask answering question ``index`` (1-based), at most 64 characters."""
+    text = " ".join(question.split()).rstrip(" .?")
+    return f"Q{index}: {text}"[:64]
+
+
+def answer_segment_numbers(report: Report) -> dict[int, int]:
+    """Segment number in the answer SEG of each answer with a mask, ``{answer index: number}``.
+
+    Answer indices are 0-based positions in :attr:`Report.answers`; numbers
+    run 1..N in that order over the answers whose mask has voxels.
+    """
+    with_mask = [i for i, a in enumerate(report.answers)
+                 if a.mask is not None and bool(np.asarray(a.mask).any())]
+    return {i: number for number, i in enumerate(with_mask, start=1)}
+
+
+def build_answer_seg(report: Report, volume: Volume) -> hd.seg.Segmentation | None:
+    """Build the SEG of the masks that answer referring questions ("segment the ...").
+
+    One segment per :class:`~tomoscribe.report.Answer` whose mask has voxels,
+    numbered 1..N in answer order, labelled with the question
+    (:func:`answer_label`) and coded by what it names
+    (:func:`~tomoscribe.writers.codes.answer_coding`). It is a series of its
+    own (:data:`~tomoscribe.writers.identity.ANSWERS_SERIES_NUMBER`): the
+    masks overlap the report's segments (a liver lesion is in the liver
+    segment and in the answer to "segment the liver"), and a radiologist can
+    show or hide the answers apart from the report's segmentation.
+
+    Only the slices that some mask touches are stored, so the frame array
+    stays small. Masks that overlap each other are stored as one frame set
+    per segment (a ``(frames, H, W, N)`` array), others as a label map.
+
+    Returns:
+        The Segmentation, or ``None`` when no answer has a non-empty mask.
+
+    Raises:
+        ReportError: a mask of the wrong shape, or a volume whose headers
+            cannot be referenced.
+    """
+    identity.check_identity(report)
+    numbers = answer_segment_numbers(report)
+    if not numbers:
+        return None
+    masks: list[np.ndarray] = []
+    for i in numbers:
+        mask = np.asarray(report.answers[i].mask)
+        if mask.shape != volume.shape:
+            raise ReportError(f"answer {i + 1} has a mask of shape {mask.shape}, "
+                              f"the volume {volume.shape}")
+        masks.append(mask.astype(bool, copy=False))
+    study_uid = study_uid_of(volume)
+    images = _source_images(volume, source_headers(volume))
+    touched = np.flatnonzero(np.logical_or.reduce([m.any(axis=(1, 2)) for m in masks]))
+    algorithm = identity.algorithm_identification(report)
+    descriptions: list[hd.seg.SegmentDescription] = []
+    for i, number in numbers.items():
+        question = report.answers[i].question
+        coding = answer_coding(question)
+        label = answer_label(i + 1, question)
+        descriptions.append(hd.seg.SegmentDescription(
+            segment_number=number,
+            segment_label=label,
+            segmented_property_category=coding.category,
+            segmented_property_type=coding.type,
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=algorithm,
+            tracking_uid=str(generate_uid(entropy_srcs=[
+                SOFTWARE_NAME, study_uid, report.model_version, "answer", str(i), question])),
+            tracking_id=label,
+            anatomic_regions=None if coding.anatomic_region is None
+            else [coding.anatomic_region],
+        ))
+    stack = np.stack([m[touched] for m in masks], axis=-1)  # (F, H, W, N) bool
+    if int(stack.sum(axis=-1, dtype=np.uint8).max()) <= 1:  # no voxel in two masks
+        pixel_array = (stack * np.arange(1, len(masks) + 1, dtype=np.uint8)).sum(
+            axis=-1, dtype=np.uint8)
+    else:
+        pixel_array = stack
+    return _segmentation(report, volume, [images[int(k)] for k in touched], pixel_array,
+                         descriptions, "answers")

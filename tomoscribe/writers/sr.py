@@ -18,7 +18,9 @@ The document tree::
       CONTAINS CONTAINER (99TOMO QA) Questions and answers        (if any)
         CONTAINS CONTAINER (99TOMO QAPAIR) Question and answer
           CONTAINS TEXT (99TOMO Q) Question, TEXT (99TOMO A) Answer,
-                   IMAGE (99TOMO KEYSLICE) Key slice ...
+                   IMAGE (99TOMO KEYSLICE) Key slice ...,
+                   IMAGE (DCM 121191) Referenced Segment  (a referring answer's mask,
+                                                           if the answer SEG is given)
 
 A normal study (no findings) gets the model's full text as its single Finding.
 The document is a draft: CompletionFlag PARTIAL, VerificationFlag UNVERIFIED,
@@ -50,7 +52,7 @@ from tomoscribe.writers.common import (
     source_headers,
     study_uid_of,
 )
-from tomoscribe.writers.seg import segment_numbers
+from tomoscribe.writers.seg import answer_label, answer_segment_numbers, segment_numbers
 
 #: Coding scheme designator of tomoscribe's local codes (questions, answers).
 LOCAL_SCHEME_DESIGNATOR = "99TOMO"
@@ -183,11 +185,26 @@ def _check_seg(seg: Dataset, report: Report, study_uid: str) -> dict[int, int]:
     return numbers
 
 
+def _check_answer_seg(seg: Dataset, report: Report, study_uid: str) -> dict[int, int]:
+    """Segment numbers of the answer SEG by answer index, after checking it is this report's."""
+    if str(seg.get("StudyInstanceUID", "")) != study_uid:
+        raise ReportError("the answer segmentation given to the SR belongs to another study")
+    numbers = answer_segment_numbers(report)
+    by_number = {int(item.SegmentNumber): str(item.SegmentLabel)
+                 for item in seg.get("SegmentSequence", [])}
+    if len(by_number) != len(numbers) or any(
+            by_number.get(number) != answer_label(i + 1, report.answers[i].question)
+            for i, number in numbers.items()):
+        raise ReportError("the answer segmentation given to the SR was not built from this report")
+    return numbers
+
+
 def build_sr(
     report: Report,
     volume: Volume,
     *,
     seg: Dataset | None = None,
+    answer_seg: Dataset | None = None,
     questions_scheme: str = LOCAL_SCHEME_DESIGNATOR,
 ) -> hd.sr.ComprehensiveSR:
     """Build the draft SR of ``report`` in ``volume``'s study.
@@ -197,6 +214,10 @@ def build_sr(
         volume: the volume it was made from, with its source headers.
         seg: the SEG built from the same report (:func:`build_seg`), if any:
             findings with a segment then reference it, and it joins the evidence.
+        answer_seg: the SEG of the referring answers' masks
+            (:func:`~tomoscribe.writers.seg.build_answer_seg`), if any: each
+            answer with a mask references its segment there, and it joins the
+            evidence.
         questions_scheme: coding scheme designator of the local question /
             answer codes; declared in CodingSchemeIdentificationSequence.
 
@@ -213,6 +234,8 @@ def build_sr(
     headers = source_headers(volume)
     study_uid = study_uid_of(volume)
     seg_numbers = _check_seg(seg, report, study_uid) if seg is not None else {}
+    answer_numbers = (_check_answer_seg(answer_seg, report, study_uid)
+                      if answer_seg is not None else {})
     local = local_codes(questions_scheme)
 
     observer = identity.device_observer(report)
@@ -235,7 +258,7 @@ def build_sr(
 
     if report.answers:
         pairs: list[hd.sr.ContentItem] = []
-        for answer in report.answers:
+        for i, answer in enumerate(report.answers):
             pair_items: list[hd.sr.ContentItem] = [
                 hd.sr.TextContentItem(name=local["question"], value=answer.question.strip(),
                                       relationship_type=Rel.CONTAINS),
@@ -244,6 +267,13 @@ def build_sr(
             ]
             pair_items += [_image_item(local["key_slice"], volume, int(k), Rel.CONTAINS)
                            for k in answer.key_slices]
+            if answer_seg is not None and i in answer_numbers:
+                pair_items.append(hd.sr.ImageContentItem(
+                    name=REFERENCED_SEGMENT,
+                    referenced_sop_class_uid=answer_seg.SOPClassUID,
+                    referenced_sop_instance_uid=answer_seg.SOPInstanceUID,
+                    referenced_segment_numbers=answer_numbers[i],
+                    relationship_type=Rel.CONTAINS))
             pairs.append(_container(local["pair"], pair_items))
         root_items.append(_container(local["qa"], pairs))
 
@@ -251,8 +281,7 @@ def build_sr(
     root.ContentSequence = hd.sr.ContentSequence(root_items)
 
     evidence: list[Dataset] = list(headers)
-    if seg is not None:
-        evidence.append(seg)
+    evidence += [d for d in (seg, answer_seg) if d is not None]
     series_uid, sop_uid = identity.output_uids(study_uid, report.model_version, "sr")
     scheme = hd.coding_schemes.CodingSchemeIdentificationItem(
         designator=questions_scheme,
