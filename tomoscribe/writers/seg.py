@@ -8,6 +8,9 @@ tomoscribe's AI algorithm. Frame ``k`` of the label map is stored against the
 source instance of ``Volume.slices[k]``; frames without any segment are left
 out.
 
+:func:`build_answer_seg` writes the masks that answer referring questions
+("segment the liver .") as a second SEG, a series of its own.
+
 Decision: a report whose label map holds no voxel of any segment gets no SEG
 (:func:`build_seg` returns ``None``): an empty segmentation says nothing a
 viewer can show, and a SEG needs at least one frame.
