@@ -3,7 +3,7 @@
 SHELL := /bin/bash
 PY := .venv/bin/python
 
-.PHONY: setup test lint demo stop train ablation bench sample
+.PHONY: setup test lint demo stop train ablation encoders bench sample
 
 setup:
 	@bash scripts/setup.sh
@@ -70,6 +70,11 @@ ablation: setup
 	$(ABLATE) --out checkpoints/ablation-psat --slice-tokens 2 --psat-slices 16
 	for m in 3d tgis psat; do $(PY) benchmarks/accuracy.py --model-dir checkpoints/ablation-$$m \
 		--json benchmarks/results/ablation-$$m.json; done
+
+## encoders: the ablation's encoder row: DCFormer and a 3D ViT of the same size, each
+## trained from new weights for the same segmentation steps, scored on validation phantoms
+encoders: setup
+	$(PY) benchmarks/encoders.py --steps 600
 
 ## bench: accuracy of the shipped model vs an image-blind baseline on held-out phantoms
 bench: setup

@@ -526,6 +526,9 @@ def main(argv: list[str] | None = None) -> int:
                    "(below 1: add a slice branch to a trained LM without retraining it much)")
     p.add_argument("--point-weight", type=float, default=1.0,
                    help="weight of the TG-IS pointing loss (language stage)")
+    p.add_argument("--encoder", choices=("dcformer", "vit"), default=None,
+                   help="3D encoder of a model trained from new weights (default dcformer; "
+                   "vit: the ablation's ViT of the same size, see tomoscribe/model/vit3d.py)")
     p.add_argument("--head-channels", type=int, default=None,
                    help="channels of the full-resolution segmentation head "
                    f"(default {NetConfig.head_channels})")
@@ -547,7 +550,8 @@ def main(argv: list[str] | None = None) -> int:
     # changed only where an architecture option is given
     cfg = (NetConfig.from_dict(json.loads((args.init / "config.json").read_text())["net"])
            if args.init is not None else NetConfig())
-    for name in ("head_channels", "slice_tokens", "psat_slices", "align_dim", "refine_stats"):
+    for name in ("encoder", "head_channels", "slice_tokens", "psat_slices", "align_dim",
+                 "refine_stats"):
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))
         setattr(args, name, getattr(cfg, name))  # recorded in the history as used

@@ -39,6 +39,7 @@ from tomoscribe.model.segtoken import SegTokenDecoder
 from tomoscribe.model.siglip import AlignmentHead
 from tomoscribe.model.text import VOCAB
 from tomoscribe.model.tgis import SliceBranch
+from tomoscribe.model.vit3d import ViT3DEncoder
 
 
 @dataclass
@@ -47,6 +48,13 @@ class NetConfig:
 
     model_shape: tuple[int, int, int] = (48, 96, 96)
     in_channels: int = 2
+    #: the 3D encoder: "dcformer" (:mod:`tomoscribe.model.dcformer`, the
+    #: default) or "vit" (:mod:`tomoscribe.model.vit3d`, the ablation's baseline
+    #: of the same parameter count; ``depths`` and ``kernels`` are then unused)
+    encoder: str = "dcformer"
+    #: token width and layers of the "vit" encoder
+    vit_width: int = 64
+    vit_depth: int = 2
     channels: tuple[int, ...] = (16, 32, 64, 96)
     depths: tuple[int, ...] = (1, 1, 2, 1)
     kernels: tuple[int, ...] = (7, 7, 5, 3)
@@ -115,13 +123,23 @@ def build_lm(cfg: NetConfig) -> nn.Module:
     return GPT2LMHeadModel(conf)
 
 
+def build_encoder(cfg: NetConfig) -> nn.Module:
+    """The 3D encoder ``cfg.encoder`` names: stage features as a list, ``[(B, C_i, ...)]``."""
+    if cfg.encoder == "dcformer":
+        return DCFormerEncoder(cfg.in_channels, cfg.channels, cfg.depths, cfg.kernels)
+    if cfg.encoder == "vit":
+        return ViT3DEncoder(cfg.in_channels, cfg.channels, cfg.model_shape, cfg.vit_width,
+                            cfg.vit_depth)
+    raise ValueError(f"unknown encoder {cfg.encoder!r}; expected 'dcformer' or 'vit'")
+
+
 class ScribeNet(nn.Module):
     """Encoder + segmentation head + projector + causal LM."""
 
     def __init__(self, cfg: NetConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.encoder = DCFormerEncoder(cfg.in_channels, cfg.channels, cfg.depths, cfg.kernels)
+        self.encoder = build_encoder(cfg)
         self.seg = SegHead(cfg.channels, cfg.num_classes, cfg.in_channels, cfg.head_channels)
         self.projector = MixerProjector(cfg.channels[-2], cfg.channels[-1], cfg.width)
         self.regions = RegionTokens(

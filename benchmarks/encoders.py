@@ -1,0 +1,179 @@
+"""DCFormer against a 3D ViT of the same size: segmentation from scratch on one budget.
+
+    .venv/bin/python benchmarks/encoders.py [--steps 600] [--n 40] [--json PATH]
+
+The ablation's encoder row. Each encoder (``NetConfig.encoder`` "dcformer",
+the shipped model's, and "vit", :mod:`tomoscribe.model.vit3d`, 147 k
+parameters against 152 k) gets the same segmentation head and is trained from
+new weights on the same training phantoms, in the same order, for the same
+number of steps (batch, learning rate and loss as the joint stage of
+``python -m tomoscribe.train``; no language loss). Each is then scored on the
+first ``--n`` phantoms of the validation range: Dice per class on the model
+grid (48 x 96 x 96), the head's argmax against the phantom's labels resampled
+to that grid. The table gives parameters, GFLOP of one encoder pass and
+seconds per training step, measured in this run.
+
+This compares the encoders where they differ (what the segmentation sees)
+on a budget a CPU affords. It is not the full pipeline row: the shipped
+model's language stages, refiner and alignment head were trained on
+DCFormer's features, and retraining them on a ViT takes the hours
+``make train`` takes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from tomoscribe.model.network import NetConfig, build_encoder
+from tomoscribe.model.seghead import SegHead
+from tomoscribe.phantom import SPLITS
+from tomoscribe.report import ORGANS
+from tomoscribe.train import build_cache, seg_loss, warmup_cosine
+
+ENCODERS = ("dcformer", "vit")
+#: class index -> name, as the phantoms label them (0 background, 8 lesion)
+CLASS_NAMES = {**{i + 1: o for i, o in enumerate(ORGANS)}, 8: "lesion"}
+
+
+class SegNet(torch.nn.Module):
+    """An encoder and the shipped model's segmentation head.
+
+    Shapes: ``(B, C, D, H, W) -> (B, K, D, H, W)`` logits.
+    """
+
+    def __init__(self, cfg: NetConfig) -> None:
+        super().__init__()
+        self.encoder = build_encoder(cfg)
+        self.seg = SegHead(cfg.channels, cfg.num_classes, cfg.in_channels, cfg.head_channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits, _dec = self.seg(self.encoder(x), x)
+        return logits  # type: ignore[no-any-return]
+
+
+def _batch(samples: list[dict[str, object]], idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    x = torch.from_numpy(np.stack([samples[int(i)]["x"] for i in idx])).float()  # type: ignore[misc]
+    y = torch.from_numpy(np.stack([samples[int(i)]["y"] for i in idx])).long()  # type: ignore[misc]
+    return x, y
+
+
+def train(cfg: NetConfig, samples: list[dict[str, object]], steps: int, batch: int, lr: float,
+          seed: int) -> tuple[SegNet, float]:
+    """Train one encoder + head from new weights; returns it and the seconds per step."""
+    torch.manual_seed(seed)
+    net = SegNet(cfg)
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
+    weights = torch.ones(cfg.num_classes)
+    weights[cfg.lesion_class] = 5.0  # the joint stage's --lesion-weight
+    order = np.random.default_rng(seed).integers(len(samples), size=(steps, batch))
+    net.train()
+    t0 = time.perf_counter()
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = warmup_cosine(lr, step / steps)
+        x, y = _batch(samples, order[step])
+        loss = seg_loss(net(x), y, weights, cfg.lesion_class)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 2.0)
+        opt.step()
+        if (step + 1) % 50 == 0:
+            print(f"  {cfg.encoder} step {step + 1}/{steps} loss {loss.item():.3f} "
+                  f"{time.perf_counter() - t0:.0f}s", file=sys.stderr, flush=True)
+    return net, (time.perf_counter() - t0) / max(steps, 1)
+
+
+@torch.no_grad()
+def dice_per_class(net: SegNet, samples: list[dict[str, object]],
+                   num_classes: int) -> dict[str, float]:
+    """Mean Dice of each class over the samples that hold it, on the model grid."""
+    net.eval()
+    scores: dict[int, list[float]] = {k: [] for k in range(1, num_classes)}
+    for i in range(len(samples)):
+        x, y = _batch(samples, np.array([i]))
+        pred = net(x).argmax(dim=1)[0]
+        truth = y[0]
+        for k in scores:
+            t = truth == k
+            if not bool(t.any()):
+                continue
+            p = pred == k
+            scores[k].append(float(2 * (p & t).sum()) / float(p.sum() + t.sum()))
+    return {CLASS_NAMES.get(k, str(k)): float(np.mean(v)) if v else float("nan")
+            for k, v in scores.items()}
+
+
+def encoder_cost(cfg: NetConfig) -> tuple[int, float]:
+    """Parameters and GFLOP of one encoder pass over a ``cfg.model_shape`` volume."""
+    enc = build_encoder(cfg).eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        enc(torch.zeros(1, cfg.in_channels, *cfg.model_shape))
+    return sum(p.numel() for p in enc.parameters()), counter.get_total_flops() / 1e9
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=600, help="training steps per encoder")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--samples", type=int, default=1200, help="training phantoms")
+    ap.add_argument("--n", type=int, default=40, help="validation phantoms scored")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--shape", type=int, nargs=3, default=list(NetConfig.model_shape),
+                    help="model grid (D H W)")
+    ap.add_argument("--cache", type=Path, default=None,
+                    help="rendered training samples (default: the Makefile's "
+                    "checkpoints/cache-<samples>-<shape>.pt)")
+    ap.add_argument("--json", type=Path, default=Path("benchmarks/results/encoders.json"))
+    args = ap.parse_args(argv)
+
+    shape = (int(args.shape[0]), int(args.shape[1]), int(args.shape[2]))
+    tag = "x".join(map(str, shape))
+    train_cache = args.cache or Path(f"checkpoints/cache-{args.samples}-{tag}.pt")
+    samples = build_cache(list(SPLITS["train"][: args.samples]), shape, train_cache, args.workers)
+    val = build_cache(list(SPLITS["val"][: args.n]), shape,
+                      train_cache.parent / f"val-{args.n}-{tag}.pt", args.workers)
+    cost: dict[str, tuple[int, float, float]] = {}  # parameters, GFLOP, s per step
+    dice: dict[str, dict[str, float]] = {}
+    for name in ENCODERS:
+        cfg = NetConfig(model_shape=shape, encoder=name)
+        params, gflop = encoder_cost(cfg)
+        net, per_step = train(cfg, samples, args.steps, args.batch, args.lr, args.seed)
+        cost[name] = (params, gflop, per_step)
+        dice[name] = dice_per_class(net, val, cfg.num_classes)
+
+    classes = [c for c in CLASS_NAMES.values() if c != "body"]
+    print(f"\nencoders from new weights, {args.steps} steps of {args.batch} "
+          f"({args.samples} training phantoms), Dice on {args.n} validation phantoms "
+          f"(model grid {tag})")
+    print(f"{'encoder':10} {'params':>8} {'GFLOP':>6} {'s/step':>7} "
+          + " ".join(f"{c[:12]:>12}" for c in classes))
+    for name in ENCODERS:
+        params, gflop, per_step = cost[name]
+        print(f"{name:10} {params:>8} {gflop:>6.2f} {per_step:>7.2f} "
+              + " ".join(f"{dice[name][c]:>12.3f}" for c in classes))
+    ratios = [v / d for v, d in zip(cost["vit"], cost["dcformer"], strict=True)]
+    print(f"ViT / DCFormer: parameters {ratios[0]:.2f}x, GFLOP {ratios[1]:.2f}x, "
+          f"time per step {ratios[2]:.2f}x")
+    rows = {name: {"encoder_parameters": cost[name][0], "encoder_gflop": cost[name][1],
+                   "seconds_per_step": cost[name][2], "dice": dice[name]} for name in ENCODERS}
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({
+        "steps": args.steps, "batch": args.batch, "lr": args.lr, "samples": args.samples,
+        "val_phantoms": args.n, "model_shape": shape, "seed": args.seed, "rows": rows,
+    }, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

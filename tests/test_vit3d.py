@@ -1,0 +1,84 @@
+"""The 3D ViT baseline encoder: DCFormer's contract, its size, and the encoder benchmark."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tomoscribe.model.dcformer import DCFormerEncoder
+from tomoscribe.model.network import NetConfig, ScribeNet, build_encoder
+from tomoscribe.model.vit3d import ViT3DEncoder, sincos_position_codes
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+
+def _params(m: torch.nn.Module) -> int:
+    return sum(p.numel() for p in m.parameters())
+
+
+def test_vit_gives_dcformers_stage_shapes_at_about_its_size() -> None:
+    cfg = NetConfig()
+    vit, dcf = build_encoder(NetConfig(encoder="vit")), build_encoder(cfg)
+    assert isinstance(vit, ViT3DEncoder) and isinstance(dcf, DCFormerEncoder)
+    x = torch.randn(2, cfg.in_channels, 16, 32, 32)
+    small = ViT3DEncoder(cfg.in_channels, cfg.channels, (16, 32, 32))
+    assert [f.shape for f in small(x)] == [f.shape for f in dcf(x)]
+    # "a 3D ViT of equal parameter count": within 5% of the default DCFormer
+    assert abs(_params(vit) / _params(dcf) - 1) < 0.05
+
+
+def test_vit_every_stage_learns_and_the_grid_is_checked() -> None:
+    enc = ViT3DEncoder(2, (4, 8, 8, 8), (16, 32, 32), width=24, depth=4, heads=2)
+    assert enc.read_after == (1, 2, 3, 4)
+    feats = enc(torch.randn(1, 2, 16, 32, 32))
+    sum(f.mean() for f in feats).backward()  # type: ignore[union-attr]
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in enc.parameters())
+    with pytest.raises(ValueError, match="input grid"):
+        enc(torch.randn(1, 2, 16, 32, 48))
+    with pytest.raises(ValueError, match="must divide by 16"):
+        ViT3DEncoder(2, (4, 8, 8, 8), (20, 32, 32))
+
+
+def test_position_codes_tell_every_token_apart() -> None:
+    codes = sincos_position_codes((3, 4, 5), 32)
+    assert codes.shape == (1, 60, 32)
+    assert torch.cdist(codes[0], codes[0]).add(torch.eye(60)).min() > 0
+
+
+def test_a_vit_model_saves_loads_and_runs(tmp_path: Path) -> None:
+    from tomoscribe.train import save_model
+
+    cfg = NetConfig(model_shape=(16, 32, 32), encoder="vit")
+    net = ScribeNet(cfg)
+    save_model(net, tmp_path, {"version": "0.0.1-test"})
+    back = NetConfig.from_dict(json.loads((tmp_path / "config.json").read_text())["net"])
+    assert back.encoder == "vit" and back.vit_width == cfg.vit_width
+    tokens, logits = ScribeNet(back).encode(torch.randn(1, 2, 16, 32, 32))
+    assert logits.shape == (1, cfg.num_classes, 16, 32, 32) and tokens.ndim == 3
+    # a folder written before the setting existed is DCFormer's
+    old = json.loads((tmp_path / "config.json").read_text())["net"]
+    del old["encoder"]
+    assert NetConfig.from_dict(old).encoder == "dcformer"
+    with pytest.raises(ValueError, match="unknown encoder"):
+        build_encoder(NetConfig(encoder="resnet"))
+
+
+def test_encoder_benchmark_runs_small(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import encoders  # benchmarks/encoders.py
+
+    out = tmp_path / "enc.json"
+    assert encoders.main(["--steps", "2", "--batch", "2", "--samples", "3", "--n", "2",
+                          "--workers", "1", "--shape", "16", "32", "32",
+                          "--cache", str(tmp_path / "train.pt"), "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert set(result["rows"]) == {"dcformer", "vit"}
+    for row in result["rows"].values():
+        assert row["encoder_parameters"] > 0 and row["encoder_gflop"] > 0
+        assert set(row["dice"]) >= {"liver", "spleen", "lesion"}
+        assert all(0.0 <= v <= 1.0 for v in row["dice"].values() if v == v)
+    printed = capsys.readouterr().out
+    assert "ViT / DCFormer: parameters" in printed
