@@ -38,6 +38,8 @@ OHIF_DIR = REPO / "var" / "ohif" / "dist"
 ARTIFACTS = REPO / "test-artifacts" / "ohif"
 SAMPLE_SEED = 9
 TRUTH_JOB = Path(__file__).resolve().parent / "ohif_truth_job.py"
+#: the plugin's standing questions: two masks that overlap (the liver holds its lesion)
+ANSWER_QUESTIONS = ["segment the liver .", "segment the lesions ."]
 T = TypeVar("T")
 
 
@@ -98,7 +100,8 @@ def _outputs(server: OrthancServer, study_uid: str, timeout: float) -> dict[str,
     return {"study_uid": study_uid,
             "sr": _download(server, series["SR"][0]),
             "seg": _download(server, series["SEG"][0]),
-            "meas": _download(server, series["MEAS"][0]) if "MEAS" in series else None}
+            "meas": _download(server, series["MEAS"][0]) if "MEAS" in series else None,
+            "qseg": _download(server, series["QSEG"][0]) if "QSEG" in series else None}
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +124,8 @@ def processed(
     write_dicom_series(make_phantom(SAMPLE_SEED), root / "truth", study_instance_uid=truth_uid,
                        patient_id=f"TRUTH{SAMPLE_SEED}")
     with orthanc_server(root / "server", {"LeaseSeconds": 30, "OhifDirectory": str(OHIF_DIR),
-                                          "JobFunction": f"{TRUTH_JOB}:run_app"},
+                                          "JobFunction": f"{TRUTH_JOB}:run_app",
+                                          "Questions": ANSWER_QUESTIONS},
                         stable_age=2) as server:
         server.storescu(folder)
         server.storescu(root / "truth")
@@ -375,6 +379,29 @@ def test_segmentation_loaded(processed: tuple[OrthancServer, dict[str, Any]],
     overview(page.screenshot("segmentation"))
     assert count, "no segmentation in cornerstone's state"
     assert len(labels) in count, (count, labels, body[-300:])
+
+
+def test_answer_masks_loaded(processed: tuple[OrthancServer, dict[str, Any]],
+                             page: Page) -> None:
+    """The referring answers' SEG (overlapping segments) loads and lists each question."""
+    info = processed[1]["sample"]
+    qseg = info["qseg"]
+    assert qseg is not None, "the sample study's answers wrote no answer SEG"
+    labels = [str(s.SegmentLabel) for s in qseg.SegmentSequence]
+    assert labels == [f"Q{i}: {q.rstrip(' .')}" for i, q in enumerate(ANSWER_QUESTIONS, 1)]
+    show_study(page, info["study_uid"])
+    page.double_click(series_entry(page, str(qseg.SeriesDescription)))
+    page.click(page.wait("//button[@data-cy='yes-hydrate-btn']", 60,
+                         "the prompt to load the answer segmentation"))
+    page.click(page.wait("//*[@data-cy='panelSegmentation-btn']", 30,
+                         "the segmentation panel button"))
+    body = _wait_body_text(page, labels, 90)
+    counts = page.call(lambda d: d.execute_script(
+        "const s = window.cornerstoneTools && window.cornerstoneTools.segmentation;"
+        "return s ? s.state.getSegmentations().map("
+        "  x => Object.keys(x.segments || {}).length) : null;"))
+    page.screenshot("answer-masks")
+    assert counts and len(labels) in counts, (counts, labels, body[-300:])
 
 
 def _wait_body_text(page: Page, wanted: list[str], timeout: float) -> str:
