@@ -61,7 +61,8 @@ train: setup
 
 ## ablation: the README's ablation rows: from the shipped weights, 1,000 more language steps
 ## each for 3D-only, 3D + TG-IS and 3D + TG-IS + PSAT, then each scored on the test phantoms
-## (about 1 h on 2 CPU cores: 10 min of frozen-vision features, then 8, 25 and 30 min)
+## (about 1 h on 2 CPU cores: 10 min of frozen-vision features and 20 min of the refiner's
+## statistics the first time, then 7, 16 and 17 min of training and 3.5 min per benchmark)
 ABLATE := $(TRAIN) --stage language --init tomoscribe/weights --checkpoint checkpoints/ablation \
 	--steps 1000 --batch 32 --lr 5e-4
 ablation: setup
@@ -74,7 +75,7 @@ ablation: setup
 ## encoders: the ablation's encoder row: DCFormer and a 3D ViT of the same size, each
 ## trained from new weights for the same segmentation steps, scored on validation phantoms
 encoders: setup
-	$(PY) benchmarks/encoders.py --steps 600
+	$(PY) benchmarks/encoders.py --steps 300
 
 ## bench: accuracy of the shipped model vs an image-blind baseline on held-out phantoms
 bench: setup

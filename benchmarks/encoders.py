@@ -1,6 +1,6 @@
 """DCFormer against a 3D ViT of the same size: segmentation from scratch on one budget.
 
-    .venv/bin/python benchmarks/encoders.py [--steps 600] [--n 40] [--json PATH]
+    .venv/bin/python benchmarks/encoders.py [--steps 300] [--n 40] [--json PATH]
 
 The ablation's encoder row. Each encoder (``NetConfig.encoder`` "dcformer",
 the shipped model's, and "vit", :mod:`tomoscribe.model.vit3d`, 147 k
@@ -122,7 +122,7 @@ def encoder_cost(cfg: NetConfig) -> tuple[int, float]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=600, help="training steps per encoder")
+    ap.add_argument("--steps", type=int, default=300, help="training steps per encoder")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--samples", type=int, default=1200, help="training phantoms")
