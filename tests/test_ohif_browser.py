@@ -355,23 +355,34 @@ def test_report_findings_shown(processed: tuple[OrthancServer, dict[str, Any]],
     assert str(sr.ConceptNameCodeSequence[0].CodeMeaning) in shown
 
 
+def load_segmentation(page: Page, study_uid: str, seg: pydicom.Dataset) -> tuple[str, Any]:
+    """Double-click a SEG series, confirm the load prompt, open the segmentation panel.
+
+    Returns the page text once every segment label shows, and the number of
+    segments of each segmentation in cornerstone's state (``None`` if it has none).
+    """
+    labels = [str(s.SegmentLabel) for s in seg.SegmentSequence]
+    show_study(page, study_uid)
+    page.double_click(series_entry(page, str(seg.SeriesDescription)))
+    page.click(page.wait("//button[@data-cy='yes-hydrate-btn']", 60,
+                         f"the prompt to load '{seg.SeriesDescription}'"))
+    page.click(page.wait("//*[@data-cy='panelSegmentation-btn']", 30,
+                         "the segmentation panel button"))
+    body = _wait_body_text(page, labels, 90)
+    counts = page.call(lambda d: d.execute_script(
+        "const s = window.cornerstoneTools && window.cornerstoneTools.segmentation;"
+        "return s ? s.state.getSegmentations().map("
+        "  x => Object.keys(x.segments || {}).length) : null;"))
+    return body, counts
+
+
 def test_segmentation_loaded(processed: tuple[OrthancServer, dict[str, Any]],
                              page: Page) -> None:
     """Double-click the SEG, confirm the prompt: its segments are listed and drawn."""
     info = processed[1]["sample"]
     seg = info["seg"]
     labels = [str(s.SegmentLabel) for s in seg.SegmentSequence]
-    show_study(page, info["study_uid"])
-    page.double_click(series_entry(page, str(seg.SeriesDescription)))
-    page.click(page.wait("//button[@data-cy='yes-hydrate-btn']", 60,
-                         "the prompt to load the segmentation"))
-    page.click(page.wait("//*[@data-cy='panelSegmentation-btn']", 30,
-                         "the segmentation panel button"))
-    body = _wait_body_text(page, labels, 90)
-    count = page.call(lambda d: d.execute_script(
-        "const s = window.cornerstoneTools && window.cornerstoneTools.segmentation;"
-        "return s ? s.state.getSegmentations().map("
-        "  x => Object.keys(x.segments || {}).length) : null;"))
+    body, count = load_segmentation(page, info["study_uid"], seg)
     page.call(lambda d: d.execute_script(  # for the picture only: a slice through the organs
         "try { const v = window.cornerstone.getRenderingEngines()[0].getViewports()[0];"
         "  v.setImageIdIndex(Math.floor(v.getImageIds().length * 0.6)); } catch (e) {}"))
@@ -389,17 +400,7 @@ def test_answer_masks_loaded(processed: tuple[OrthancServer, dict[str, Any]],
     assert qseg is not None, "the sample study's answers wrote no answer SEG"
     labels = [str(s.SegmentLabel) for s in qseg.SegmentSequence]
     assert labels == [f"Q{i}: {q.rstrip(' .')}" for i, q in enumerate(ANSWER_QUESTIONS, 1)]
-    show_study(page, info["study_uid"])
-    page.double_click(series_entry(page, str(qseg.SeriesDescription)))
-    page.click(page.wait("//button[@data-cy='yes-hydrate-btn']", 60,
-                         "the prompt to load the answer segmentation"))
-    page.click(page.wait("//*[@data-cy='panelSegmentation-btn']", 30,
-                         "the segmentation panel button"))
-    body = _wait_body_text(page, labels, 90)
-    counts = page.call(lambda d: d.execute_script(
-        "const s = window.cornerstoneTools && window.cornerstoneTools.segmentation;"
-        "return s ? s.state.getSegmentations().map("
-        "  x => Object.keys(x.segments || {}).length) : null;"))
+    body, counts = load_segmentation(page, info["study_uid"], qseg)
     page.screenshot("answer-masks")
     assert counts and len(labels) in counts, (counts, labels, body[-300:])
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import highdicom as hd
 import numpy as np
-import pydicom
 import pytest
+from test_writers_seg import _write
 from test_writers_sr import (
     LESION,
     LIVER,
@@ -53,11 +53,6 @@ def _referring_report(overlap: bool = True) -> Report:
         Answer("segment the lesions in the liver .", "Segmented: 0.1 ml.", (7,), lesion),
     ]
     return report
-
-
-def _write(ds: pydicom.Dataset, path: Path) -> Path:
-    ds.save_as(path, enforce_file_format=True)
-    return path
 
 
 def _masks_back(seg: hd.seg.Segmentation, series: Volume) -> dict[int, np.ndarray]:

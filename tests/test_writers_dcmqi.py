@@ -14,8 +14,10 @@ import json
 import re
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import pydicom
 import pytest
 from test_writers_measurements import case  # noqa: F401
 
@@ -81,12 +83,8 @@ def read_nrrd(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return data, affine
 
 
-@needs_dcmqi
-def test_segimage2itkimage_gives_back_our_labels(case: tuple[Report, Volume],  # noqa: F811
-                                                 tmp_path: Path) -> None:
-    report, volume = case
-    seg = build_seg(report, volume)
-    assert seg is not None
+def segimage2itkimage(seg: pydicom.Dataset, tmp_path: Path) -> tuple[Path, dict[str, Any]]:
+    """Convert ``seg`` with dcmqi's segimage2itkimage: ``(output folder, meta.json)``."""
     seg.save_as(tmp_path / "seg.dcm", enforce_file_format=True)
     out = tmp_path / "out"
     out.mkdir()
@@ -95,7 +93,17 @@ def test_segimage2itkimage_gives_back_our_labels(case: tuple[Report, Volume],  #
                            "--outputDirectory", str(out), "-t", "nrrd"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    meta = json.loads((out / "meta.json").read_text())
+    meta: dict[str, Any] = json.loads((out / "meta.json").read_text())
+    return out, meta
+
+
+@needs_dcmqi
+def test_segimage2itkimage_gives_back_our_labels(case: tuple[Report, Volume],  # noqa: F811
+                                                 tmp_path: Path) -> None:
+    report, volume = case
+    seg = build_seg(report, volume)
+    assert seg is not None
+    out, meta = segimage2itkimage(seg, tmp_path)
     labels_by_name = {s.name: s.label for s in report.segments}
     numbers = segment_numbers(report)
     described = [item for group in meta["segmentAttributes"] for item in group]
@@ -154,15 +162,7 @@ def test_segimage2itkimage_reads_overlapping_answer_masks(case: tuple[Report, Vo
         Answer("segment the lesions .", "Segmented.", (), lesion)])
     seg = build_answer_seg(asked, volume)
     assert seg is not None
-    seg.save_as(tmp_path / "qseg.dcm", enforce_file_format=True)
-    out = tmp_path / "out"
-    out.mkdir()
-    assert SEGIMAGE2ITKIMAGE is not None
-    proc = subprocess.run([str(SEGIMAGE2ITKIMAGE), "--inputDICOM", str(tmp_path / "qseg.dcm"),
-                           "--outputDirectory", str(out), "-t", "nrrd"],
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    meta = json.loads((out / "meta.json").read_text())
+    out, meta = segimage2itkimage(seg, tmp_path)
     described = {item["SegmentLabel"]: int(item["labelID"])
                  for group in meta["segmentAttributes"] for item in group}
     assert set(described) == {"Q1: segment the liver", "Q2: segment the lesions"}
