@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from tomoscribe.model.network import NetConfig, build_encoder
@@ -112,9 +113,16 @@ def dice_per_class(net: SegNet, samples: list[dict[str, object]],
 
 
 def encoder_cost(cfg: NetConfig) -> tuple[int, float]:
-    """Parameters and GFLOP of one encoder pass over a ``cfg.model_shape`` volume."""
-    enc = build_encoder(cfg).eval()
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+    """Parameters and GFLOP of one encoder pass over a ``cfg.model_shape`` volume.
+
+    Counted in training mode with the plain ("math") attention kernel: in
+    evaluation mode ``nn.TransformerEncoderLayer`` runs a fused kernel, and
+    on a CPU the fused attention kernels too, that the FLOP counter does not
+    see (it then reported the ViT at 0.14 GFLOP, its convolutions only).
+    """
+    enc = build_encoder(cfg).train()
+    with (torch.no_grad(), sdpa_kernel(SDPBackend.MATH),
+          FlopCounterMode(display=False) as counter):
         enc(torch.zeros(1, cfg.in_channels, *cfg.model_shape))
     return sum(p.numel() for p in enc.parameters()), counter.get_total_flops() / 1e9
 
@@ -135,9 +143,19 @@ def main(argv: list[str] | None = None) -> int:
                     help="rendered training samples (default: the Makefile's "
                     "checkpoints/cache-<samples>-<shape>.pt)")
     ap.add_argument("--json", type=Path, default=Path("benchmarks/results/encoders.json"))
+    ap.add_argument("--costs-only", action="store_true",
+                    help="print parameters and GFLOP of each encoder, train nothing")
     args = ap.parse_args(argv)
 
     shape = (int(args.shape[0]), int(args.shape[1]), int(args.shape[2]))
+    if args.costs_only:
+        costs = {name: encoder_cost(NetConfig(model_shape=shape, encoder=name))
+                 for name in ENCODERS}
+        for name, (params, gflop) in costs.items():
+            print(f"{name:10} {params:>8} parameters {gflop:>6.3f} GFLOP per pass")
+        print(f"ViT / DCFormer: parameters {costs['vit'][0] / costs['dcformer'][0]:.2f}x, "
+              f"GFLOP {costs['vit'][1] / costs['dcformer'][1]:.2f}x")
+        return 0
     tag = "x".join(map(str, shape))
     train_cache = args.cache or Path(f"checkpoints/cache-{args.samples}-{tag}.pt")
     samples = build_cache(list(SPLITS["train"][: args.samples]), shape, train_cache, args.workers)

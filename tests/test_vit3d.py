@@ -82,3 +82,13 @@ def test_encoder_benchmark_runs_small(tmp_path: Path, capsys: pytest.CaptureFixt
         assert all(0.0 <= v <= 1.0 for v in row["dice"].values() if v == v)
     printed = capsys.readouterr().out
     assert "ViT / DCFormer: parameters" in printed
+
+
+def test_encoder_cost_counts_the_vits_attention() -> None:
+    import encoders  # benchmarks/encoders.py
+
+    cfg = NetConfig(encoder="vit")
+    _params_n, gflop = encoders.encoder_cost(cfg)
+    tokens = 6 * 12 * 12
+    attention = cfg.vit_depth * 2 * 2 * tokens * tokens * cfg.vit_width / 1e9  # QK^T and AV
+    assert gflop > attention  # the fused kernels' work is counted too
