@@ -14,6 +14,7 @@ from tomoscribe.model.scribe import DEFAULT_MODEL_DIR, Scribe
 from tomoscribe.model.segtoken import (
     SEG,
     SegTokenDecoder,
+    lesion_component_index,
     lesion_owners,
     mask_loss,
     refer_target,
@@ -109,6 +110,12 @@ def test_snap_keeps_the_regions_a_coarse_mask_mostly_covers() -> None:
     want[14:16, 4:6, 4:6] = True
     assert np.array_equal(snap_to_segmentation(touch, labels, [3, 5], 8), want)
     assert not snap_to_segmentation(touch, labels, [3, 5], 8, lesion_share=0.5).any()
+    # an index computed once per volume gives the same answers
+    index = lesion_component_index(labels, 8)
+    assert np.array_equal(snap_to_segmentation(touch, labels, [3, 5], 8, components=index), want)
+    assert np.array_equal(snap_to_segmentation(coarse, labels, [3, 5], 8, components=index),
+                          snap_to_segmentation(coarse, labels, [3, 5], 8))
+    assert int(index.sizes[8]) == int((labels == 8).sum()) and len(index.objects) == 2
 
 
 def test_referring_answers_and_vocabulary() -> None:
@@ -171,3 +178,4 @@ def test_segtoken_stage_trains_and_a_seg_answer_gives_a_source_grid_mask(
     assert liver.mask[refined == 4].all()  # the whole liver (class 4)
     assert not liver.mask[(refined != 4) & (refined != 8)].any()  # nothing but it and lesions
     assert plain.mask is None and SEG not in plain.answer  # not a referring question
+    assert "snap_components" in enc.extra  # labelled once for every later question

@@ -37,7 +37,12 @@ from tomoscribe.model.api import Encoded
 from tomoscribe.model.network import NetConfig, ScribeNet
 from tomoscribe.model.preprocess import GridMap, prepare_volume
 from tomoscribe.model.refine import BODY_CLASS, refine, refined_organs
-from tomoscribe.model.segtoken import SEG, lesion_owners, snap_to_segmentation
+from tomoscribe.model.segtoken import (
+    SEG,
+    lesion_component_index,
+    lesion_owners,
+    snap_to_segmentation,
+)
 from tomoscribe.model.text import (
     ANSWER,
     BOS,
@@ -308,7 +313,12 @@ class Scribe:
         refined = encoded.extra.get("refined")
         if snap and refined is not None and not blind:
             organs = [c for c in self.cfg.organ_classes if c != BODY_CLASS]
-            mask = snap_to_segmentation(mask, refined, organs, self.cfg.lesion_class)
+            index = encoded.extra.get("snap_components")
+            if index is None:  # once per volume, whatever the number of questions
+                index = lesion_component_index(refined, self.cfg.lesion_class)
+                encoded.extra["snap_components"] = index
+            mask = snap_to_segmentation(mask, refined, organs, self.cfg.lesion_class,
+                                        components=index)
             mask = self._within_named_organ(question, mask, encoded)
             if not mask.any():  # nothing of that kind where the question says
                 return "none .", None
