@@ -98,6 +98,7 @@ class TomoscribeApp(Application):
             state=state,
             input_folder=self.input_folder,
             rules=self.settings.selection,
+            model_dir=self.model_dir,
             name="series_selector",
         )
         loader = VolumeLoaderOperator(self, state=state, name="volume_loader")

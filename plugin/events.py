@@ -34,17 +34,8 @@ def is_own_output(series: Mapping[str, Any]) -> bool:
     return description.startswith(OWN_DESCRIPTION_PREFIX.lower())
 
 
-def input_series(series_list: Iterable[Mapping[str, Any]],
-                 modalities: Sequence[str]) -> list[Mapping[str, Any]]:
-    """The series a job reads: image series of an enabled modality, not our own output.
-
-    Args:
-        series_list: Orthanc's ``/studies/{id}/series`` answer.
-        modalities: Enabled modalities (upper case, e.g. ``("CT", "MR")``).
-
-    Returns:
-        The qualifying series, in Orthanc's order.
-    """
+def _candidates(series_list: Iterable[Mapping[str, Any]],
+                modalities: Sequence[str]) -> list[Mapping[str, Any]]:
     wanted = {m.upper() for m in modalities}
     out = []
     for series in series_list:
@@ -54,21 +45,57 @@ def input_series(series_list: Iterable[Mapping[str, Any]],
     return out
 
 
+def scope_refusal(series: Mapping[str, Any], scope: Any) -> str | None:
+    """Why the model's scope turns ``series`` away (``None``: it does not, or no scope).
+
+    Args:
+        series: One element of Orthanc's ``/studies/{id}/series`` answer.
+        scope: A ``tomoscribe.scope.ModelScope`` (anything with its ``refusal``), or ``None``.
+    """
+    if scope is None:
+        return None
+    tags = series.get("MainDicomTags", {}) or {}
+    refusal: str | None = scope.refusal(str(tags.get("Modality", "")),
+                                        str(tags.get("BodyPartExamined", "")))
+    return refusal
+
+
+def input_series(series_list: Iterable[Mapping[str, Any]],
+                 modalities: Sequence[str], scope: Any = None) -> list[Mapping[str, Any]]:
+    """The series a job reads: image series of an enabled modality, not our own output.
+
+    Args:
+        series_list: Orthanc's ``/studies/{id}/series`` answer.
+        modalities: Enabled modalities (upper case, e.g. ``("CT", "MR")``).
+        scope: The model's ``tomoscribe.scope.ModelScope``: series outside it
+            (another modality, a Body Part Examined it was not trained on) are
+            left out. ``None``: no such filter.
+
+    Returns:
+        The qualifying series, in Orthanc's order.
+    """
+    return [s for s in _candidates(series_list, modalities) if scope_refusal(s, scope) is None]
+
+
 def study_qualifies(series_list: Sequence[Mapping[str, Any]],
-                    modalities: Sequence[str]) -> tuple[bool, str]:
+                    modalities: Sequence[str], scope: Any = None) -> tuple[bool, str]:
     """Decide whether a study gets a job.
 
     Args:
         series_list: Orthanc's ``/studies/{id}/series`` answer.
         modalities: Enabled modalities.
+        scope: The model's ``tomoscribe.scope.ModelScope``, or ``None``.
 
     Returns:
         ``(True, "")`` or ``(False, one-line reason)``.
     """
     if not series_list:
         return False, "the study has no series"
-    if input_series(series_list, modalities):
+    if input_series(series_list, modalities, scope):
         return True, ""
+    candidates = _candidates(series_list, modalities)
+    if candidates:  # image series there are, but the model was not trained on them
+        return False, f"outside the model's scope: {scope_refusal(candidates[0], scope)}"
     found = sorted({str((s.get("MainDicomTags", {}) or {}).get("Modality", "?"))
                     for s in series_list})
     return False, (f"no {'/'.join(modalities)} image series that is not tomoscribe's own"

@@ -12,7 +12,7 @@ Every key is optional::
       "ModelDirectory": "/opt/tomoscribe/model",      // null: the app's default model
       "ModelVersion": "0.1.0",               // job key; default tomoscribe.__version__
       "Questions": ["Is there a lesion?"],
-      "Modalities": ["CT", "MR"],
+      "Modalities": ["CT", "MR"],           // and only what the model reads (its scope)
       "JobFunction": "operators.app:run_app", // or "/abs/file.py:function"
       "AppConfig": null,                      // config_path passed to the job function
       "LeaseSeconds": 60, "MaxAttempts": 3, "JobTimeoutSeconds": 1800,
@@ -108,6 +108,29 @@ class Settings:
             extra_env=dict(data.get("extra_env", {})),
             ohif_dir=Path(data["ohif_dir"]) if data.get("ohif_dir") else None,
         )
+
+
+def model_scope(settings: Settings) -> tuple[Any, str]:
+    """The declared scope of the model jobs will run (``tomoscribe.scope.ModelScope``).
+
+    The model is ``ModelDirectory``, else the ``AppConfig`` file's ``model``,
+    else the default model, as the job function resolves it.
+
+    Returns:
+        ``(scope, "")``, or ``(None, one-line reason)`` when it cannot be read
+        here (the job itself then reports what is wrong with the model).
+    """
+    try:
+        from tomoscribe.scope import read_scope
+
+        model_dir = settings.model_dir
+        if model_dir is None and settings.app_config is not None:
+            from tomoscribe.config import load_settings as load_app_settings
+
+            model_dir = load_app_settings(settings.app_config).model
+        return read_scope(model_dir), ""
+    except Exception as exc:  # tomoscribe missing, a broken config: never break Orthanc
+        return None, " ".join(f"{type(exc).__name__}: {exc}".split())
 
 
 def default_model_version() -> str:

@@ -69,9 +69,16 @@ class TomoscribePlugin:
     def __init__(self, settings: Settings, authorization: str):
         from jobs import JobStore
         from routes import Routes
+        from settings import model_scope
         from supervisor import Supervisor
 
         self.settings = settings
+        self.scope, why = model_scope(settings)
+        if self.scope is None:
+            _log(f"tomoscribe: cannot read the model's scope ({why}); "
+                 "studies are filtered by Modalities only")
+        elif self.scope.declared:
+            _log(f"tomoscribe: the model reads {self.scope.what()}; other studies are skipped")
         self.store = JobStore(settings.db_path, max_attempts=settings.max_attempts)
         self.supervisor = Supervisor(settings, authorization, _log)
         self.routes = Routes(self.store, self.enqueue_study, self.health)
@@ -125,7 +132,7 @@ class TomoscribePlugin:
             series = json.loads(orthanc.RestApiGet(f"/studies/{study_id}/series"))
         except orthanc.OrthancException:
             return None, False, f"no study {study_id} in Orthanc"
-        ok, reason = study_qualifies(series, self.settings.modalities)
+        ok, reason = study_qualifies(series, self.settings.modalities, self.scope)
         if not ok:
             return None, False, reason
         study_uid = study["MainDicomTags"]["StudyInstanceUID"]

@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from events import input_series
 from jobs import Job, JobStore, one_line
-from settings import Settings
+from settings import Settings, model_scope
 
 from tomoscribe.errors import OutputError, TomoscribeError
 
@@ -161,11 +161,12 @@ def load_job_function(spec: str) -> JobFunction:
 
 
 def fetch_study(client: OrthancClient, orthanc_study_id: str, modalities: Sequence[str],
-                dest: Path) -> list[Path]:
+                dest: Path, scope: Any = None) -> list[Path]:
     """Download the input series of a study into ``dest/<series id>/<instance id>.dcm``.
 
-    Only image series of an enabled modality that are not our own output are
-    fetched (the same rule the plugin used to enqueue the job).
+    Only image series of an enabled modality that are not our own output and
+    that the model's ``scope`` admits are fetched (the same rule the plugin
+    used to enqueue the job).
 
     Returns:
         The files written.
@@ -175,7 +176,7 @@ def fetch_study(client: OrthancClient, orthanc_study_id: str, modalities: Sequen
     """
     files = []
     for series in input_series(client.get_json(f"/studies/{orthanc_study_id}/series"),
-                               modalities):
+                               modalities, scope):
         folder = dest / str(series["ID"])
         folder.mkdir(parents=True, exist_ok=True)
         for instance_id in series["Instances"]:
@@ -251,7 +252,8 @@ def run_job(job: Job, settings: Settings, client: OrthancClient, job_function: J
         in_dir, out_dir = Path(tmp) / "input", Path(tmp) / "output"
         in_dir.mkdir()
         out_dir.mkdir()
-        files = fetch_study(client, job.orthanc_study_id, settings.modalities, in_dir)
+        scope, _ = model_scope(settings)  # None: fetch by Modalities; the app then decides
+        files = fetch_study(client, job.orthanc_study_id, settings.modalities, in_dir, scope)
         LOG.info("job %d: fetched %d instances of study %s", job.id, len(files), job.study_uid)
         result = job_function(in_dir, out_dir, model_dir=settings.model_dir,
                               questions=list(settings.questions),

@@ -21,6 +21,7 @@ from pydicom.data import get_testdata_file
 
 from tomoscribe import __version__
 from tomoscribe.cli import EXIT_ERROR, build_parser, main
+from tomoscribe.dicomio.synth import write_series
 from tomoscribe.model.network import NetConfig, ScribeNet
 from tomoscribe.phantom import make_phantom, write_dicom_series
 from tomoscribe.report import ORGANS
@@ -51,7 +52,16 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     sr_only = base / "sr_only"
     sr_only.mkdir()
     shutil.copy(str(get_testdata_file("test-SR.dcm")), sr_only / "IM0001")
-    return {"model": base / "model", "study": base / "study", "junk": junk, "sr_only": sr_only}
+    mr = base / "mr"  # a series the model was not trained on: MR
+    write_series(mr, n=12, modality="MR", slope=1.0, intercept=0.0)
+    head = base / "head"  # CT, but of the head
+    write_dicom_series(make_phantom(8, shape=(16, 40, 40)), head)
+    for path in head.iterdir():
+        ds = pydicom.dcmread(path)
+        ds.BodyPartExamined = "HEAD"
+        ds.save_as(path)
+    return {"model": base / "model", "study": base / "study", "junk": junk, "sr_only": sr_only,
+            "mr": mr, "head": head}
 
 
 def _run(args: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -137,6 +147,8 @@ def test_python_m_operators_monai_convention(data: dict[str, Path], tmp_path: Pa
     [
         ("junk", "no DICOM files found"),
         ("sr_only", "no series qualifies"),
+        ("mr", "no series the model can read: the model reads CT of the chest and abdomen, not MR"),
+        ("head", "the model reads CT of the chest and abdomen, not Body Part Examined HEAD"),
         ("absent", "does not exist"),
     ],
 )

@@ -22,7 +22,9 @@ from typing import Any
 import pydicom
 import pytest
 from orthanc_harness import OrthancServer, orthanc_server, unavailable_reason
+from pydicom.uid import generate_uid
 
+from tomoscribe.dicomio.synth import write_series
 from tomoscribe.phantom import make_phantom, write_dicom_series
 
 pytestmark = [pytest.mark.orthanc, pytest.mark.slow]
@@ -199,6 +201,30 @@ def test_plumbing_failure_is_one_line(plumbing_server: OrthancServer, tmp_path: 
         (control / "fail").unlink()
     assert job["state"] == "failed" and job["reason"] == "the series is a scout not a volume"
     assert own_series(server, job["orthanc_study_id"]) == {}
+
+
+def test_study_outside_the_models_scope_gets_no_job(plumbing_server: OrthancServer,
+                                                    tmp_path: Path) -> None:
+    """An MR study reaches the PACS; the model reads chest-abdomen CT: no job, and the reason."""
+    server = plumbing_server
+
+    def skipped() -> int:
+        return int(server.get_json("/tomoscribe/health")["events"]["not_qualifying"])
+
+    before = skipped()
+    study_uid = generate_uid()
+    write_series(tmp_path / "mr", n=12, modality="MR", slope=1.0, intercept=0.0,
+                 study_uid=study_uid, description="T1 axial")
+    server.storescu(tmp_path / "mr")
+    server.wait_for(lambda: skipped() > before, STABLE_AGE + 30, what="the MR study skipped")
+    assert job_for(server, study_uid) == []
+    study_id = find_study(server, study_uid)
+    resp = server.request("POST", f"/tomoscribe/studies/{study_id}/rerun",
+                          headers={"X-Requested-With": "test"})
+    assert resp.status == 422
+    assert resp.json()["error"] == ("outside the model's scope: the model reads CT of the chest"
+                                    " and abdomen, not MR")
+    assert job_for(server, study_uid) == []
 
 
 def test_plumbing_worker_killed_midjob_is_restarted(plumbing_server: OrthancServer,

@@ -159,7 +159,7 @@ def test_ct_study_is_queued_once_and_fast(fake: tuple[FakeOrthanc, Any]) -> None
 
 def test_done_study_is_not_requeued(fake: tuple[FakeOrthanc, Any]) -> None:
     orthanc, plugin = fake
-    orthanc.studies["s1"] = ("1.2.840.1", [_series("a", "MR")])
+    orthanc.studies["s1"] = ("1.2.840.1", [_series("a", "CT")])
     _stable(orthanc, "s1")
     job = plugin.store.claim("w", 30)
     plugin.store.complete(job.id, ["o1"], "w")
@@ -184,6 +184,60 @@ def test_study_that_does_not_qualify_gets_no_job(fake: tuple[FakeOrthanc, Any],
     assert plugin.counters["not_qualifying"] == 1
     ok, why = study_qualifies(orthanc.studies["s2"][1], ("CT", "MR"))
     assert not ok and reason in why
+
+
+def _with_body_part(series: dict[str, Any], body_part: str) -> dict[str, Any]:
+    series["MainDicomTags"]["BodyPartExamined"] = body_part
+    return series
+
+
+@pytest.mark.parametrize(("series", "reason"), [
+    ([lambda: _series("a", "MR")], "outside the model's scope: the model reads CT of the chest"
+                                   " and abdomen, not MR"),
+    ([lambda: _with_body_part(_series("a", "CT"), "HEAD")], "not Body Part Examined HEAD"),
+])
+def test_study_outside_the_models_scope_gets_no_job(fake: tuple[FakeOrthanc, Any],
+                                                    series: list[Any], reason: str) -> None:
+    """The default model reads chest-abdomen CT: an MR or a head CT is skipped, with the reason."""
+    orthanc, plugin = fake
+    assert plugin.scope.modalities == ("CT",)
+    orthanc.studies["s3"] = ("1.2.840.3", [make() for make in series])
+    _stable(orthanc, "s3")
+    assert plugin.store.list() == []
+    assert plugin.counters["not_qualifying"] == 1
+    assert any(reason in line for line in orthanc.logs), orthanc.logs
+    job, created, why = plugin.enqueue_study("s3", True)  # the rerun route says why too
+    assert job is None and not created and reason in why
+
+
+def test_in_scope_series_of_a_mixed_study_qualify(fake: tuple[FakeOrthanc, Any]) -> None:
+    """A study with an MR and an abdominal CT gets a job; free-text body parts do not refuse."""
+    orthanc, plugin = fake
+    orthanc.studies["s4"] = ("1.2.840.4", [_series("a", "MR"),
+                                           _with_body_part(_series("b", "CT"), "Thorax/Abd")])
+    _stable(orthanc, "s4")
+    assert len(plugin.store.list()) == 1
+    from events import input_series
+
+    assert [s["ID"] for s in input_series(orthanc.studies["s4"][1], ("CT", "MR"),
+                                          plugin.scope)] == ["b"]
+
+
+def test_model_without_a_scope_reads_mr(tmp_path: Path) -> None:
+    """A model folder declaring no scope (brought from elsewhere): the Modalities filter only."""
+    from settings import model_scope
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"name": "theirs", "net": {}}))
+    config = {"StorageDirectory": str(tmp_path), "Tomoscribe": {"ModelDirectory": str(folder)}}
+    scope, why = model_scope(load_settings(config))
+    assert why == "" and not scope.declared
+    ok, _ = study_qualifies([_series("a", "MR")], ("CT", "MR"), scope)
+    assert ok
+    (folder / "config.json").write_text("{not json")
+    scope, why = model_scope(load_settings(config))
+    assert scope is None and "not readable JSON" in why and "\n" not in why
 
 
 def test_callback_never_raises(fake: tuple[FakeOrthanc, Any]) -> None:

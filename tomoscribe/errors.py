@@ -23,6 +23,10 @@ class NoSeriesError(TomoscribeError):
     """No series of the study qualifies under the selection rules."""
 
 
+class OutOfScopeError(NoSeriesError):
+    """Series qualify, but none is of a kind the model was trained to read."""
+
+
 class GeometryError(TomoscribeError):
     """The chosen series cannot be turned into a consistent volume."""
 

@@ -46,6 +46,7 @@ from tomoscribe.model.text import (
 )
 from tomoscribe.phantom import LESION_KINDS, SPLITS, make_phantom, render_acquisition
 from tomoscribe.report import ORGANS
+from tomoscribe.scope import CHEST_ABDOMEN_CT
 
 MODEL_NAME = "tomoscribe-tiny"
 
@@ -477,14 +478,20 @@ def train_language_stage(net: ScribeNet, samples: list[dict[str, object]], tok: 
 
 
 def save_model(net: ScribeNet, out: Path, meta: dict[str, object]) -> None:
-    """Write ``model.pt`` (float16 state dict) and ``config.json`` into ``out``."""
+    """Write ``model.pt`` (float16 state dict) and ``config.json`` into ``out``.
+
+    ``config.json`` declares the model's scope (:mod:`tomoscribe.scope`): the
+    phantoms it trains on are chest-abdomen CT. A ``scope`` in ``meta`` (carried
+    over from ``--init``) wins.
+    """
     out.mkdir(parents=True, exist_ok=True)
     state = {k: (v.half() if v.is_floating_point() else v) for k, v in net.state_dict().items()}
     tmp = out / "model.pt.tmp"
     torch.save(state, tmp)
     os.replace(tmp, out / "model.pt")
     WordTokenizer(net.cfg.vocab).save(out / "tokenizer.json")
-    conf = {"name": MODEL_NAME, "net": net.cfg.to_dict(), **meta}
+    conf = {"name": MODEL_NAME, "scope": CHEST_ABDOMEN_CT.to_dict(), "net": net.cfg.to_dict(),
+            **meta}
     (out / "config.json").write_text(json.dumps(conf, indent=2) + "\n")
 
 

@@ -45,6 +45,7 @@ class SeriesInfo:
         study_uid: StudyInstanceUID.
         modality: Modality ("CT", "MR", "SR", ...; "" when absent).
         description: SeriesDescription ("" when absent).
+        body_part: BodyPartExamined ("" when absent).
         series_number: SeriesNumber or ``None``.
         sop_class_uid: the SOP class most instances of the series have.
         sop_class_uids: every SOP class seen in the series.
@@ -67,6 +68,7 @@ class SeriesInfo:
     study_uid: str
     modality: str = ""
     description: str = ""
+    body_part: str = ""
     series_number: int | None = None
     sop_class_uid: str = ""
     sop_class_uids: tuple[str, ...] = ()
@@ -258,6 +260,7 @@ def _build_series(
     image_type = tuple(str(v).strip().upper() for v in (first.get("ImageType") or ()))
     record.modality = str(first.get("Modality", "") or "")
     record.description = str(first.get("SeriesDescription", "") or "").strip()
+    record.body_part = str(first.get("BodyPartExamined", "") or "").strip()
     record.series_number = _int_or_none(first.get("SeriesNumber"))
     record.sop_class_uid = classes.most_common(1)[0][0]
     record.sop_class_uids = tuple(classes)

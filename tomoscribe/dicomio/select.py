@@ -59,7 +59,8 @@ from pydicom.multival import MultiValue
 from tomoscribe.dicomio.frames import dominant_plane, frames_of, orientation_label
 from tomoscribe.dicomio.load import plan_geometry
 from tomoscribe.dicomio.scan import SeriesInfo, StudyIndex
-from tomoscribe.errors import GeometryError, NoSeriesError, TomoscribeError
+from tomoscribe.errors import GeometryError, NoSeriesError, OutOfScopeError, TomoscribeError
+from tomoscribe.scope import ModelScope
 
 #: SOP classes read as volumes unless a selection says otherwise.
 IMAGE_SOP_CLASSES: tuple[str, ...] = (
@@ -370,19 +371,24 @@ def _validate(rules: dict[str, Any]) -> list[dict[str, Any]]:
     return selections
 
 
-def select_series(index: StudyIndex, rules: dict[str, Any] | None = None) -> Selection:
+def select_series(
+    index: StudyIndex, rules: dict[str, Any] | None = None, scope: ModelScope | None = None
+) -> Selection:
     """Pick the series to read from ``index`` under ``rules``.
 
     Args:
         index: what :func:`scan_folder` found.
         rules: selection rules (see the module docstring); ``None`` means
             :data:`DEFAULT_RULES`.
+        scope: what the model reads (:mod:`tomoscribe.scope`); a series
+            outside it does not qualify. ``None``: any series.
 
     Returns:
         The chosen series, the name of the selection it met, and one line of
         explanation per series.
 
     Raises:
+        OutOfScopeError: series qualify under the rules, but none is in ``scope``.
         NoSeriesError: no series qualifies; the message says why for each.
         RulesError: the rules are malformed.
     """
@@ -391,12 +397,20 @@ def select_series(index: StudyIndex, rules: dict[str, Any] | None = None) -> Sel
     if not index.series:
         raise NoSeriesError(f"no series qualifies: no series found in {index.root}")
 
+    refused = {
+        s.uid: scope.refusal(s.modality, s.body_part) if scope is not None else None
+        for s in index.series
+    }
+    out_of_scope: list[str] = []  # why the scope turned away series the rules admit
     reasons: dict[str, list[str]] = {s.uid: [] for s in index.series}
     for number, sel in enumerate(selections, start=1):
         name = str(sel.get("name") or f"selection {number}").strip()
         qualified = []
         for s in index.series:
             why = _qualify(s, sel, rules)
+            if why is None and refused[s.uid]:
+                why = f"outside the model's scope: {refused[s.uid]}"
+                out_of_scope.append(str(refused[s.uid]))
             if why is None:
                 qualified.append(s)
             else:
@@ -431,4 +445,9 @@ def select_series(index: StudyIndex, rules: dict[str, Any] | None = None) -> Sel
     summary = "; ".join(
         f"{s.uid} ({s.modality or '?'}): {' / '.join(reasons[s.uid])}" for s in index.series
     )
+    if out_of_scope:
+        raise OutOfScopeError(
+            f"no series the model can read: {out_of_scope[0]}; "
+            f"{len(index.series)} series seen; {summary}"
+        )
     raise NoSeriesError(f"no series qualifies: {len(index.series)} series seen; {summary}")

@@ -57,9 +57,8 @@ from tomoscribe.model.text import (
     sentence_case,
 )
 from tomoscribe.report import ORGANS, Answer, Finding, Report, Segment
+from tomoscribe.scope import DEFAULT_MODEL_DIR
 from tomoscribe.volume import Volume
-
-DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "weights"
 
 #: label of a lesion segment: 10 + index of the lesion in the report
 LESION_LABEL_BASE = 10

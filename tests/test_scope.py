@@ -1,0 +1,148 @@
+"""The model's declared scope: what it reads, and the series selection that enforces it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from tomoscribe.dicomio import scan_folder, select_series
+from tomoscribe.dicomio.synth import write_series
+from tomoscribe.errors import ModelError, NoSeriesError, OutOfScopeError
+from tomoscribe.scope import (
+    CHEST_ABDOMEN_CT,
+    DEFAULT_MODEL_DIR,
+    DEFINED_BODY_PARTS,
+    ModelScope,
+    normalize_body_part,
+    read_scope,
+)
+
+
+def test_the_shipped_model_declares_chest_abdomen_ct() -> None:
+    scope = read_scope(None)
+    assert scope == read_scope(DEFAULT_MODEL_DIR) == CHEST_ABDOMEN_CT
+    assert scope.declared and scope.modalities == ("CT",)
+    assert set(scope.body_parts) <= DEFINED_BODY_PARTS  # every accepted value is a real term
+
+
+@pytest.mark.parametrize(
+    ("modality", "body_part", "refused"),
+    [
+        ("CT", "", None),  # optional attribute absent: read
+        ("CT", "CHEST", None),
+        ("ct", "Chest/Abdomen", None),  # normalised to CHESTABDOMEN
+        ("CT", "CAP", None),  # site text, not a defined term: read
+        ("CT", "HEAD", "not Body Part Examined HEAD"),
+        ("CT", "knee", "not Body Part Examined KNEE"),
+        ("MR", "ABDOMEN", "not MR"),
+        ("", "CHEST", "not a series without Modality"),
+    ],
+)
+def test_refusal(modality: str, body_part: str, refused: str | None) -> None:
+    why = CHEST_ABDOMEN_CT.refusal(modality, body_part)
+    if refused is None:
+        assert why is None
+    else:
+        assert why is not None and refused in why
+        assert why.startswith("the model reads CT of the chest and abdomen, ")
+
+
+def test_an_undeclared_scope_reads_anything() -> None:
+    scope = ModelScope.from_dict(None)
+    assert not scope.declared
+    assert scope.refusal("MR", "HEAD") is None
+    assert scope.refuses_all([("MR", "HEAD")]) is None
+
+
+def test_refuses_all_only_when_every_series_is_out() -> None:
+    assert CHEST_ABDOMEN_CT.refuses_all([("MR", ""), ("CT", "")]) is None
+    assert "not MR" in str(CHEST_ABDOMEN_CT.refuses_all([("MR", ""), ("MR", "HEAD")]))
+    assert CHEST_ABDOMEN_CT.refuses_all([]) is None
+
+
+def test_round_trip_and_normalisation() -> None:
+    scope = ModelScope.from_dict(
+        {"description": "MR of the head", "modalities": ["mr"], "body_parts": ["Head", "brain"]}
+    )
+    assert scope.modalities == ("MR",) and scope.body_parts == ("HEAD", "BRAIN")
+    assert ModelScope.from_dict(scope.to_dict()) == scope
+    assert normalize_body_part(" chest-abdomen ") == "CHESTABDOMEN"
+
+
+@pytest.mark.parametrize(
+    ("conf", "message"),
+    [
+        ("{oops", "not readable JSON"),
+        ('["a list"]', "not a JSON object"),
+        ('{"scope": "CT"}', "'scope' must be a mapping"),
+        ('{"scope": {"modalities": "CT"}}', "'scope.modalities' must be a list of strings"),
+    ],
+)
+def test_malformed_scope_is_a_model_error(tmp_path: Path, conf: str, message: str) -> None:
+    (tmp_path / "config.json").write_text(conf)
+    with pytest.raises(ModelError, match=message) as err:
+        read_scope(tmp_path)
+    assert "\n" not in str(err.value)
+
+
+def test_a_folder_without_config_declares_nothing(tmp_path: Path) -> None:
+    assert read_scope(tmp_path) == ModelScope()
+
+
+def _study(root: Path, body_part: str = "") -> Path:
+    """A study with an MR series (8 slices) and a CT series (10 slices), one UID."""
+    mr = write_series(root / "mr", n=8, modality="MR", slope=1.0, intercept=0.0, spacing=1.0,
+                      study_uid="1.2.826.0.1.3680043.10.54321.1", description="MR T1")
+    ct = write_series(root / "ct", n=10, study_uid="1.2.826.0.1.3680043.10.54321.1",
+                      series_number=3, description="CT AX")
+    assert mr and ct
+    if body_part:
+        for path in ct:
+            ds = pydicom.dcmread(path)
+            ds.BodyPartExamined = body_part
+            ds.save_as(path)
+    return root
+
+
+def test_selection_skips_series_outside_the_scope(tmp_path: Path) -> None:
+    """Without a scope the MR (preferred: thinner) wins; with it the CT is read."""
+    index = scan_folder(_study(tmp_path))
+    assert select_series(index, None).chosen.modality == "MR"
+    selection = select_series(index, None, CHEST_ABDOMEN_CT)
+    assert selection.chosen.description == "CT AX"
+    mr_line = next(line for line in selection.explanation if "MR T1" in line)
+    assert "outside the model's scope: the model reads CT of the chest and abdomen, not MR" in (
+        mr_line
+    )
+
+
+def test_selection_refuses_a_study_with_nothing_in_scope(tmp_path: Path) -> None:
+    index = scan_folder(_study(tmp_path, body_part="HEAD"))
+    with pytest.raises(OutOfScopeError) as err:
+        select_series(index, None, CHEST_ABDOMEN_CT)
+    message = str(err.value)
+    assert isinstance(err.value, NoSeriesError)  # callers that catch "no series" still do
+    assert message.startswith("no series the model can read: the model reads CT of the chest")
+    assert "2 series seen" in message and "\n" not in message
+
+
+def test_a_study_with_no_image_series_is_not_called_out_of_scope(tmp_path: Path) -> None:
+    write_series(tmp_path, n=3, modality="MR", slope=1.0, intercept=0.0)  # too few slices
+    with pytest.raises(NoSeriesError) as err:
+        select_series(scan_folder(tmp_path), None, CHEST_ABDOMEN_CT)
+    assert not isinstance(err.value, OutOfScopeError)
+
+
+def test_training_writes_the_scope_and_keeps_a_prior_one(tmp_path: Path) -> None:
+    from tomoscribe.model.network import NetConfig, ScribeNet
+    from tomoscribe.train import save_model
+
+    net = ScribeNet(NetConfig(model_shape=(16, 32, 32), channels=(8, 8, 16, 16)))
+    save_model(net, tmp_path / "a", {"version": "t"})
+    assert read_scope(tmp_path / "a") == CHEST_ABDOMEN_CT
+    mine = {"description": "MR of the head", "modalities": ["MR"], "body_parts": ["HEAD"]}
+    save_model(net, tmp_path / "b", {"version": "t", "scope": mine})
+    assert json.loads((tmp_path / "b" / "config.json").read_text())["scope"] == mine

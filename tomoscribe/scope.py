@@ -1,0 +1,192 @@
+"""What a model was trained to read, and the check that keeps other studies away from it.
+
+A model trained on CT of the chest and abdomen writes a chest-abdomen report
+on whatever it is given: run on a brain MR it would report on a liver that is
+not there. So every model folder may declare its scope in ``config.json``::
+
+    "scope": {
+      "description": "CT of the chest and abdomen",
+      "modalities": ["CT"],
+      "body_parts": ["CHEST", "ABDOMEN", "CHESTABDOMEN", ...]
+    }
+
+and a series is read only when
+
+- its Modality (0008,0060) is one of ``modalities``, and
+- its Body Part Examined (0018,0015), where the header has one and it is a
+  DICOM defined term (PS3.16 Annex L, :data:`DEFINED_BODY_PARTS`), is one of
+  ``body_parts``. An empty Body Part Examined, or text that is not a defined
+  term (sites write "CAP", "THORAX ABD", local words), does not refuse a
+  series: the attribute is optional and often site-specific, and a refusal on
+  it would keep real chest-abdomen studies from the model. Only a defined term
+  that names another region (HEAD, KNEE, PELVIS...) does.
+
+An empty list means "any"; a model folder without ``scope`` (a model brought
+from elsewhere before it declared one) reads every CT and MR series, as
+before. The series selection (:func:`tomoscribe.dicomio.select_series`), the
+Orthanc plugin's event filter and the CLI all use the same check.
+
+This module is light (standard library only): the Orthanc plugin imports it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tomoscribe.errors import ModelError
+
+#: the default model's folder, shipped inside the package
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "weights"
+
+_DEFINED_TERMS = """
+    ABDOMEN ABDOMENPELVIS ADRENAL ANKLE AORTA ARM AXILLA BACK BLADDER BRAIN BREAST
+    BRONCHUS BUTTOCK CALCANEUS CALF CAROTID CEREBELLUM CSPINE CTSPINE CERVIX CHEEK
+    CHEST CHESTABDOMEN CHESTABDPELVIS CIRCLEOFWILLIS CLAVICLE COCCYX COLON CORNEA
+    CORONARYARTERY DUODENUM EAR ELBOW WHOLEBODY ESOPHAGUS EXTREMITY EYE EYELID FACE
+    FEMUR FINGER FOOT GALLBLADDER HAND HEAD HEADNECK HEART HIP HUMERUS IAC ILEUM
+    ILIUM JAW JEJUNUM KIDNEY KNEE LARYNX LEG LIVER LSPINE LSSPINE LUNG MAXILLA
+    MEDIASTINUM MOUTH NECK NECKCHEST NECKCHESTABDOMEN NECKCHESTABDPELV NOSE ORBIT
+    OVARY PANCREAS PAROTID PATELLA PELVIS PENIS PHARYNX PROSTATE RECTUM RIB SCALP
+    SELLA SCAPULA SHOULDER SKULL SPINE SPLEEN STERNUM STOMACH SUBMANDIBULAR TMJ
+    TESTIS THIGH TSPINE TLSPINE THUMB THYMUS THYROID TOE TONGUE TRACHEA URETER
+    URETHRA UTERUS VAGINA VULVA WRIST ZYGOMA
+"""
+#: Body Part Examined defined terms (DICOM PS3.16 Annex L), normalised
+#: (upper case, letters and digits only).
+DEFINED_BODY_PARTS: frozenset[str] = frozenset(_DEFINED_TERMS.split())
+
+
+def normalize_body_part(text: str) -> str:
+    """``text`` upper case, letters and digits only (``"Chest/Abdomen "`` -> ``"CHESTABDOMEN"``)."""
+    return re.sub(r"[^A-Z0-9]", "", str(text).upper())
+
+
+@dataclass(frozen=True)
+class ModelScope:
+    """The studies a model reads.
+
+    Attributes:
+        description: what it reads, for people ("CT of the chest and abdomen").
+        modalities: Modality values, upper case; empty: any.
+        body_parts: Body Part Examined values it reads, normalised; empty: any.
+    """
+
+    description: str = ""
+    modalities: tuple[str, ...] = ()
+    body_parts: tuple[str, ...] = ()
+
+    @property
+    def declared(self) -> bool:
+        """Whether the model restricts anything."""
+        return bool(self.modalities or self.body_parts)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None) -> ModelScope:
+        """Parse ``config.json``'s ``scope`` (``None``: no scope declared).
+
+        Raises:
+            ValueError: the entry is not a mapping of the documented shape.
+        """
+        if data is None:
+            return cls()
+        if not isinstance(data, Mapping):
+            raise ValueError("'scope' must be a mapping")
+
+        def words(key: str) -> tuple[str, ...]:
+            value = data.get(key, [])
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ValueError(f"'scope.{key}' must be a list of strings")
+            return tuple(v for v in value if v.strip())
+
+        return cls(
+            description=str(data.get("description", "") or ""),
+            modalities=tuple(m.strip().upper() for m in words("modalities")),
+            body_parts=tuple(normalize_body_part(b) for b in words("body_parts")),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The ``config.json`` form."""
+        return {
+            "description": self.description,
+            "modalities": list(self.modalities),
+            "body_parts": list(self.body_parts),
+        }
+
+    def what(self) -> str:
+        """One phrase: the description, else the modalities."""
+        return self.description or "/".join(self.modalities) or "any CT or MR"
+
+    def refusal(self, modality: str, body_part: str = "") -> str | None:
+        """Why a series of ``modality`` / ``body_part`` is outside the scope, or ``None``.
+
+        Args:
+            modality: the series' Modality.
+            body_part: its Body Part Examined ("" when absent).
+        """
+        mod = str(modality or "").strip().upper()
+        if self.modalities and mod not in self.modalities:
+            return f"the model reads {self.what()}, not {mod or 'a series without Modality'}"
+        part = normalize_body_part(body_part)
+        if self.body_parts and part in DEFINED_BODY_PARTS and part not in self.body_parts:
+            return f"the model reads {self.what()}, not Body Part Examined {part}"
+        return None
+
+    def refuses_all(self, series: Iterable[tuple[str, str]]) -> str | None:
+        """The first refusal if every ``(modality, body_part)`` is refused, else ``None``."""
+        reasons = [self.refusal(m, b) for m, b in series]
+        if reasons and all(reasons):
+            return reasons[0]
+        return None
+
+
+def read_scope(model_dir: Path | str | None = None) -> ModelScope:
+    """The scope declared in a model folder's ``config.json`` (``None``: the default model).
+
+    A folder without ``config.json``, or whose ``config.json`` has no
+    ``scope``, gives an empty scope (reads anything); loading the model
+    itself reports a missing or broken folder.
+
+    Raises:
+        ModelError: ``config.json`` is not JSON, or its ``scope`` is malformed.
+    """
+    folder = Path(model_dir) if model_dir is not None else DEFAULT_MODEL_DIR
+    path = folder / "config.json"
+    if not path.is_file():
+        return ModelScope()
+    try:
+        conf = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{path}: not readable JSON ({exc})") from exc
+    if not isinstance(conf, dict):
+        raise ModelError(f"{path}: not a JSON object")
+    try:
+        return ModelScope.from_dict(conf.get("scope"))
+    except ValueError as exc:
+        raise ModelError(f"{path}: {exc}") from exc
+
+
+#: the default model's scope (written into its config.json by training)
+CHEST_ABDOMEN_CT = ModelScope(
+    description="CT of the chest and abdomen",
+    modalities=("CT",),
+    body_parts=(
+        "CHEST",
+        "ABDOMEN",
+        "CHESTABDOMEN",
+        "CHESTABDPELVIS",
+        "ABDOMENPELVIS",
+        "NECKCHESTABDOMEN",
+        "NECKCHESTABDPELV",
+        "WHOLEBODY",
+        "LUNG",
+        "LIVER",
+        "KIDNEY",
+        "SPLEEN",
+        "MEDIASTINUM",
+    ),
+)
