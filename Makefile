@@ -3,7 +3,7 @@
 SHELL := /bin/bash
 PY := .venv/bin/python
 
-.PHONY: setup test lint demo stop train ablation encoders bench sample
+.PHONY: setup test lint demo stop train ablation encoders bench scope sample
 
 setup:
 	@bash scripts/setup.sh
@@ -80,6 +80,11 @@ encoders: setup
 ## bench: accuracy of the shipped model vs an image-blind baseline on held-out phantoms
 bench: setup
 	$(PY) benchmarks/accuracy.py
+
+## scope: which studies the shipped model refuses (chest-abdomen CT, with and without Body Part
+## Examined; head CT without it; head MR), 60 test phantoms each (about 12 min on 2 CPU cores)
+scope: setup
+	$(PY) benchmarks/scope.py
 
 ## sample: (re)generate the sample phantom study under samples/
 sample: setup

@@ -17,6 +17,11 @@ from tomoscribe.model.scribe import load_cached
 class LanguageModelOperator(StepOperator):
     """Generate the draft report and answer the standing questions.
 
+    A report on an image that does not show what the model reads (its
+    scope's anatomy check, :meth:`tomoscribe.model.scribe.Scribe.check_anatomy`)
+    is not emitted: the run ends with
+    :class:`~tomoscribe.errors.OutOfScopeError` and writes nothing.
+
     Named input:
         encoded: a :class:`tomoscribe.model.api.Encoded`.
 
@@ -54,7 +59,9 @@ class LanguageModelOperator(StepOperator):
 
     def step(self, op_input: InputContext, op_output: OutputContext) -> None:
         encoded: Encoded = op_input.receive(self.INPUT)
-        report = load_cached(self.model_dir).generate(encoded, self.questions)
+        scribe = load_cached(self.model_dir)
+        report = scribe.generate(encoded, self.questions)
+        scribe.check_anatomy(report, encoded.volume)  # OutOfScopeError: no report on a head CT
         self.state.report_text = report.text
         self.state.answers = [(a.question, a.answer) for a in report.answers]
         self.state.answer_slices = [tuple(a.key_slices) for a in report.answers]

@@ -8,6 +8,7 @@ MONAI Deploy's environment variables.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import subprocess
@@ -25,11 +26,13 @@ from tomoscribe.dicomio.synth import write_series
 from tomoscribe.model.network import NetConfig, ScribeNet
 from tomoscribe.phantom import make_phantom, write_dicom_series
 from tomoscribe.report import ORGANS
+from tomoscribe.scope import CHEST_ABDOMEN_CT
 from tomoscribe.train import save_model
 
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parent.parent
 QUESTION = "is there a lesion in the liver ?"
+HEADERS_ONLY = dataclasses.replace(CHEST_ABDOMEN_CT, anatomy=()).to_dict()
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +46,10 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         net.seg.out.weight.zero_()
         bias.fill_(-10.0)
         bias[ORGANS.index("liver") + 1] = 10.0
-    save_model(net, base / "model", {"version": "0.0.1-test"})
+    # a toy model: the header checks of the shipped scope, not its anatomy check (which
+    # refuses "liver" everywhere, see test_image_check_refuses_what_the_model_cannot_read)
+    save_model(net, base / "model", {"version": "0.0.1-test", "scope": HEADERS_ONLY})
+    save_model(net, base / "model-checked", {"version": "0.0.1-test"})
     write_dicom_series(make_phantom(7, lesion_probability=1.0, shape=(16, 40, 40)), base / "study")
     junk = base / "junk"
     junk.mkdir()
@@ -60,7 +66,8 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         ds = pydicom.dcmread(path)
         ds.BodyPartExamined = "HEAD"
         ds.save_as(path)
-    return {"model": base / "model", "study": base / "study", "junk": junk, "sr_only": sr_only,
+    return {"model": base / "model", "model_checked": base / "model-checked",
+            "study": base / "study", "junk": junk, "sr_only": sr_only,
             "mr": mr, "head": head}
 
 
@@ -163,6 +170,20 @@ def test_bad_input_one_line_no_output(
     assert status == EXIT_ERROR
     assert reason in _one_error_line(captured.err)
     assert captured.out == ""
+    assert not out.exists() or list(out.iterdir()) == []
+
+
+def test_image_check_refuses_what_the_model_cannot_read(
+    data: dict[str, Path], tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """A model that calls everything "liver": its report is refused, nothing is written."""
+    out = tmp_path / "out"
+    status = main(["run", "-i", str(data["study"]), "-o", str(out), "-m",
+                   str(data["model_checked"])])
+    line = _one_error_line(capfd.readouterr().err)
+    assert status == EXIT_ERROR
+    assert "the image does not look like CT of the chest and abdomen: what the model took for " \
+           "the liver" in line and "not -20 to 250 HU" in line
     assert not out.exists() or list(out.iterdir()) == []
 
 

@@ -8,6 +8,7 @@ every voxel "liver", so a run always has a segment and hence a SEG.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import resource
 import shutil
 import signal
@@ -28,6 +29,7 @@ from tomoscribe.errors import InputError, ModelError, NoSeriesError, ReportError
 from tomoscribe.model.network import NetConfig, ScribeNet
 from tomoscribe.phantom import make_phantom, write_dicom_series
 from tomoscribe.report import ORGANS
+from tomoscribe.scope import CHEST_ABDOMEN_CT
 from tomoscribe.train import save_model
 
 TINY = NetConfig(model_shape=(16, 32, 32), channels=(8, 8, 16, 16))
@@ -47,7 +49,8 @@ def make_tiny_model(folder: Path) -> Path:
         net.seg.out.weight.zero_()
         bias.fill_(-10.0)
         bias[LIVER] = 10.0
-    save_model(net, folder, {"version": "0.0.1-test"})
+    save_model(net, folder, {"version": "0.0.1-test",  # header checks only: a toy model
+                             "scope": dataclasses.replace(CHEST_ABDOMEN_CT, anatomy=()).to_dict()})
     return folder
 
 

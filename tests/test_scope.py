@@ -146,3 +146,79 @@ def test_training_writes_the_scope_and_keeps_a_prior_one(tmp_path: Path) -> None
     mine = {"description": "MR of the head", "modalities": ["MR"], "body_parts": ["HEAD"]}
     save_model(net, tmp_path / "b", {"version": "t", "scope": mine})
     assert json.loads((tmp_path / "b" / "config.json").read_text())["scope"] == mine
+
+
+# -- the image check --------------------------------------------------------------------
+
+
+CHEST_FOUND = {"right lung": (1500.0, -850.0), "left lung": (1400.0, -850.0),
+               "liver": (1500.0, 60.0), "spleen": (250.0, 50.0),
+               "right kidney": (150.0, 35.0), "left kidney": (150.0, 35.0)}
+
+
+def test_anatomy_of_a_chest_abdomen_ct_passes() -> None:
+    assert CHEST_ABDOMEN_CT.anatomy_refusal(CHEST_FOUND) is None
+    only_liver = {"liver": (1500.0, 60.0)}  # an abdomen below the lungs
+    assert CHEST_ABDOMEN_CT.anatomy_refusal(only_liver) is None
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"right lung": (280.0, -1000.0)}, "right lung (280 ml) has a median of -1000 HU, not "
+                                           "-980 to -400 HU"),
+        ({"liver": (300.0, -93.0)}, "liver (300 ml) has a median of -93 HU, not -20 to 250 HU"),
+        ({"left kidney": (340.0, 892.0)}, "left kidney (340 ml) has a median of 892 HU"),
+    ],
+)
+def test_anatomy_out_of_range_is_refused(change: dict[str, tuple[float, float]],
+                                         message: str) -> None:
+    why = CHEST_ABDOMEN_CT.anatomy_refusal({**CHEST_FOUND, **change})
+    assert why is not None and message in why
+    assert why.startswith("the image does not look like CT of the chest and abdomen: ")
+
+
+def test_small_structures_are_not_judged_and_nothing_found_is_refused() -> None:
+    assert CHEST_ABDOMEN_CT.anatomy_refusal({**CHEST_FOUND, "spleen": (5.0, 900.0)}) is None
+    why = CHEST_ABDOMEN_CT.anatomy_refusal({"liver": (5.0, 60.0)})
+    assert why is not None and "the model found none of right lung, left lung, liver" in why
+    assert ModelScope(modalities=("CT",)).anatomy_refusal({}) is None  # no check declared
+
+
+@pytest.mark.parametrize(
+    ("anatomy", "message"),
+    [
+        ([1, 2], "'scope.anatomy' must be a mapping"),
+        ({"median": {"liver": [250, -20]}}, "'scope.anatomy.median.liver' must be"),
+        ({"median": {"liver": ["a", 1]}}, "'scope.anatomy.median.liver' must be"),
+        ({"min_ml": -1, "median": {}}, "'scope.anatomy.min_ml'"),
+    ],
+)
+def test_malformed_anatomy(anatomy: object, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        ModelScope.from_dict({"modalities": ["CT"], "anatomy": anatomy})
+
+
+def test_the_shipped_model_refuses_a_head_ct_without_body_part(tmp_path: Path) -> None:
+    """The headers let it through; the model's own segmentation shows it is no chest."""
+    from tomoscribe.dicomio import load_series
+    from tomoscribe.model.scribe import Scribe
+    from tomoscribe.phantom import make_phantom, write_dicom_series
+    from tomoscribe.phantom_head import make_head_phantom, write_head_series
+
+    scribe = Scribe.load(None)
+    assert scribe.scope == CHEST_ABDOMEN_CT
+    write_head_series(make_head_phantom(2_000_000, modality="CT"), tmp_path / "head",
+                      body_part="")
+    write_dicom_series(make_phantom(2_000_000), tmp_path / "chest")
+    verdicts = {}
+    for name in ("head", "chest"):
+        volume = load_series(select_series(scan_folder(tmp_path / name), None, scribe.scope).chosen)
+        report = scribe.generate(scribe.encode(volume), [])
+        try:
+            scribe.check_anatomy(report, volume)
+            verdicts[name] = "read"
+        except OutOfScopeError as err:
+            verdicts[name] = str(err)
+    assert verdicts["chest"] == "read"
+    assert verdicts["head"].startswith("the image does not look like CT of the chest and abdomen")

@@ -227,6 +227,29 @@ def muscle_contrast_to_noise(phantom: Phantom, organ: str) -> float:
     return abs(level - _HU["muscle"]) / max(phantom.noise_hu, 1e-6)
 
 
+def grid_points(
+    affine: np.ndarray, shape: tuple[int, int, int]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """LPS coordinates ``(x, y, z)`` in mm of every voxel of a grid, each ``(D, H, W)`` float32.
+
+    Args:
+        affine: ``(4, 4)`` index ``(k, r, c)`` -> LPS mm.
+        shape: ``(D, H, W)``.
+    """
+    d, h, w = shape
+    k, r, c = np.meshgrid(
+        np.arange(d, dtype=np.float32),
+        np.arange(h, dtype=np.float32),
+        np.arange(w, dtype=np.float32),
+        indexing="ij",
+    )
+    a = affine.astype(np.float32)
+    x = a[0, 0] * k + a[0, 1] * r + a[0, 2] * c + a[0, 3]
+    y = a[1, 0] * k + a[1, 1] * r + a[1, 2] * c + a[1, 3]
+    z = a[2, 0] * k + a[2, 1] * r + a[2, 2] * c + a[2, 3]
+    return x, y, z
+
+
 def render(
     phantom: Phantom, affine: np.ndarray, shape: tuple[int, int, int], *, noise: bool = True
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -242,18 +265,8 @@ def render(
         ``(hu, labels)``: ``(D, H, W)`` float32 Hounsfield units and uint8
         labels (:data:`ORGAN_LABELS`, :data:`LESION_LABEL`).
     """
-    d, h, w = shape
-    k, r, c = np.meshgrid(
-        np.arange(d, dtype=np.float32),
-        np.arange(h, dtype=np.float32),
-        np.arange(w, dtype=np.float32),
-        indexing="ij",
-    )
-    a = affine.astype(np.float32)
-    x = a[0, 0] * k + a[0, 1] * r + a[0, 2] * c + a[0, 3]
-    y = a[1, 0] * k + a[1, 1] * r + a[1, 2] * c + a[1, 3]
-    z = a[2, 0] * k + a[2, 1] * r + a[2, 2] * c + a[2, 3]
-    pts = (x, y, z)
+    pts = grid_points(affine, shape)
+    x, y, z = pts
     inside_z = (z >= phantom.z_range[0] - 1e-3) & (z <= phantom.z_range[1] + 1e-3)
 
     bx, by = phantom.body

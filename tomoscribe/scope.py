@@ -26,6 +26,21 @@ from elsewhere before it declared one) reads every CT and MR series, as
 before. The series selection (:func:`tomoscribe.dicomio.select_series`), the
 Orthanc plugin's event filter and the CLI all use the same check.
 
+Headers can be silent: a head CT without Body Part Examined passes them. So
+a scope may also say what the image must show, checked on the model's own
+segmentation once it has run::
+
+    "anatomy": {"min_ml": 20,
+                "median": {"right lung": [-980, -400], "liver": [-20, 250], ...}}
+
+At least one listed structure must be found (``min_ml`` or more), and each
+one found must have a median value in its range. The ranges are physics, not
+fitted to phantoms: an aerated lung is between air (-1000 HU) and water, a
+liver, spleen or kidney is soft tissue. Run on a head CT, the chest-abdomen
+model labels the air around the head "lung" (median -1000 HU) and fat or
+bone "liver" or "spleen"; the check turns that into a refusal
+(:meth:`ModelScope.anatomy_refusal`) instead of a report.
+
 This module is light (standard library only): the Orthanc plugin imports it.
 """
 
@@ -74,11 +89,17 @@ class ModelScope:
         description: what it reads, for people ("CT of the chest and abdomen").
         modalities: Modality values, upper case; empty: any.
         body_parts: Body Part Examined values it reads, normalised; empty: any.
+        anatomy: ``(structure, low, high)``: the range of the median value of
+            each structure the model segments, where it finds one; empty: no
+            image check.
+        min_ml: structures smaller than this (ml) are not checked.
     """
 
     description: str = ""
     modalities: tuple[str, ...] = ()
     body_parts: tuple[str, ...] = ()
+    anatomy: tuple[tuple[str, float, float], ...] = ()
+    min_ml: float = 20.0
 
     @property
     def declared(self) -> bool:
@@ -103,19 +124,37 @@ class ModelScope:
                 raise ValueError(f"'scope.{key}' must be a list of strings")
             return tuple(v for v in value if v.strip())
 
+        anatomy = data.get("anatomy") or {}
+        if not isinstance(anatomy, Mapping) or not isinstance(anatomy.get("median", {}), Mapping):
+            raise ValueError("'scope.anatomy' must be a mapping with a 'median' mapping")
+        ranges = []
+        for name, bounds in (anatomy.get("median") or {}).items():
+            numbers = isinstance(bounds, list) and all(isinstance(b, int | float) for b in bounds)
+            if not numbers or len(bounds) != 2 or bounds[0] > bounds[1]:
+                raise ValueError(f"'scope.anatomy.median.{name}' must be [low, high]")
+            ranges.append((str(name), float(bounds[0]), float(bounds[1])))
+        min_ml = anatomy.get("min_ml", 20.0)
+        if not isinstance(min_ml, int | float) or min_ml < 0:
+            raise ValueError("'scope.anatomy.min_ml' must be a number >= 0")
         return cls(
             description=str(data.get("description", "") or ""),
             modalities=tuple(m.strip().upper() for m in words("modalities")),
             body_parts=tuple(normalize_body_part(b) for b in words("body_parts")),
+            anatomy=tuple(ranges),
+            min_ml=float(min_ml),
         )
 
     def to_dict(self) -> dict[str, Any]:
         """The ``config.json`` form."""
-        return {
+        out: dict[str, Any] = {
             "description": self.description,
             "modalities": list(self.modalities),
             "body_parts": list(self.body_parts),
         }
+        if self.anatomy:
+            out["anatomy"] = {"min_ml": self.min_ml,
+                              "median": {n: [lo, hi] for n, lo, hi in self.anatomy}}
+        return out
 
     def what(self) -> str:
         """One phrase: the description, else the modalities."""
@@ -134,6 +173,30 @@ class ModelScope:
         part = normalize_body_part(body_part)
         if self.body_parts and part in DEFINED_BODY_PARTS and part not in self.body_parts:
             return f"the model reads {self.what()}, not Body Part Examined {part}"
+        return None
+
+    def anatomy_refusal(self, found: Mapping[str, tuple[float, float]]) -> str | None:
+        """Why the image is not what the model reads, judged by what it segmented (or ``None``).
+
+        Args:
+            found: structure -> ``(volume in ml, median voxel value)`` of each
+                structure the model segmented.
+        """
+        if not self.anatomy:
+            return None
+        unit = " HU" if self.modalities == ("CT",) else ""
+        present = {name: v for name, v in found.items() if v[0] >= self.min_ml}
+        names = [name for name, _lo, _hi in self.anatomy]
+        if not any(name in present for name in names):
+            return (f"the image does not look like {self.what()}: the model found none of "
+                    f"{', '.join(names)}")
+        for name, lo, hi in self.anatomy:
+            if name in present:
+                ml, median = present[name]
+                if not lo <= median <= hi:
+                    return (f"the image does not look like {self.what()}: what the model took "
+                            f"for the {name} ({ml:.0f} ml) has a median of {median:.0f}{unit}, "
+                            f"not {lo:g} to {hi:g}{unit}")
         return None
 
     def refuses_all(self, series: Iterable[tuple[str, str]]) -> str | None:
@@ -188,5 +251,13 @@ CHEST_ABDOMEN_CT = ModelScope(
         "KIDNEY",
         "SPLEEN",
         "MEDIASTINUM",
+    ),
+    anatomy=(
+        ("right lung", -980.0, -400.0),  # aerated: between air and water
+        ("left lung", -980.0, -400.0),
+        ("liver", -20.0, 250.0),  # soft tissue, fatty to contrast-enhanced
+        ("spleen", -10.0, 250.0),
+        ("right kidney", -10.0, 300.0),
+        ("left kidney", -10.0, 300.0),
     ),
 )

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tomoscribe.errors import ModelError
+from tomoscribe.errors import ModelError, OutOfScopeError
 from tomoscribe.model.api import Encoded
 from tomoscribe.model.network import NetConfig, ScribeNet
 from tomoscribe.model.preprocess import GridMap, prepare_volume
@@ -57,7 +57,7 @@ from tomoscribe.model.text import (
     sentence_case,
 )
 from tomoscribe.report import ORGANS, Answer, Finding, Report, Segment
-from tomoscribe.scope import DEFAULT_MODEL_DIR
+from tomoscribe.scope import DEFAULT_MODEL_DIR, ModelScope
 from tomoscribe.volume import Volume
 
 #: label of a lesion segment: 10 + index of the lesion in the report
@@ -70,12 +70,15 @@ class Scribe:
     """A loaded model, ready to encode volumes and write reports."""
 
     def __init__(self, net: ScribeNet, name: str, version: str, model_dir: Path,
-                 tokenizer: WordTokenizer | None = None) -> None:
+                 tokenizer: WordTokenizer | None = None,
+                 scope: ModelScope | None = None) -> None:
         self.net = net.eval()
         self.cfg = net.cfg
         self.name = name
         self.version = version
         self.model_dir = model_dir
+        #: what the model reads (config.json's ``scope``; empty: anything)
+        self.scope = scope if scope is not None else ModelScope()
         self.tok = tokenizer if tokenizer is not None else WordTokenizer(self.cfg.vocab)
         self.organ_names = {i + 1: n for i, n in enumerate(ORGANS)}
         # never emitted: padding, the start marker and the task markers
@@ -160,6 +163,7 @@ class Scribe:
                                  for k, v in state.items()})
             tok_path = folder / "tokenizer.json"
             tok = WordTokenizer.from_file(tok_path) if tok_path.is_file() else None
+            scope = ModelScope.from_dict(conf.get("scope"))
         except Exception as exc:  # anything a foreign folder can throw: one line
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ModelError(f"cannot load model from {folder}: {first[:200]}") from exc
@@ -167,7 +171,36 @@ class Scribe:
             raise ModelError(f"model folder {folder}: tokenizer.json does not match the "
                              "vocabulary in config.json")
         return cls(net, str(conf.get("name", "tomoscribe")), str(conf.get("version", "0")), folder,
-                   tok)
+                   tok, scope)
+
+    # ----------------------------------------------------------------- scope
+    @staticmethod
+    def anatomy_found(report: Report, volume: Volume) -> dict[str, tuple[float, float]]:
+        """Each organ segment of ``report``: ``structure -> (ml, median voxel value)``."""
+        voxel_ml = float(np.prod(volume.spacing)) / 1000.0
+        found: dict[str, tuple[float, float]] = {}
+        for seg in report.segments:
+            if seg.kind != "organ":
+                continue
+            mask = report.label_map == seg.label
+            n = int(mask.sum())
+            if n:
+                found[seg.structure] = (n * voxel_ml, float(np.median(volume.voxels[mask])))
+        return found
+
+    def check_anatomy(self, report: Report, volume: Volume) -> None:
+        """Refuse a report on an image the model was not trained to read.
+
+        The scope's image check (:meth:`ModelScope.anatomy_refusal`) on what
+        the model segmented: a head CT that passed the header checks (no Body
+        Part Examined) is caught here.
+
+        Raises:
+            OutOfScopeError: the one-line reason.
+        """
+        why = self.scope.anatomy_refusal(self.anatomy_found(report, volume))
+        if why is not None:
+            raise OutOfScopeError(why)
 
     # ---------------------------------------------------------------- encode
     @torch.inference_mode()

@@ -1,0 +1,146 @@
+"""Which studies the model refuses: its declared scope, checked on held-out phantoms.
+
+    .venv/bin/python benchmarks/scope.py [--n 60] [--split test] [--model-dir DIR] [--json PATH]
+
+Four sets of ``--n`` studies each, written as DICOM and run the way a job
+runs them (scan, select under the model's scope, load, encode, generate,
+the anatomy check):
+
+- chest-abdomen CT phantoms (what the model reads): every refusal is a false one;
+- chest-abdomen CT phantoms without Body Part Examined: the same, on the image check alone;
+- head CT phantoms without Body Part Examined: only the image check can refuse them;
+- head MR phantoms (Body Part Examined HEAD): the headers refuse them.
+
+A study is *refused by the headers* when the series selection finds nothing
+in scope (no model run), *refused by the image* when the anatomy check turns
+the model's segmentation down, *reported* otherwise. For a refusal by the
+image the table also counts which structure gave it away.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pydicom
+
+from tomoscribe.dicomio import load_series, scan_folder, select_series
+from tomoscribe.errors import OutOfScopeError
+from tomoscribe.model.scribe import Scribe
+from tomoscribe.phantom import SPLITS, make_phantom, write_dicom_series
+from tomoscribe.phantom_head import make_head_phantom, write_head_series
+
+SETS = ("chest-abdomen CT", "chest-abdomen CT, no body part", "head CT, no body part",
+        "head MR")
+
+
+def _write(kind: str, seed: int, folder: Path) -> None:
+    if kind.startswith("chest"):
+        paths = write_dicom_series(make_phantom(seed), folder)
+        if "no body part" in kind:
+            for path in paths:
+                ds = pydicom.dcmread(path)
+                del ds.BodyPartExamined
+                ds.save_as(path)
+    elif kind.startswith("head CT"):
+        write_head_series(make_head_phantom(seed, modality="CT"), folder, body_part="")
+    else:
+        write_head_series(make_head_phantom(seed, modality="MR"), folder)
+
+
+def run_one(scribe: Scribe, folder: Path) -> tuple[str, str, int, int]:
+    """One study: ``(outcome, reason, findings, structures out of range)``.
+
+    The outcome is "refused by the headers", "refused by the image" or "reported".
+    """
+    try:
+        series = select_series(scan_folder(folder), None, scribe.scope).chosen
+    except OutOfScopeError as err:
+        return "refused by the headers", str(err), 0, 0
+    volume = load_series(series)
+    report = scribe.generate(scribe.encode(volume), [])
+    found = scribe.anatomy_found(report, volume)
+    scope = scribe.scope
+    wrong = sum(1 for name, lo, hi in scope.anatomy if name in found
+                and found[name][0] >= scope.min_ml and not lo <= found[name][1] <= hi)
+    try:
+        scribe.check_anatomy(report, volume)
+    except OutOfScopeError as err:
+        return "refused by the image", str(err), len(report.findings), wrong
+    return "reported", "", len(report.findings), wrong
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=60, help="studies per set")
+    ap.add_argument("--split", choices=("test", "val"), default="test")
+    ap.add_argument("--model-dir", type=Path, default=None)
+    ap.add_argument("--json", type=Path, default=Path("benchmarks/results/scope.json"))
+    args = ap.parse_args(argv)
+
+    scribe = Scribe.load(args.model_dir)
+    print(f"model {scribe.name} {scribe.version}: reads {scribe.scope.what()}; "
+          f"{args.n} {args.split} studies per set", flush=True)
+    seeds = list(SPLITS[args.split][: args.n])
+    rows: dict[str, dict[str, Any]] = {}
+    t0 = time.time()
+    for kind in SETS:
+        outcomes: Counter[str] = Counter()
+        giveaways: Counter[str] = Counter()
+        wrongs: Counter[int] = Counter()
+        examples: list[str] = []
+        hallucinated = 0
+        for seed in seeds:
+            with tempfile.TemporaryDirectory() as tmp:
+                _write(kind, seed, Path(tmp))
+                outcome, reason, findings, wrong = run_one(scribe, Path(tmp))
+            outcomes[outcome] += 1
+            if outcome != "refused by the headers":
+                wrongs[wrong] += 1
+            if outcome == "refused by the image":
+                hallucinated += findings > 0
+                cue = reason.split("took for the ", 1)[-1].split(" (", 1)[0]
+                giveaways["none found" if "found none" in reason else cue] += 1
+            if reason and len(examples) < 2:
+                examples.append(reason)
+        rows[kind] = {"studies": len(seeds), **{k: outcomes[k] for k in (
+            "refused by the headers", "refused by the image", "reported")},
+            "image refusals by structure": dict(giveaways),
+            "refused reports that had findings": hallucinated,
+            "studies by structures out of range": {str(k): wrongs[k] for k in sorted(wrongs)},
+            "examples": examples}
+        print(f"  {kind}: {dict(outcomes)} ({time.time() - t0:.0f} s)", flush=True)
+
+    print()
+    print("| studies | n | refused by the headers | refused by the image | reported |")
+    print("| --- | --- | --- | --- | --- |")
+    for kind, row in rows.items():
+        print(f"| {kind} | {row['studies']} | {row['refused by the headers']} | "
+              f"{row['refused by the image']} | {row['reported']} |")
+    print()
+    for kind, row in rows.items():
+        if row["image refusals by structure"]:
+            had = row["refused reports that had findings"]
+            print(f"{kind}: image refusals by structure {row['image refusals by structure']}, "
+                  f"{had} of them would have reported findings; studies by structures out of "
+                  f"range {row['studies by structures out of range']}")
+        for example in row["examples"][:1]:
+            print(f"  e.g. {example[:220]}")
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({"model": f"{scribe.name} {scribe.version}",
+                                     "split": args.split, "n": args.n,
+                                     "seconds": round(time.time() - t0), "sets": rows},
+                                    indent=2) + "\n")
+    print(f"wrote {args.json}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
