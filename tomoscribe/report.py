@@ -8,6 +8,7 @@ source volume's own grid, so every voxel maps back to a source slice.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -33,6 +34,16 @@ LESION_KINDS: dict[str, str] = {
     "right kidney": "cyst",
     "left kidney": "cyst",
 }
+
+
+def named_organ(text: str, names: Iterable[str] = ORGANS) -> str | None:
+    """The organ a free-text question names (the longest of ``names`` in it), or ``None``.
+
+    ``"body"`` is never matched: it is the default region, not what is asked.
+    """
+    q = " ".join(text.lower().split())
+    named = sorted((n for n in names if n != "body" and n in q), key=len, reverse=True)
+    return named[0] if named else None
 
 
 @dataclass(frozen=True)

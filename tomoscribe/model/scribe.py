@@ -56,7 +56,7 @@ from tomoscribe.model.text import (
     parse_findings,
     sentence_case,
 )
-from tomoscribe.report import ORGANS, Answer, Finding, Report, Segment
+from tomoscribe.report import ORGANS, Answer, Finding, Report, Segment, named_organ
 from tomoscribe.scope import DEFAULT_MODEL_DIR, ModelScope
 from tomoscribe.volume import Volume
 
@@ -102,11 +102,8 @@ class Scribe:
         return np.asarray(label_map >= LESION_LABEL_BASE)
 
     def _named_organ(self, question: str) -> str | None:
-        """The organ a question names (the longest organ name in it), or ``None``."""
-        q = question.lower()
-        named = sorted((n for n in self.organ_names.values() if n != "body" and n in q),
-                       key=len, reverse=True)
-        return named[0] if named else None
+        """The organ a question names (:func:`tomoscribe.report.named_organ`), or ``None``."""
+        return named_organ(question, self.organ_names.values())
 
     def _refined_components(self, encoded: Encoded) -> tuple[np.ndarray, dict[int, str]]:
         """Lesion components of the refined labels and their organs (computed once per volume)."""

@@ -23,7 +23,7 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
 from tomoscribe.errors import ReportError
-from tomoscribe.report import LESION_KINDS, ORGANS, Segment
+from tomoscribe.report import LESION_KINDS, ORGANS, Segment, named_organ
 
 #: Segmentation property categories (CID 7150).
 ANATOMICAL_STRUCTURE: Code = codes.SCT.AnatomicalStructure  # 91723000
@@ -87,13 +87,8 @@ def lesion_code(structure: str) -> Code:
 
 
 def named_structure(text: str) -> str | None:
-    """The organ key a free-text question names (the longest one in it), or ``None``.
-
-    ``"body"`` is not matched: it is the default region, never what is asked.
-    """
-    q = " ".join(text.lower().split())
-    named = sorted((o for o in STRUCTURE_CODES if o != "body" and o in q), key=len, reverse=True)
-    return named[0] if named else None
+    """The coded organ a free-text question names (:func:`tomoscribe.report.named_organ`)."""
+    return named_organ(text, STRUCTURE_CODES)
 
 
 def answer_coding(question: str) -> SegmentCoding:

@@ -172,31 +172,39 @@ def _container(name: Code, items: list[hd.sr.ContentItem]) -> hd.sr.ContainerCon
     return container
 
 
-def _check_seg(seg: Dataset, report: Report, study_uid: str) -> dict[int, int]:
-    """Segment numbers of ``seg`` by report label, after checking it is this report's SEG."""
+def _checked_numbers(seg: Dataset, study_uid: str, what: str,
+                     expected: dict[int, tuple[int, str]], exact: bool) -> dict[int, int]:
+    """``{key: segment number}`` once ``seg`` is shown to be the report's ``what``.
+
+    Args:
+        seg: the SEG given to the SR.
+        study_uid: the report's study.
+        what: "segmentation" or "answer segmentation", for the messages.
+        expected: key -> (segment number, the label that segment must carry).
+        exact: the SEG holds no other segment.
+    """
     if str(seg.get("StudyInstanceUID", "")) != study_uid:
-        raise ReportError("the segmentation given to the SR belongs to another study")
-    numbers = segment_numbers(report)
+        raise ReportError(f"the {what} given to the SR belongs to another study")
     by_number = {int(item.SegmentNumber): str(item.SegmentLabel)
                  for item in seg.get("SegmentSequence", [])}
-    for label, number in numbers.items():
-        if by_number.get(number) != report.segment(label).name:
-            raise ReportError("the segmentation given to the SR was not built from this report")
-    return numbers
+    if (exact and len(by_number) != len(expected)) or any(
+            by_number.get(number) != label for number, label in expected.values()):
+        raise ReportError(f"the {what} given to the SR was not built from this report")
+    return {key: number for key, (number, _label) in expected.items()}
+
+
+def _check_seg(seg: Dataset, report: Report, study_uid: str) -> dict[int, int]:
+    """Segment numbers of ``seg`` by report label, after checking it is this report's SEG."""
+    expected = {label: (number, report.segment(label).name)
+                for label, number in segment_numbers(report).items()}
+    return _checked_numbers(seg, study_uid, "segmentation", expected, exact=False)
 
 
 def _check_answer_seg(seg: Dataset, report: Report, study_uid: str) -> dict[int, int]:
     """Segment numbers of the answer SEG by answer index, after checking it is this report's."""
-    if str(seg.get("StudyInstanceUID", "")) != study_uid:
-        raise ReportError("the answer segmentation given to the SR belongs to another study")
-    numbers = answer_segment_numbers(report)
-    by_number = {int(item.SegmentNumber): str(item.SegmentLabel)
-                 for item in seg.get("SegmentSequence", [])}
-    if len(by_number) != len(numbers) or any(
-            by_number.get(number) != answer_label(i + 1, report.answers[i].question)
-            for i, number in numbers.items()):
-        raise ReportError("the answer segmentation given to the SR was not built from this report")
-    return numbers
+    expected = {i: (number, answer_label(i + 1, report.answers[i].question))
+                for i, number in answer_segment_numbers(report).items()}
+    return _checked_numbers(seg, study_uid, "answer segmentation", expected, exact=True)
 
 
 def build_sr(
