@@ -1,6 +1,7 @@
 """DCFormer against a 3D ViT of the same size: segmentation from scratch on one budget.
 
     .venv/bin/python benchmarks/encoders.py [--steps 300] [--n 40] [--json PATH]
+        [--rows dcformer vit dcformer-siglip --siglip checkpoints/siglip/encoder.pt]
 
 The ablation's encoder row. Each encoder (``NetConfig.encoder`` "dcformer",
 the shipped model's, and "vit", :mod:`tomoscribe.model.vit3d`, 147 k
@@ -12,6 +13,11 @@ first ``--n`` phantoms of the validation range: Dice per class on the model
 grid (48 x 96 x 96), the head's argmax against the phantom's labels resampled
 to that grid. The table gives parameters, GFLOP of one encoder pass and
 seconds per training step, measured in this run.
+
+The row ``dcformer-siglip`` is DCFormer started from the encoder weights of
+a SigLIP pretraining run (``python -m tomoscribe.train_siglip``, file
+``--siglip``) instead of new ones, with the same head, data and steps: what
+the contrastive stage buys the segmentation.
 
 This compares the encoders where they differ (what the segmentation sees)
 on a budget a CPU affords. It is not the full pipeline row: the shipped
@@ -40,6 +46,9 @@ from tomoscribe.report import ORGANS
 from tomoscribe.train import build_cache, seg_loss, warmup_cosine
 
 ENCODERS = ("dcformer", "vit")
+#: benchmark rows: an encoder kind, and whether it starts from SigLIP-pretrained weights
+ROWS = {"dcformer": ("dcformer", False), "vit": ("vit", False),
+        "dcformer-siglip": ("dcformer", True)}
 #: class index -> name, as the phantoms label them (0 background, 8 lesion)
 CLASS_NAMES = {**{i + 1: o for i, o in enumerate(ORGANS)}, 8: "lesion"}
 
@@ -67,10 +76,16 @@ def _batch(samples: list[dict[str, object]], idx: np.ndarray) -> tuple[torch.Ten
 
 
 def train(cfg: NetConfig, samples: list[dict[str, object]], steps: int, batch: int, lr: float,
-          seed: int) -> tuple[SegNet, float]:
-    """Train one encoder + head from new weights; returns it and the seconds per step."""
+          seed: int, init: Path | None = None) -> tuple[SegNet, float]:
+    """Train one encoder + head; returns it and the seconds per step.
+
+    The head starts from new weights; so does the encoder unless ``init``
+    names an encoder state dict (a SigLIP pretraining run's ``encoder.pt``).
+    """
     torch.manual_seed(seed)
     net = SegNet(cfg)
+    if init is not None:
+        net.encoder.load_state_dict(torch.load(init, map_location="cpu", weights_only=True))
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     weights = torch.ones(cfg.num_classes)
     weights[cfg.lesion_class] = 5.0  # the joint stage's --lesion-weight
@@ -143,6 +158,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="rendered training samples (default: the Makefile's "
                     "checkpoints/cache-<samples>-<shape>.pt)")
     ap.add_argument("--json", type=Path, default=Path("benchmarks/results/encoders.json"))
+    ap.add_argument("--rows", nargs="+", choices=tuple(ROWS), default=list(ENCODERS),
+                    help="rows to train and score (dcformer-siglip needs --siglip)")
+    ap.add_argument("--siglip", type=Path, default=Path("checkpoints/siglip/encoder.pt"),
+                    help="encoder weights of a SigLIP pretraining run, for dcformer-siglip")
     ap.add_argument("--costs-only", action="store_true",
                     help="print parameters and GFLOP of each encoder, train nothing")
     args = ap.parse_args(argv)
@@ -161,12 +180,16 @@ def main(argv: list[str] | None = None) -> int:
     samples = build_cache(list(SPLITS["train"][: args.samples]), shape, train_cache, args.workers)
     val = build_cache(list(SPLITS["val"][: args.n]), shape,
                       train_cache.parent / f"val-{args.n}-{tag}.pt", args.workers)
+    if "dcformer-siglip" in args.rows and not args.siglip.is_file():
+        ap.error(f"row dcformer-siglip needs --siglip: no file {args.siglip}")
     cost: dict[str, tuple[int, float, float]] = {}  # parameters, GFLOP, s per step
     dice: dict[str, dict[str, float]] = {}
-    for name in ENCODERS:
-        cfg = NetConfig(model_shape=shape, encoder=name)
+    for name in args.rows:
+        kind, pretrained = ROWS[name]
+        cfg = NetConfig(model_shape=shape, encoder=kind)
         params, gflop = encoder_cost(cfg)
-        net, per_step = train(cfg, samples, args.steps, args.batch, args.lr, args.seed)
+        net, per_step = train(cfg, samples, args.steps, args.batch, args.lr, args.seed,
+                              args.siglip if pretrained else None)
         cost[name] = (params, gflop, per_step)
         dice[name] = dice_per_class(net, val, cfg.num_classes)
 
@@ -174,21 +197,23 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nencoders from new weights, {args.steps} steps of {args.batch} "
           f"({args.samples} training phantoms), Dice on {args.n} validation phantoms "
           f"(model grid {tag})")
-    print(f"{'encoder':10} {'params':>8} {'GFLOP':>6} {'s/step':>7} "
+    print(f"{'encoder':16} {'params':>8} {'GFLOP':>6} {'s/step':>7} "
           + " ".join(f"{c[:12]:>12}" for c in classes))
-    for name in ENCODERS:
+    for name in args.rows:
         params, gflop, per_step = cost[name]
-        print(f"{name:10} {params:>8} {gflop:>6.2f} {per_step:>7.2f} "
+        print(f"{name:16} {params:>8} {gflop:>6.2f} {per_step:>7.2f} "
               + " ".join(f"{dice[name][c]:>12.3f}" for c in classes))
-    ratios = [v / d for v, d in zip(cost["vit"], cost["dcformer"], strict=True)]
-    print(f"ViT / DCFormer: parameters {ratios[0]:.2f}x, GFLOP {ratios[1]:.2f}x, "
-          f"time per step {ratios[2]:.2f}x")
+    if "vit" in cost and "dcformer" in cost:
+        ratios = [v / d for v, d in zip(cost["vit"], cost["dcformer"], strict=True)]
+        print(f"ViT / DCFormer: parameters {ratios[0]:.2f}x, GFLOP {ratios[1]:.2f}x, "
+              f"time per step {ratios[2]:.2f}x")
     rows = {name: {"encoder_parameters": cost[name][0], "encoder_gflop": cost[name][1],
-                   "seconds_per_step": cost[name][2], "dice": dice[name]} for name in ENCODERS}
+                   "seconds_per_step": cost[name][2], "dice": dice[name]} for name in args.rows}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({
         "steps": args.steps, "batch": args.batch, "lr": args.lr, "samples": args.samples,
         "val_phantoms": args.n, "model_shape": shape, "seed": args.seed, "rows": rows,
+        "siglip": str(args.siglip) if "dcformer-siglip" in args.rows else None,
     }, indent=2))
     return 0
 

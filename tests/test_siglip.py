@@ -106,3 +106,63 @@ def test_shipped_model_uses_the_builtin_vocabulary() -> None:
 
     vocab = Scribe.load(DEFAULT_MODEL_DIR).cfg.vocab
     assert vocab in (VOCAB, VOCAB[: -len(ADDED_WORDS)])
+
+
+# -- SigLIP pretraining of the encoder (tomoscribe.train_siglip) ------------------------
+
+
+def test_encoder_alignment_shapes_and_learning() -> None:
+    """Shapes, and the loss falls on a fixed batch whose reports differ by the image."""
+    from tomoscribe.model.network import NetConfig
+    from tomoscribe.train_siglip import EncoderAlignment
+
+    torch.manual_seed(0)
+    cfg = NetConfig(model_shape=(16, 32, 32))
+    model = EncoderAlignment(cfg, vocab=20, dim=16)
+    x = torch.randn(4, 2, 16, 32, 32)
+    x[2:, :, 4:12, 8:24, 8:24] += 3.0  # two "lesion" volumes
+    ids = torch.tensor([[4, 5, 0], [4, 5, 0], [6, 7, 8], [6, 7, 8]])
+    same = torch.tensor([[i // 2 == j // 2 for j in range(4)] for i in range(4)])
+    image, text = model.embed_image(x), model.embed_text(ids)
+    assert image.shape == text.shape == (4, 16)
+    assert torch.allclose(image.norm(dim=-1), torch.ones(4), atol=1e-5)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    first = last = 0.0
+    for step in range(30):
+        loss = model.loss(model.embed_image(x), model.embed_text(ids), same)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        first, last = (loss.item(), last) if step == 0 else (first, loss.item())
+    assert last < 0.5 * first
+    # matched pairs now score above mismatched ones
+    with torch.no_grad():
+        sim = model.embed_image(x) @ model.embed_text(ids).T
+    assert bool((sim[same].min() > sim[~same].max()).item())
+
+
+def test_pretraining_runs_small_and_feeds_the_encoder_benchmark(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """train_siglip end to end on 6 phantoms; its encoder.pt starts a segmentation row."""
+    import json
+
+    import encoders  # benchmarks/encoders.py
+
+    from tomoscribe.train_siglip import main as pretrain_main
+
+    out = tmp_path / "siglip"
+    shape = ["16", "32", "32"]
+    assert pretrain_main(["--out", str(out), "--steps", "2", "--batch", "4", "--samples", "6",
+                          "--val", "4", "--workers", "1", "--shape", *shape,
+                          "--cache", str(tmp_path / "train.pt")]) == 0
+    result = json.loads((out / "siglip.json").read_text())
+    assert set(result["retrieval"]) == {"new weights", "pretrained", "frequency baseline"}
+    assert all(0.0 <= r["1"] <= r["5"] <= 1.0 for r in result["retrieval"].values())
+    assert "R@1" in capsys.readouterr().out
+    bench = tmp_path / "enc.json"
+    assert encoders.main(["--steps", "1", "--batch", "2", "--samples", "6", "--n", "2",
+                          "--workers", "1", "--shape", *shape, "--rows", "dcformer",
+                          "dcformer-siglip", "--siglip", str(out / "encoder.pt"),
+                          "--cache", str(tmp_path / "train.pt"), "--json", str(bench)]) == 0
+    rows = json.loads(bench.read_text())["rows"]
+    assert set(rows) == {"dcformer", "dcformer-siglip"}

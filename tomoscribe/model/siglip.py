@@ -9,7 +9,8 @@ embeddings give image-report retrieval.
 Here the head sits on the frozen vision side's pooled features (the cached
 features of the language stage), not on a from-scratch encoder: what is
 trained is the alignment of those features with the report text, which is
-what retrieval needs. Pretraining the encoder itself this way is not done.
+what retrieval needs. Pretraining the encoder itself this way is
+:mod:`tomoscribe.train_siglip`.
 
 ::
 
@@ -69,9 +70,25 @@ class AlignmentHead(nn.Module):
     def loss(self, image: torch.Tensor, text: torch.Tensor,
              same: torch.Tensor) -> torch.Tensor:
         """SigLIP loss of unit embeddings ``(B, dim)`` each; ``same`` ``(B, B)`` bool."""
-        logits = self.log_t.exp() * image @ text.T + self.bias
-        labels = same.float() * 2 - 1
-        return -F.logsigmoid(labels * logits).sum() / image.shape[0]
+        return siglip_loss(image, text, same, self.log_t, self.bias)
+
+
+def siglip_loss(image: torch.Tensor, text: torch.Tensor, same: torch.Tensor,
+                log_t: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """The pairwise sigmoid loss.
+
+    Args:
+        image, text: unit embeddings ``(B, dim)``.
+        same: ``(B, B)`` bool, True where image ``i`` and text ``j`` belong together.
+        log_t, bias: the learned log temperature and bias (scalars).
+
+    Returns:
+        ``-sum log sigmoid(label * (exp(log_t) <img_i, txt_j> + bias)) / B``,
+        label +1 for pairs that belong together, -1 otherwise.
+    """
+    logits = log_t.exp() * image @ text.T + bias
+    labels = same.float() * 2 - 1
+    return -F.logsigmoid(labels * logits).sum() / image.shape[0]
 
 
 def recall_at(image: torch.Tensor, gallery: torch.Tensor, truth: torch.Tensor,
