@@ -123,13 +123,13 @@ def test_encoder_alignment_shapes_and_learning() -> None:
     x[2:, :, 4:12, 8:24, 8:24] += 3.0  # two "lesion" volumes
     ids = torch.tensor([[4, 5, 0], [4, 5, 0], [6, 7, 8], [6, 7, 8]])
     same = torch.tensor([[i // 2 == j // 2 for j in range(4)] for i in range(4)])
-    image, text = model.embed_image(x), model.embed_text(ids)
+    image, text = model.embed_volume(x), model.embed_text(ids)
     assert image.shape == text.shape == (4, 16)
     assert torch.allclose(image.norm(dim=-1), torch.ones(4), atol=1e-5)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     first = last = 0.0
     for step in range(30):
-        loss = model.loss(model.embed_image(x), model.embed_text(ids), same)
+        loss = model.loss(model.embed_volume(x), model.embed_text(ids), same)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -137,7 +137,7 @@ def test_encoder_alignment_shapes_and_learning() -> None:
     assert last < 0.5 * first
     # matched pairs now score above mismatched ones
     with torch.no_grad():
-        sim = model.embed_image(x) @ model.embed_text(ids).T
+        sim = model.embed_volume(x) @ model.embed_text(ids).T
     assert bool((sim[same].min() > sim[~same].max()).item())
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,8 +11,6 @@ import torch
 from tomoscribe.model.dcformer import DCFormerEncoder
 from tomoscribe.model.network import NetConfig, ScribeNet, build_encoder
 from tomoscribe.model.vit3d import ViT3DEncoder, sincos_position_codes
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 
 def _params(m: torch.nn.Module) -> int:

@@ -21,8 +21,10 @@ import argparse
 import datetime as _dt
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+from pydicom import Dataset
 
 from tomoscribe.report import LESION_KINDS, ORGANS
 
@@ -314,6 +316,42 @@ def report_text(phantom: Phantom) -> str:
     return findings_to_text([(les.organ, les.kind) for les in phantom.lesions])
 
 
+def phantom_slice(sop_class: str, sop_uid: str, series: dict[str, Any], *, instance: int,
+                  position: np.ndarray, slice_location: float) -> Dataset:
+    """One single-frame image of a phantom series, without its Pixel Data.
+
+    Args:
+        sop_class: SOP Class UID (CT or MR Image Storage).
+        sop_uid: its SOP Instance UID.
+        series: the attributes every image of the series shares (keyword -> value).
+        instance: InstanceNumber.
+        position: ImagePositionPatient (LPS mm).
+        slice_location: SliceLocation.
+    """
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import UID, ExplicitVRLittleEndian
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = UID(sop_class)
+    meta.MediaStorageSOPInstanceUID = UID(sop_uid)
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = sop_class
+    ds.SOPInstanceUID = sop_uid
+    for keyword, value in series.items():
+        setattr(ds, keyword, value)
+    ds.InstanceNumber = instance
+    ds.ImagePositionPatient = [round(float(v), 4) for v in position]
+    ds.SliceLocation = round(float(slice_location), 4)
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated = 16
+    ds.BitsStored = 16
+    ds.HighBit = 15
+    return ds
+
+
 def write_dicom_series(
     phantom: Phantom,
     out_dir: Path,
@@ -331,9 +369,7 @@ def write_dicom_series(
     Returns:
         The paths written, in slice order.
     """
-    from pydicom import Dataset
-    from pydicom.dataset import FileMetaDataset
-    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+    from pydicom.uid import CTImageStorage, generate_uid
 
     out_dir.mkdir(parents=True, exist_ok=True)
     hu, _labels, aff = render_acquisition(phantom)
@@ -346,60 +382,28 @@ def write_dicom_series(
     dz, dr, dc = phantom.spacing
     paths: list[Path] = []
     raw = np.clip(np.rint(hu + 1024.0), -32768, 32767).astype(np.int16)
+    series = {
+        "StudyInstanceUID": study_uid, "SeriesInstanceUID": series_uid,
+        "FrameOfReferenceUID": frame_uid, "PositionReferenceIndicator": "",
+        "AcquisitionNumber": 1, "PatientName": f"Phantom^{seed}", "PatientID": pid,
+        "PatientBirthDate": "19700101", "PatientSex": "O", "StudyDate": date, "SeriesDate": date,
+        "StudyTime": "101500", "SeriesTime": "101500", "AccessionNumber": f"ACC{seed:07d}",
+        "StudyID": str(seed % 100000), "ReferringPhysicianName": "",
+        "StudyDescription": "CT CHEST ABDOMEN (synthetic phantom)",
+        "SeriesDescription": "Axial 5mm phantom", "Modality": "CT",
+        "Manufacturer": "tomoscribe-phantom", "BodyPartExamined": "CHEST",
+        "SeriesNumber": series_number, "ImageType": ["ORIGINAL", "PRIMARY", "AXIAL"],
+        "PatientPosition": "HFS", "ImageOrientationPatient": [1.0, 0.0, 0.0, 0.0, 1.0, 0.0],
+        "SliceThickness": round(dz, 4), "PixelSpacing": [round(dr, 6), round(dc, 6)],
+        "Rows": int(hu.shape[1]), "Columns": int(hu.shape[2]), "PixelRepresentation": 1,
+        "RescaleIntercept": -1024, "RescaleSlope": 1, "RescaleType": "HU",
+        "WindowCenter": 40, "WindowWidth": 400, "KVP": 120,
+    }
     for k in range(hu.shape[0]):
         sop_uid = generate_uid(entropy_srcs=["tomoscribe-phantom-sop", series_uid, str(k)])
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = CTImageStorage
-        meta.MediaStorageSOPInstanceUID = sop_uid
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = Dataset()
-        ds.file_meta = meta
-        ds.SOPClassUID = CTImageStorage
-        ds.SOPInstanceUID = sop_uid
-        ds.StudyInstanceUID = study_uid
-        ds.SeriesInstanceUID = series_uid
-        ds.FrameOfReferenceUID = frame_uid
-        ds.PositionReferenceIndicator = ""
-        ds.AcquisitionNumber = 1
-        ds.PatientName = f"Phantom^{seed}"
-        ds.PatientID = pid
-        ds.PatientBirthDate = "19700101"
-        ds.PatientSex = "O"
-        ds.StudyDate = date
-        ds.SeriesDate = date
-        ds.StudyTime = "101500"
-        ds.SeriesTime = "101500"
-        ds.AccessionNumber = f"ACC{seed:07d}"
-        ds.StudyID = str(seed % 100000)
-        ds.ReferringPhysicianName = ""
-        ds.StudyDescription = "CT CHEST ABDOMEN (synthetic phantom)"
-        ds.SeriesDescription = "Axial 5mm phantom"
-        ds.Modality = "CT"
-        ds.Manufacturer = "tomoscribe-phantom"
-        ds.BodyPartExamined = "CHEST"
-        ds.SeriesNumber = series_number
-        ds.InstanceNumber = k + 1
-        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
-        ds.PatientPosition = "HFS"
-        ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
         pos = aff[:3, 3] + k * aff[:3, 0]
-        ds.ImagePositionPatient = [round(float(v), 4) for v in pos]
-        ds.SliceLocation = round(float(pos[2]), 4)
-        ds.SliceThickness = round(dz, 4)
-        ds.PixelSpacing = [round(dr, 6), round(dc, 6)]
-        ds.Rows, ds.Columns = int(hu.shape[1]), int(hu.shape[2])
-        ds.SamplesPerPixel = 1
-        ds.PhotometricInterpretation = "MONOCHROME2"
-        ds.BitsAllocated = 16
-        ds.BitsStored = 16
-        ds.HighBit = 15
-        ds.PixelRepresentation = 1
-        ds.RescaleIntercept = -1024
-        ds.RescaleSlope = 1
-        ds.RescaleType = "HU"
-        ds.WindowCenter = 40
-        ds.WindowWidth = 400
-        ds.KVP = 120
+        ds = phantom_slice(CTImageStorage, sop_uid, series, instance=k + 1, position=pos,
+                           slice_location=float(pos[2]))
         ds.PixelData = raw[k].tobytes()
         path = out_dir / f"CT{k + 1:04d}.dcm"
         ds.save_as(path, enforce_file_format=True)

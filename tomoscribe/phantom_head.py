@@ -40,10 +40,11 @@ import argparse
 import datetime as _dt
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from tomoscribe.phantom import SPLITS, Ellipsoid, grid_points
+from tomoscribe.phantom import SPLITS, Ellipsoid, grid_points, phantom_slice
 
 __all__ = [
     "HEAD_STRUCTURES",
@@ -464,9 +465,7 @@ def write_head_series(
     Returns:
         The paths written, in slice order.
     """
-    from pydicom import Dataset
-    from pydicom.dataset import FileMetaDataset
-    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage, generate_uid
+    from pydicom.uid import CTImageStorage, MRImageStorage, generate_uid
 
     out_dir.mkdir(parents=True, exist_ok=True)
     values, _labels, aff = render_head_acquisition(phantom)
@@ -483,83 +482,53 @@ def write_head_series(
         raw = np.clip(np.rint(values + 1024.0), -32768, 32767).astype(np.int16)
     dk, dr, dc = phantom.spacing
     label = f"{phantom.sequence} {phantom.plane}" if mr else f"Head {phantom.plane}"
+    series: dict[str, Any] = {
+        "StudyInstanceUID": study_uid, "SeriesInstanceUID": series_uid,
+        "FrameOfReferenceUID": frame_uid, "PositionReferenceIndicator": "",
+        "PatientName": f"Head^{seed}", "PatientID": patient_id or f"HEAD{seed:07d}",
+        "PatientBirthDate": "19700101", "PatientSex": "O",
+        "StudyDate": date, "SeriesDate": date, "ContentDate": date,
+        "StudyTime": "093000", "SeriesTime": "093000", "ContentTime": "093000",
+        "AccessionNumber": f"ACCH{seed:06d}", "StudyID": str(seed % 100000),
+        "ReferringPhysicianName": "",
+        "StudyDescription": f"{phantom.modality} HEAD (synthetic phantom)",
+        "SeriesDescription": f"{label} phantom", "Modality": phantom.modality,
+        "Manufacturer": "tomoscribe-phantom", "SeriesNumber": series_number,
+        "AcquisitionNumber": 1, "PatientPosition": "HFS",
+        "ImageOrientationPatient": [round(v, 6) for v in phantom.orientation],
+        "SliceThickness": round(phantom.thickness, 4), "PixelSpacing": [round(dr, 6), round(dc, 6)],
+        "Rows": int(raw.shape[1]), "Columns": int(raw.shape[2]),
+    }
+    if body_part:
+        series["BodyPartExamined"] = body_part
+    if mr:
+        tr, te, ti, train = _TIMING[phantom.sequence]
+        tesla = phantom.extra.get("field_strength", 1.5)
+        series.update({
+            "ImageType": ["ORIGINAL", "PRIMARY", "OTHER"], "PixelRepresentation": 0,
+            "ScanningSequence": ["SE", "IR"] if ti is not None else ["SE"],
+            "SequenceVariant": ["SK"], "ScanOptions": "", "MRAcquisitionType": "2D",
+            "SequenceName": f"tse2d_{phantom.sequence.lower()}", "RepetitionTime": tr,
+            "EchoTime": te, "EchoTrainLength": train, "NumberOfAverages": 1,
+            "ImagedNucleus": "1H", "MagneticFieldStrength": tesla,
+            "ImagingFrequency": round(42.577 * tesla, 4), "SpacingBetweenSlices": round(dk, 4),
+            "FlipAngle": 90, "WindowCenter": int(phantom.scale * 0.5),
+            "WindowWidth": int(phantom.scale),
+        })
+        if ti is not None:
+            series["InversionTime"] = ti
+    else:
+        series.update({
+            "ImageType": ["ORIGINAL", "PRIMARY", "AXIAL"], "PixelRepresentation": 1,
+            "RescaleIntercept": -1024, "RescaleSlope": 1, "RescaleType": "HU", "KVP": 120,
+            "WindowCenter": 40, "WindowWidth": 80,
+        })
     paths: list[Path] = []
     for k in range(raw.shape[0]):
         sop_uid = generate_uid(entropy_srcs=["tomoscribe-head-sop", series_uid, str(k)])
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = sop_class
-        meta.MediaStorageSOPInstanceUID = sop_uid
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = Dataset()
-        ds.file_meta = meta
-        ds.SOPClassUID = sop_class
-        ds.SOPInstanceUID = sop_uid
-        ds.StudyInstanceUID = study_uid
-        ds.SeriesInstanceUID = series_uid
-        ds.FrameOfReferenceUID = frame_uid
-        ds.PositionReferenceIndicator = ""
-        ds.PatientName = f"Head^{seed}"
-        ds.PatientID = patient_id or f"HEAD{seed:07d}"
-        ds.PatientBirthDate = "19700101"
-        ds.PatientSex = "O"
-        ds.StudyDate = ds.SeriesDate = ds.ContentDate = date
-        ds.StudyTime = ds.SeriesTime = ds.ContentTime = "093000"
-        ds.AccessionNumber = f"ACCH{seed:06d}"
-        ds.StudyID = str(seed % 100000)
-        ds.ReferringPhysicianName = ""
-        ds.StudyDescription = f"{phantom.modality} HEAD (synthetic phantom)"
-        ds.SeriesDescription = f"{label} phantom"
-        ds.Modality = phantom.modality
-        ds.Manufacturer = "tomoscribe-phantom"
-        if body_part:
-            ds.BodyPartExamined = body_part
-        ds.SeriesNumber = series_number
-        ds.InstanceNumber = k + 1
-        ds.AcquisitionNumber = 1
-        ds.PatientPosition = "HFS"
-        ds.ImageOrientationPatient = [round(v, 6) for v in phantom.orientation]
         pos = aff[:3, 3] + k * aff[:3, 0]
-        ds.ImagePositionPatient = [round(float(v), 4) for v in pos]
-        ds.SliceLocation = round(float(np.dot(pos, aff[:3, 0] / dk)), 4)
-        ds.SliceThickness = round(phantom.thickness, 4)
-        ds.PixelSpacing = [round(dr, 6), round(dc, 6)]
-        ds.Rows, ds.Columns = int(raw.shape[1]), int(raw.shape[2])
-        ds.SamplesPerPixel = 1
-        ds.PhotometricInterpretation = "MONOCHROME2"
-        ds.BitsAllocated = 16
-        ds.BitsStored = 16
-        ds.HighBit = 15
-        if mr:
-            tr, te, ti, train = _TIMING[phantom.sequence]
-            ds.ImageType = ["ORIGINAL", "PRIMARY", "OTHER"]
-            ds.PixelRepresentation = 0
-            ds.ScanningSequence = ["SE", "IR"] if ti is not None else ["SE"]
-            ds.SequenceVariant = ["SK"]
-            ds.ScanOptions = ""
-            ds.MRAcquisitionType = "2D"
-            ds.SequenceName = f"tse2d_{phantom.sequence.lower()}"
-            ds.RepetitionTime = tr
-            ds.EchoTime = te
-            if ti is not None:
-                ds.InversionTime = ti
-            ds.EchoTrainLength = train
-            ds.NumberOfAverages = 1
-            ds.ImagedNucleus = "1H"
-            ds.MagneticFieldStrength = phantom.extra.get("field_strength", 1.5)
-            ds.ImagingFrequency = round(42.577 * ds.MagneticFieldStrength, 4)
-            ds.SpacingBetweenSlices = round(dk, 4)
-            ds.FlipAngle = 90
-            ds.WindowCenter = int(phantom.scale * 0.5)
-            ds.WindowWidth = int(phantom.scale)
-        else:
-            ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
-            ds.PixelRepresentation = 1
-            ds.RescaleIntercept = -1024
-            ds.RescaleSlope = 1
-            ds.RescaleType = "HU"
-            ds.KVP = 120
-            ds.WindowCenter = 40
-            ds.WindowWidth = 80
+        ds = phantom_slice(sop_class, sop_uid, series, instance=k + 1, position=pos,
+                           slice_location=float(np.dot(pos, aff[:3, 0] / dk)))
         ds.PixelData = raw[k].tobytes()
         path = out_dir / f"{phantom.modality}{k + 1:04d}.dcm"
         ds.save_as(path, enforce_file_format=True)

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from collections import Counter
@@ -38,17 +37,21 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from tomoscribe.model.network import NetConfig, build_encoder
-from tomoscribe.model.siglip import recall_at, siglip_loss
+from tomoscribe.model.siglip import AlignmentHead, recall_at
 from tomoscribe.model.text import WordTokenizer, findings_to_text
 from tomoscribe.phantom import SPLITS
 from tomoscribe.train import build_cache, pad_rows, warmup_cosine
 
 
-class EncoderAlignment(nn.Module):
-    """A 3D encoder and a report encoder trained together with the SigLIP loss.
+class EncoderAlignment(AlignmentHead):
+    """A 3D encoder under the alignment head, trained together with the SigLIP loss.
+
+    The head (report side, image MLP, temperature and bias, loss) is
+    :class:`~tomoscribe.model.siglip.AlignmentHead`'s; its image MLP reads the
+    encoder's stage-3 mean and stage-4 pooled to 2 x 2 x 2 instead of cached
+    features.
 
     Args:
         cfg: the network settings (encoder kind, channels, model grid).
@@ -57,33 +60,16 @@ class EncoderAlignment(nn.Module):
     """
 
     def __init__(self, cfg: NetConfig, vocab: int, dim: int = 64) -> None:
-        super().__init__()
-        self.encoder = build_encoder(cfg)
         c3, c4 = cfg.channels[-2], cfg.channels[-1]
-        image_in = c3 + 8 * c4
-        self.image = nn.Sequential(nn.LayerNorm(image_in), nn.Linear(image_in, 2 * dim),
-                                   nn.GELU(), nn.Linear(2 * dim, dim))
-        self.words = nn.Embedding(vocab, dim, padding_idx=0)
-        self.text = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
-        self.log_t = nn.Parameter(torch.tensor(math.log(10.0)))
-        self.bias = nn.Parameter(torch.tensor(-10.0))
+        super().__init__(c3, 8 * c4, 0, 0, vocab, dim)
+        self.encoder = build_encoder(cfg)
 
-    def embed_image(self, x: torch.Tensor) -> torch.Tensor:
+    def embed_volume(self, x: torch.Tensor) -> torch.Tensor:
         """Unit embeddings ``(B, dim)`` of volumes ``(B, C, D, H, W)``."""
         feats = self.encoder(x)
-        low = feats[-2].mean(dim=(2, 3, 4))
-        high = F.adaptive_avg_pool3d(feats[-1], 2).flatten(1)
-        return F.normalize(self.image(torch.cat([low, high], dim=1)), dim=-1)
-
-    def embed_text(self, ids: torch.Tensor) -> torch.Tensor:
-        """Unit embeddings ``(B, dim)`` of token ids ``(B, L)`` (pad 0)."""
-        keep = (ids != 0).unsqueeze(-1).float()
-        mean = (self.words(ids) * keep).sum(dim=1) / keep.sum(dim=1).clamp(min=1.0)
-        return F.normalize(self.text(mean), dim=-1)
-
-    def loss(self, image: torch.Tensor, text: torch.Tensor, same: torch.Tensor) -> torch.Tensor:
-        """SigLIP loss of ``(B, dim)`` unit embeddings; ``same`` ``(B, B)`` bool."""
-        return siglip_loss(image, text, same, self.log_t, self.bias)
+        low = feats[-2].flatten(2).transpose(1, 2)  # (B, tokens, C3): the head takes the mean
+        high = F.adaptive_avg_pool3d(feats[-1], 2).flatten(1)[:, None]  # (B, 1, 8 C4)
+        return self.embed_image(low, high, x.new_zeros(x.shape[0], 0, 0))
 
 
 def _volumes(samples: list[dict[str, object]], idx: np.ndarray) -> torch.Tensor:
@@ -101,7 +87,7 @@ def pretrain(model: EncoderAlignment, samples: list[dict[str, object]], texts: l
         for group in opt.param_groups:
             group["lr"] = warmup_cosine(lr, step / steps)
         idx = rng.choice(len(samples), size=min(batch, len(samples)), replace=False)
-        image = model.embed_image(_volumes(samples, idx))
+        image = model.embed_volume(_volumes(samples, idx))
         text = model.embed_text(ids[torch.from_numpy(idx)])
         chosen = [texts[int(i)] for i in idx]
         same = torch.tensor([[a == b for b in chosen] for a in chosen])
@@ -129,7 +115,7 @@ def retrieval(model: EncoderAlignment, samples: list[dict[str, object]], tok: Wo
     texts = [findings_to_text(s["lesions"]) for s in samples]  # type: ignore[arg-type]
     gallery = sorted(set(texts))
     truth = torch.tensor([gallery.index(t) for t in texts])
-    image = torch.cat([model.embed_image(_volumes(samples, np.arange(i, min(i + 8, len(samples)))))
+    image = torch.cat([model.embed_volume(_volumes(samples, np.arange(i, min(i + 8, len(samples)))))
                        for i in range(0, len(samples), 8)])
     text = model.embed_text(pad_rows([tok.encode(t) for t in gallery]))
     freq = Counter(train_texts)
