@@ -41,9 +41,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from tomoscribe.model.network import NetConfig, build_encoder
 from tomoscribe.model.seghead import SegHead
-from tomoscribe.phantom import SPLITS
 from tomoscribe.report import ORGANS
-from tomoscribe.train import build_cache, seg_loss, warmup_cosine
+from tomoscribe.train import add_phantom_arguments, phantom_caches, seg_loss, warmup_cosine
 
 ENCODERS = ("dcformer", "vit")
 #: benchmark rows: an encoder kind, and whether it starts from SigLIP-pretrained weights
@@ -148,15 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=300, help="training steps per encoder")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--samples", type=int, default=1200, help="training phantoms")
     ap.add_argument("--n", type=int, default=40, help="validation phantoms scored")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--shape", type=int, nargs=3, default=list(NetConfig.model_shape),
-                    help="model grid (D H W)")
-    ap.add_argument("--cache", type=Path, default=None,
-                    help="rendered training samples (default: the Makefile's "
-                    "checkpoints/cache-<samples>-<shape>.pt)")
+    add_phantom_arguments(ap)
     ap.add_argument("--json", type=Path, default=Path("benchmarks/results/encoders.json"))
     ap.add_argument("--rows", nargs="+", choices=tuple(ROWS), default=list(ENCODERS),
                     help="rows to train and score (dcformer-siglip needs --siglip)")
@@ -175,13 +167,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ViT / DCFormer: parameters {costs['vit'][0] / costs['dcformer'][0]:.2f}x, "
               f"GFLOP {costs['vit'][1] / costs['dcformer'][1]:.2f}x")
         return 0
-    tag = "x".join(map(str, shape))
-    train_cache = args.cache or Path(f"checkpoints/cache-{args.samples}-{tag}.pt")
-    samples = build_cache(list(SPLITS["train"][: args.samples]), shape, train_cache, args.workers)
-    val = build_cache(list(SPLITS["val"][: args.n]), shape,
-                      train_cache.parent / f"val-{args.n}-{tag}.pt", args.workers)
     if "dcformer-siglip" in args.rows and not args.siglip.is_file():
         ap.error(f"row dcformer-siglip needs --siglip: no file {args.siglip}")
+    _, samples, val = phantom_caches(args, args.n)
+    tag = "x".join(map(str, shape))
     cost: dict[str, tuple[int, float, float]] = {}  # parameters, GFLOP, s per step
     dice: dict[str, dict[str, float]] = {}
     for name in args.rows:

@@ -91,11 +91,11 @@ def study_qualifies(series_list: Sequence[Mapping[str, Any]],
     """
     if not series_list:
         return False, "the study has no series"
-    if input_series(series_list, modalities, scope):
+    refusals = [scope_refusal(s, scope) for s in _candidates(series_list, modalities)]
+    if any(why is None for why in refusals):
         return True, ""
-    candidates = _candidates(series_list, modalities)
-    if candidates:  # image series there are, but the model was not trained on them
-        return False, f"outside the model's scope: {scope_refusal(candidates[0], scope)}"
+    if refusals:  # image series there are, but the model was not trained on them
+        return False, f"outside the model's scope: {refusals[0]}"
     found = sorted({str((s.get("MainDicomTags", {}) or {}).get("Modality", "?"))
                     for s in series_list})
     return False, (f"no {'/'.join(modalities)} image series that is not tomoscribe's own"

@@ -227,7 +227,7 @@ def store_outputs(client: OrthancClient, orthanc_study_id: str, study_uid: str,
 
 
 def run_job(job: Job, settings: Settings, client: OrthancClient, job_function: JobFunction,
-            before_store: Callable[[], None] = lambda: None) -> list[str]:
+            before_store: Callable[[], None] = lambda: None, scope: Any = None) -> list[str]:
     """The whole job for one study; engine-agnostic (SQLite loop here, Celery later).
 
     Args:
@@ -238,6 +238,8 @@ def run_job(job: Job, settings: Settings, client: OrthancClient, job_function: J
             returning the output DICOM files, or an object whose ``written`` holds them
             (``operators.app.RunResult``).
         before_store: Called just before storing; raises (e.g. :class:`LeaseLostError`) to abort.
+        scope: The model's ``tomoscribe.scope.ModelScope`` (:func:`settings.model_scope`):
+            only series it admits are fetched. ``None``: fetch by Modalities; the app decides.
 
     Returns:
         Orthanc instance ids of the stored outputs.
@@ -252,7 +254,6 @@ def run_job(job: Job, settings: Settings, client: OrthancClient, job_function: J
         in_dir, out_dir = Path(tmp) / "input", Path(tmp) / "output"
         in_dir.mkdir()
         out_dir.mkdir()
-        scope, _ = model_scope(settings)  # None: fetch by Modalities; the app then decides
         files = fetch_study(client, job.orthanc_study_id, settings.modalities, in_dir, scope)
         LOG.info("job %d: fetched %d instances of study %s", job.id, len(files), job.study_uid)
         result = job_function(in_dir, out_dir, model_dir=settings.model_dir,
@@ -329,8 +330,8 @@ class Heartbeat:
 
 
 def process_one(store: JobStore, settings: Settings, client: OrthancClient,
-                job_function: JobFunction, worker_id: str) -> bool:
-    """Claim and run at most one job. Returns True if a job was claimed."""
+                job_function: JobFunction, worker_id: str, scope: Any = None) -> bool:
+    """Claim and run at most one job (``scope``: see :func:`run_job`). True if one was claimed."""
     job = store.claim(worker_id, settings.lease_s)
     if job is None:
         return False
@@ -338,7 +339,8 @@ def process_one(store: JobStore, settings: Settings, client: OrthancClient,
     t0 = time.monotonic()
     with Heartbeat(store, job, worker_id, settings.lease_s, settings.job_timeout_s) as beat:
         try:
-            ids = run_job(job, settings, client, job_function, before_store=beat.check)
+            ids = run_job(job, settings, client, job_function, before_store=beat.check,
+                          scope=scope)
         except LeaseLostError as exc:
             LOG.warning("%s; outputs not stored", exc)
             return True
@@ -436,12 +438,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
         job_function = load_job_function(settings.job_function)
+        scope, why = model_scope(settings)  # read once: the model is loaded once per worker too
+        if scope is None:
+            LOG.warning("cannot read the model's scope (%s); fetching by Modalities", why)
         LOG.info("worker %s ready (job function %s)", worker_id, settings.job_function)
         while True:
             if os.getppid() != parent:
                 LOG.warning("Orthanc went away; exiting")
                 return 0
-            if not process_one(store, settings, client, job_function, worker_id):
+            if not process_one(store, settings, client, job_function, worker_id, scope):
                 if args.once:
                     return 0
                 time.sleep(settings.poll_s)

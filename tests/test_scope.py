@@ -54,13 +54,6 @@ def test_an_undeclared_scope_reads_anything() -> None:
     scope = ModelScope.from_dict(None)
     assert not scope.declared
     assert scope.refusal("MR", "HEAD") is None
-    assert scope.refuses_all([("MR", "HEAD")]) is None
-
-
-def test_refuses_all_only_when_every_series_is_out() -> None:
-    assert CHEST_ABDOMEN_CT.refuses_all([("MR", ""), ("CT", "")]) is None
-    assert "not MR" in str(CHEST_ABDOMEN_CT.refuses_all([("MR", ""), ("MR", "HEAD")]))
-    assert CHEST_ABDOMEN_CT.refuses_all([]) is None
 
 
 def test_round_trip_and_normalisation() -> None:

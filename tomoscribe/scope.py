@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -197,13 +197,6 @@ class ModelScope:
                     return (f"the image does not look like {self.what()}: what the model took "
                             f"for the {name} ({ml:.0f} ml) has a median of {median:.0f}{unit}, "
                             f"not {lo:g} to {hi:g}{unit}")
-        return None
-
-    def refuses_all(self, series: Iterable[tuple[str, str]]) -> str | None:
-        """The first refusal if every ``(modality, body_part)`` is refused, else ``None``."""
-        reasons = [self.refusal(m, b) for m, b in series]
-        if reasons and all(reasons):
-            return reasons[0]
         return None
 
 

@@ -94,6 +94,35 @@ def build_cache(seeds: list[int], shape: tuple[int, int, int], path: Path,
     return samples
 
 
+def add_phantom_arguments(ap: argparse.ArgumentParser) -> None:
+    """``--samples --seed --workers --shape --cache``, as :func:`phantom_caches` takes them."""
+    ap.add_argument("--samples", type=int, default=1200, help="training phantoms")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--shape", type=int, nargs=3, default=list(NetConfig.model_shape),
+                    help="model grid (D H W)")
+    ap.add_argument("--cache", type=Path, default=None,
+                    help="rendered training samples (default: the Makefile's "
+                    "checkpoints/cache-<samples>-<shape>.pt)")
+
+
+def phantom_caches(args: argparse.Namespace, val: int
+                   ) -> tuple[tuple[int, int, int], list[dict[str, object]],
+                              list[dict[str, object]]]:
+    """The model grid, the first ``args.samples`` training and ``val`` validation samples.
+
+    Rendered once and cached (:func:`build_cache`): training in ``args.cache``
+    (default ``checkpoints/cache-<samples>-<D>x<H>x<W>.pt``), validation next to it.
+    """
+    shape = (int(args.shape[0]), int(args.shape[1]), int(args.shape[2]))
+    tag = "x".join(map(str, shape))
+    cache = args.cache or Path(f"checkpoints/cache-{args.samples}-{tag}.pt")
+    train = build_cache(list(SPLITS["train"][: args.samples]), shape, cache, args.workers)
+    held = build_cache(list(SPLITS["val"][:val]), shape, cache.parent / f"val-{val}-{tag}.pt",
+                       args.workers)
+    return shape, train, held
+
+
 def warmup_cosine(base: float, frac: float) -> float:
     """Learning rate at progress ``frac`` (0-1): 3% linear warm-up, then a cosine to zero."""
     return float(base * min(1.0, frac / 0.03) * 0.5 * (1 + np.cos(np.pi * frac)))

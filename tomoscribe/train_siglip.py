@@ -41,8 +41,7 @@ import torch.nn.functional as F
 from tomoscribe.model.network import NetConfig, build_encoder
 from tomoscribe.model.siglip import AlignmentHead, recall_at
 from tomoscribe.model.text import WordTokenizer, findings_to_text
-from tomoscribe.phantom import SPLITS
-from tomoscribe.train import build_cache, pad_rows, warmup_cosine
+from tomoscribe.train import add_phantom_arguments, pad_rows, phantom_caches, warmup_cosine
 
 
 class EncoderAlignment(AlignmentHead):
@@ -133,25 +132,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--dim", type=int, default=64)
-    ap.add_argument("--samples", type=int, default=1200, help="training phantoms")
     ap.add_argument("--val", type=int, default=100, help="validation phantoms for retrieval")
     ap.add_argument("--encoder", choices=("dcformer", "vit"), default="dcformer")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--shape", type=int, nargs=3, default=list(NetConfig.model_shape),
-                    help="model grid (D H W)")
-    ap.add_argument("--cache", type=Path, default=None,
-                    help="rendered training samples "
-                    "(default: checkpoints/cache-<samples>-<grid>.pt)")
+    add_phantom_arguments(ap)
     args = ap.parse_args(argv)
 
-    shape = (int(args.shape[0]), int(args.shape[1]), int(args.shape[2]))
+    shape, samples, val = phantom_caches(args, args.val)
     cfg = NetConfig(model_shape=shape, encoder=args.encoder)
-    tag = "x".join(map(str, shape))
-    cache = args.cache or Path(f"checkpoints/cache-{args.samples}-{tag}.pt")
-    samples = build_cache(list(SPLITS["train"][: args.samples]), shape, cache, args.workers)
-    val = build_cache(list(SPLITS["val"][: args.val]), shape,
-                      cache.parent / f"val-{args.val}-{tag}.pt", args.workers)
     tok = WordTokenizer(cfg.vocab)
     texts = [findings_to_text(s["lesions"]) for s in samples]  # type: ignore[arg-type]
     ids = pad_rows([tok.encode(t) for t in texts])
