@@ -7,7 +7,8 @@
 As in MONAI Deploy apps, ``-i``/``-o``/``-m`` default to the environment
 variables ``HOLOSCAN_INPUT_PATH`` / ``HOLOSCAN_OUTPUT_PATH`` /
 ``HOLOSCAN_MODEL_PATH`` (then ``input`` / ``output``; the model defaults to the
-settings' model). Errors print one line and exit with status 2.
+settings' model). Errors print one line and exit with status 2; a study the
+model does not read prints ``tomoscribe: skipped: <reason>`` and exits 3.
 """
 
 from __future__ import annotations

@@ -3,16 +3,23 @@
 
 A job is keyed by ``(StudyInstanceUID, model version)``. The plugin (inside
 Orthanc) only ever calls :meth:`JobStore.enqueue`; worker processes call
-:meth:`JobStore.claim`, :meth:`JobStore.heartbeat`, :meth:`JobStore.complete`
-and :meth:`JobStore.fail`. Every state change is one short ``BEGIN IMMEDIATE``
-transaction, so the store is safe to share between Orthanc's threads and any
-number of worker processes on the same machine.
+:meth:`JobStore.claim`, :meth:`JobStore.heartbeat`, :meth:`JobStore.complete`,
+:meth:`JobStore.fail` and :meth:`JobStore.skip`. Every state change is one
+short ``BEGIN IMMEDIATE`` transaction, so the store is safe to share between
+Orthanc's threads and any number of worker processes on the same machine.
 
 States::
 
     queued --claim--> running --complete--> done
                          |  \\--fail------> failed
+                         |  \\--skip------> skipped  (the model does not read this study)
                          \\--lease expired--> queued   (or failed after max attempts)
+
+    done | failed | skipped --enqueue(force)--> queued   (a rerun asked by a user)
+
+``done``, ``failed`` and ``skipped`` are final: only a forced enqueue leaves them.
+A database made before the ``skipped`` state is rebuilt on open (see
+:meth:`JobStore._migrate`).
 
 Standard library only: this module is imported inside Orthanc's process.
 """
@@ -27,15 +34,21 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-STATES = ("queued", "running", "done", "failed")
+STATES = ("queued", "running", "done", "failed", "skipped")
+#: States a job stays in until a user forces a rerun.
+FINAL_STATES = ("done", "failed", "skipped")
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS jobs (
+_COLUMNS = ("id", "study_uid", "orthanc_study_id", "model_version", "state", "attempts",
+            "force", "worker_id", "lease_until", "created", "updated", "outputs", "reason")
+
+_TABLE = """
+CREATE TABLE IF NOT EXISTS {name} (
     id               INTEGER PRIMARY KEY AUTOINCREMENT,
     study_uid        TEXT    NOT NULL,
     orthanc_study_id TEXT    NOT NULL,
     model_version    TEXT    NOT NULL,
-    state            TEXT    NOT NULL CHECK (state IN ('queued','running','done','failed')),
+    state            TEXT    NOT NULL CHECK (state IN ('queued','running','done','failed',
+                                                       'skipped')),
     attempts         INTEGER NOT NULL DEFAULT 0,
     force            INTEGER NOT NULL DEFAULT 0,
     worker_id        TEXT,
@@ -45,9 +58,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     outputs          TEXT    NOT NULL DEFAULT '[]',
     reason           TEXT,
     UNIQUE (study_uid, model_version)
-);
-CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, id);
-"""
+)"""
+_INDEX = "CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, id)"
+_SCHEMA = f"{_TABLE.format(name='jobs')};\n{_INDEX};\n"
 
 
 @dataclass(frozen=True)
@@ -59,7 +72,8 @@ class Job:
         study_uid: StudyInstanceUID of the study to report on.
         orthanc_study_id: Orthanc's identifier of that study (REST paths).
         model_version: Model version the report is made with (part of the key).
-        state: One of ``queued``, ``running``, ``done``, ``failed``.
+        state: One of ``queued``, ``running``, ``done``, ``failed``, ``skipped``
+            (the model declined the study: not an error, see :meth:`JobStore.skip`).
         attempts: How many times a worker claimed this job since it was (re)queued.
         force: True for a rerun asked by a user: the worker replaces previous outputs.
         worker_id: The worker holding (or last holding) the lease.
@@ -68,7 +82,8 @@ class Job:
         updated: Unix time of the last state change or heartbeat.
         outputs: Orthanc instance ids of the stored outputs (done jobs; kept
             from the previous run while a forced rerun is pending).
-        reason: One-line failure reason (failed jobs).
+        reason: One-line reason: why it failed (failed jobs), or why the model
+            does not read the study (skipped jobs).
     """
 
     id: int
@@ -153,6 +168,34 @@ class JobStore:
             con.executescript(_SCHEMA)
         finally:
             con.close()
+        self._migrate()
+
+    def _migrate(self) -> None:
+        """Rebuild a ``jobs`` table made by an older version (its CHECK lacks a state).
+
+        SQLite cannot alter a CHECK constraint, so the table is rebuilt in one
+        transaction: new table, rows copied with their ids, old table dropped,
+        new one renamed, index recreated. The AUTOINCREMENT sequence goes on
+        from where it was, so new ids continue after the old ones.
+        """
+        with self._tx(immediate=True) as con:  # checked inside: another process may migrate
+            row = con.execute(
+                "SELECT sql FROM sqlite_master WHERE type='table' AND name='jobs'").fetchone()
+            if all(f"'{state}'" in row["sql"] for state in STATES):
+                return
+            seq = con.execute("SELECT seq FROM sqlite_sequence WHERE name='jobs'").fetchone()
+            columns = ", ".join(_COLUMNS)
+            con.execute(_TABLE.format(name="jobs_new"))
+            con.execute(f"INSERT INTO jobs_new ({columns}) SELECT {columns} FROM jobs")
+            con.execute("DROP TABLE jobs")  # drops its index and its sqlite_sequence row
+            con.execute("ALTER TABLE jobs_new RENAME TO jobs")
+            con.execute(_INDEX)
+            max_id = con.execute("SELECT MAX(id) AS n FROM jobs").fetchone()["n"]
+            last = max(int(seq["seq"]) if seq is not None else 0, int(max_id or 0))
+            con.execute("DELETE FROM sqlite_sequence WHERE name='jobs'")
+            if last:
+                con.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('jobs', ?)",
+                            (last,))
 
     def _connect(self) -> sqlite3.Connection:
         con = sqlite3.connect(str(self.path), timeout=self.busy_timeout_ms / 1000.0,
@@ -184,10 +227,10 @@ class JobStore:
         """Queue a job for a study, idempotently.
 
         Without ``force``, an existing job for the same key (in any state) is
-        left as it is: a done job is not re-run, a queued or running one is not
-        duplicated. With ``force``, a done or failed job is queued again
-        (attempts reset, previous outputs kept so the worker can replace them);
-        a queued or running job is left alone.
+        left as it is: a done, failed or skipped job is not re-run, a queued or
+        running one is not duplicated. With ``force``, a done, failed or skipped
+        job is queued again (attempts reset, previous outputs kept so the worker
+        can replace them); a queued or running job is left alone.
 
         Args:
             study_uid: StudyInstanceUID.
@@ -211,7 +254,7 @@ class JobStore:
                 changed = True
             else:
                 job_id = int(row["id"])
-                changed = force and row["state"] in ("done", "failed")
+                changed = force and row["state"] in FINAL_STATES
                 if changed:
                     con.execute(
                         "UPDATE jobs SET state='queued', attempts=0, force=1, worker_id=NULL,"
@@ -313,6 +356,19 @@ class JobStore:
     def fail(self, job_id: int, reason: str, worker_id: str | None = None) -> bool:
         """Mark a running job failed; ``reason`` is collapsed to one line."""
         return self._finish(job_id, "failed", None, one_line(reason), worker_id)
+
+    def skip(self, job_id: int, reason: str, worker_id: str | None = None) -> bool:
+        """Mark a running job skipped: the model does not read this study (not an error).
+
+        Args:
+            job_id: The job.
+            reason: Why the model declined the study; collapsed to one line.
+            worker_id: If given, only skip if this worker still holds the job.
+
+        Returns:
+            True if the job was running (and held by ``worker_id``) and is now skipped.
+        """
+        return self._finish(job_id, "skipped", None, one_line(reason), worker_id)
 
     def _finish(self, job_id: int, state: str, outputs: str | None, reason: str | None,
                 worker_id: str | None) -> bool:

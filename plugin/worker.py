@@ -1,6 +1,10 @@
 # SPDX-License-Identifier: AGPL-3.0-or-later  (tomoscribe Orthanc plugin, see plugin/LICENSE)
 """The worker process: claim a job, fetch the study, run the app, store the outputs.
 
+A study the model declines to read (:class:`~tomoscribe.errors.OutOfScopeError`
+from the app: its series selection or the model's image check) ends the job
+``skipped`` with the one-line reason; any other error ends it ``failed``.
+
 Started by the plugin's supervisor as
 ``<venv python> plugin/worker.py --settings '<json>'`` with the Orthanc
 ``Authorization`` header value in ``$TOMOSCRIBE_ORTHANC_AUTHORIZATION``. All
@@ -40,7 +44,7 @@ from events import input_series
 from jobs import Job, JobStore, one_line
 from settings import Settings, model_scope
 
-from tomoscribe.errors import OutputError, TomoscribeError
+from tomoscribe.errors import OutOfScopeError, OutputError, TomoscribeError
 
 LOG = logging.getLogger("tomoscribe.worker")
 AUTH_ENV = "TOMOSCRIBE_ORTHANC_AUTHORIZATION"
@@ -245,6 +249,7 @@ def run_job(job: Job, settings: Settings, client: OrthancClient, job_function: J
         Orthanc instance ids of the stored outputs.
 
     Raises:
+        OutOfScopeError: From the job function: the model does not read this study.
         TomoscribeError: From the job function, for bad input.
         OrthancError: Talking to Orthanc failed.
     """
@@ -331,7 +336,11 @@ class Heartbeat:
 
 def process_one(store: JobStore, settings: Settings, client: OrthancClient,
                 job_function: JobFunction, worker_id: str, scope: Any = None) -> bool:
-    """Claim and run at most one job (``scope``: see :func:`run_job`). True if one was claimed."""
+    """Claim and run at most one job (``scope``: see :func:`run_job`). True if one was claimed.
+
+    The job ends ``done``; ``skipped`` if the model declines the study
+    (:class:`~tomoscribe.errors.OutOfScopeError`, logged at INFO); else ``failed``.
+    """
     job = store.claim(worker_id, settings.lease_s)
     if job is None:
         return False
@@ -348,6 +357,10 @@ def process_one(store: JobStore, settings: Settings, client: OrthancClient,
             store.release(job.id, worker_id)
             LOG.info("job %d: released back to the queue", job.id)
             raise
+        except OutOfScopeError as exc:  # the model does not read this study: not a failure
+            LOG.info("job %d: skipped: %s", job.id, one_line(str(exc)))
+            store.skip(job.id, str(exc), worker_id)
+            return True
         except Exception as exc:
             LOG.error("job %d failed:\n%s", job.id, traceback.format_exc())
             store.fail(job.id, failure_reason(exc), worker_id)

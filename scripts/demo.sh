@@ -210,7 +210,7 @@ if jobs:
     print(j["state"], j["orthanc_study_id"], " ".join(j["outputs"]), "|", j["reason"] or "")' \
             "$study_uid" "$version")
         state=${job%% *}
-        [[ $state == done || $state == failed ]] && break
+        [[ $state == done || $state == failed || $state == skipped ]] && break
         if [[ -z $job ]] && ((asked && SECONDS > asked)); then
             # Orthanc ignores instances it already has, so a study sent before (by an
             # earlier demo, with an earlier model) is not "new": ask for a run
@@ -231,7 +231,10 @@ print(next((r["ID"] for r in json.load(sys.stdin) if r["Type"] == "Study"), ""))
         sleep 2
     done
     read -r state study_id rest <<<"$job"
-    if [[ $state == failed ]]; then
+    if [[ $state == skipped ]]; then
+        say "the model does not read this study: ${job#*| }"
+        exit 1
+    elif [[ $state == failed ]]; then
         say "the job failed: ${job#*| }"
         say "worker log: $DEMO/tomoscribe/worker.log; Orthanc is still running ('make stop')"
         exit 1

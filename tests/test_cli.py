@@ -21,7 +21,7 @@ import torch
 from pydicom.data import get_testdata_file
 
 from tomoscribe import __version__
-from tomoscribe.cli import EXIT_ERROR, build_parser, main
+from tomoscribe.cli import EXIT_ERROR, EXIT_SKIPPED, build_parser, main
 from tomoscribe.dicomio.synth import write_series
 from tomoscribe.model.network import NetConfig, ScribeNet
 from tomoscribe.phantom import make_phantom, write_dicom_series
@@ -76,10 +76,10 @@ def _run(args: list[str], env: dict[str, str] | None = None) -> subprocess.Compl
                           env={**os.environ, **(env or {})})
 
 
-def _one_error_line(stderr: str) -> str:
+def _one_error_line(stderr: str, kind: str = "error") -> str:
     lines = stderr.strip().splitlines()
     assert len(lines) == 1, stderr
-    assert lines[0].startswith("tomoscribe: error: ")
+    assert lines[0].startswith(f"tomoscribe: {kind}: ")
     assert "Traceback" not in stderr
     return lines[0]
 
@@ -102,6 +102,14 @@ def test_help_and_version_import_nothing_heavy() -> None:
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["version"]) == 0
     assert capsys.readouterr().out.strip() == f"tomoscribe {__version__}"
+
+
+def test_run_help_lists_the_exit_statuses(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert f"{EXIT_SKIPPED} skipped: the model does not read this study" in text
+    assert f"{EXIT_ERROR} error" in text
 
 
 def test_parser_requires_input_and_output() -> None:
@@ -154,8 +162,6 @@ def test_python_m_operators_monai_convention(data: dict[str, Path], tmp_path: Pa
     [
         ("junk", "no DICOM files found"),
         ("sr_only", "no series qualifies"),
-        ("mr", "no series the model can read: the model reads CT of the chest and abdomen, not MR"),
-        ("head", "the model reads CT of the chest and abdomen, not Body Part Examined HEAD"),
         ("absent", "does not exist"),
     ],
 )
@@ -173,15 +179,36 @@ def test_bad_input_one_line_no_output(
     assert not out.exists() or list(out.iterdir()) == []
 
 
+@pytest.mark.parametrize(
+    ("which", "reason"),
+    [
+        ("mr", "no series the model can read: the model reads CT of the chest and abdomen, not MR"),
+        ("head", "the model reads CT of the chest and abdomen, not Body Part Examined HEAD"),
+    ],
+)
+def test_study_outside_the_models_scope_is_skipped(
+    data: dict[str, Path], tmp_path: Path, capfd: pytest.CaptureFixture[str],
+    which: str, reason: str,
+) -> None:
+    """Not an error: its own exit status and ``tomoscribe: skipped:``, nothing written."""
+    out = tmp_path / "out"
+    status = main(["run", "-i", str(data[which]), "-o", str(out), "-m", str(data["model"])])
+    captured = capfd.readouterr()
+    assert status == EXIT_SKIPPED != EXIT_ERROR
+    assert reason in _one_error_line(captured.err, "skipped")
+    assert captured.out == ""
+    assert not out.exists() or list(out.iterdir()) == []
+
+
 def test_image_check_refuses_what_the_model_cannot_read(
     data: dict[str, Path], tmp_path: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:
-    """A model that calls everything "liver": its report is refused, nothing is written."""
+    """A model that calls everything "liver": its report is refused (skipped), nothing written."""
     out = tmp_path / "out"
     status = main(["run", "-i", str(data["study"]), "-o", str(out), "-m",
                    str(data["model_checked"])])
-    line = _one_error_line(capfd.readouterr().err)
-    assert status == EXIT_ERROR
+    line = _one_error_line(capfd.readouterr().err, "skipped")
+    assert status == EXIT_SKIPPED
     assert "the image does not look like CT of the chest and abdomen: what the model took for " \
            "the liver" in line and "not -20 to 250 HU" in line
     assert not out.exists() or list(out.iterdir()) == []

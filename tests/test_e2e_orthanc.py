@@ -80,7 +80,7 @@ def job_for(server: OrthancServer, study_uid: str) -> list[dict[str, Any]]:
 def wait_job_settled(server: OrthancServer, study_uid: str, timeout: float) -> dict[str, Any]:
     def settled() -> dict[str, Any] | None:
         jobs = job_for(server, study_uid)
-        return jobs[0] if jobs and jobs[0]["state"] in ("done", "failed") else None
+        return jobs[0] if jobs and jobs[0]["state"] in ("done", "failed", "skipped") else None
 
     return server.wait_for(settled, timeout, 0.5, f"the job for {study_uid}")
 

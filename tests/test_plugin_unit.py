@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import sys
 import time
 import types
@@ -20,6 +21,7 @@ from settings import Settings, load_settings
 from supervisor import Supervisor
 
 import tomoscribe
+from tomoscribe.errors import InputError, OutOfScopeError
 
 PLUGIN_SCRIPT = Path(__file__).resolve().parent.parent / "plugin" / "tomoscribe_plugin.py"
 
@@ -267,6 +269,25 @@ def test_routes_list_get_health(fake: tuple[FakeOrthanc, Any]) -> None:
     health = _call(orthanc, "/tomoscribe/health").json()
     assert health["queue_depth"] == 1 and health["worker_alive"] is False
     assert health["events"]["stable_studies"] == 1
+    assert health["jobs"] == {"queued": 1, "running": 0, "done": 0, "failed": 0, "skipped": 0}
+
+
+def test_skipped_job_listed_counted_and_rerun(fake: tuple[FakeOrthanc, Any]) -> None:
+    """A skipped job: ``?state=skipped`` lists it, health counts it, a rerun requeues it."""
+    orthanc, plugin = fake
+    orthanc.studies["s1"] = ("1.2.840.1", [_series("a", "CT")])
+    _stable(orthanc, "s1")
+    job = plugin.store.claim("w", 30)
+    assert plugin.store.skip(job.id, "the image does not look like CT of the chest", "w")
+    listed = _call(orthanc, "/tomoscribe/jobs", get={"state": "skipped"})
+    assert listed.status == 200 and [j["id"] for j in listed.json()] == [job.id]
+    assert listed.json()[0]["reason"] == "the image does not look like CT of the chest"
+    assert _call(orthanc, "/tomoscribe/health").json()["jobs"]["skipped"] == 1
+    _stable(orthanc, "s1")  # STABLE_STUDY again: still skipped
+    assert plugin.store.get(job.id).state == "skipped"
+    route = "/tomoscribe/studies/([0-9a-f-]+)/rerun"
+    rerun = _call(orthanc, route, "POST", ("s1",), {"x-requested-with": "XMLHttpRequest"})
+    assert rerun.status == 200 and rerun.json()["job"]["state"] == "queued"
 
 
 def test_rerun_is_post_only_and_csrf_safe(fake: tuple[FakeOrthanc, Any]) -> None:
@@ -288,6 +309,47 @@ def test_rerun_is_post_only_and_csrf_safe(fake: tuple[FakeOrthanc, Any]) -> None
     assert busy.status == 409 and "already queued" in busy.json()["error"]
     gone = _call(orthanc, route, "POST", ("feed",), {"x-requested-with": "x"})
     assert gone.status == 404
+
+
+class _EmptyStudyClient:
+    """Stands in for worker.OrthancClient: a study with no series (nothing to fetch)."""
+
+    def get_json(self, path: str) -> Any:
+        assert path == "/studies/s1/series"
+        return []
+
+
+@pytest.mark.parametrize(("error", "state", "level"), [
+    (OutOfScopeError("the image does not look like CT of the chest and abdomen:\n what the"
+                     " model took for the right lung has a median of -1000 HU"),
+     "skipped", logging.INFO),
+    (InputError("the series is a scout\nnot a volume"), "failed", logging.ERROR),
+])
+def test_worker_skips_out_of_scope_and_fails_other_errors(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, error: Exception, state: str, level: int,
+) -> None:
+    """OutOfScopeError from the app ends the job skipped (INFO, no traceback); others fail."""
+    import worker
+    from jobs import JobStore
+
+    settings = load_settings({"StorageDirectory": str(tmp_path)})
+    store = JobStore(settings.db_path)
+    job, _ = store.enqueue("1.2.840.1", "s1", "v1")
+
+    def job_function(*args: Any, **kwargs: Any) -> list[Path]:
+        raise error
+
+    with caplog.at_level(logging.INFO, logger="tomoscribe.worker"):
+        assert worker.process_one(store, settings, _EmptyStudyClient(),  # type: ignore[arg-type]
+                                  job_function, "w1")
+    finished = store.get(job.id)
+    assert finished is not None and finished.state == state
+    assert finished.reason == " ".join(str(error).split())
+    records = [r for r in caplog.records if r.name == "tomoscribe.worker"]
+    assert max(r.levelno for r in records) == level
+    assert ("Traceback" in caplog.text) == (state == "failed")
+    assert not worker.process_one(store, settings, _EmptyStudyClient(),  # type: ignore[arg-type]
+                                  job_function, "w1")  # final: nothing left to claim
 
 
 def test_own_output_recognised_by_manufacturer() -> None:

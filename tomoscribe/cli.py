@@ -5,11 +5,15 @@
     tomoscribe run -i INPUT_DIR -o OUTPUT_DIR [-m MODEL_DIR] [-q QUESTION ...] [-c CONFIG] [-v]
     tomoscribe version
 
-``run`` prints the written files and the report; on a
+``run`` prints the written files and the report, and exits with status 0. On a
 :class:`~tomoscribe.errors.TomoscribeError` it prints exactly one line,
 ``tomoscribe: error: <reason>``, on stderr and exits with status 2, leaving no
-output file. Heavy modules (torch, holoscan) are imported only by the command
-that needs them, so ``tomoscribe --help`` is fast.
+output file. A study the model does not read (not CT of the chest and abdomen
+for the shipped model: :class:`~tomoscribe.errors.OutOfScopeError`) is not an
+error: one line ``tomoscribe: skipped: <reason>`` on stderr, exit status 3, no
+output file, so a batch script can tell the two apart. An unexpected internal
+failure exits with status 1. Heavy modules (torch, holoscan) are imported only
+by the command that needs them, so ``tomoscribe --help`` is fast.
 
 A new subcommand is one function that adds its parser and sets ``handler``
 (see :data:`SUBCOMMANDS`).
@@ -30,12 +34,20 @@ PROG = "tomoscribe"
 EXIT_ERROR = 2
 #: exit status for an unexpected internal failure
 EXIT_INTERNAL = 1
+#: exit status for a study the model does not read (outside its scope): nothing written
+EXIT_SKIPPED = 3
 
 
 def error_line(reason: object, stream: TextIO | None = None) -> None:
     """Print ``tomoscribe: error: <reason>`` as one line."""
     text = " ".join(str(reason).split()) or "unknown error"
     print(f"{PROG}: error: {text}", file=stream or sys.stderr, flush=True)
+
+
+def skipped_line(reason: object, stream: TextIO | None = None) -> None:
+    """Print ``tomoscribe: skipped: <reason>`` as one line (the model does not read the study)."""
+    text = " ".join(str(reason).split()) or "outside the model's scope"
+    print(f"{PROG}: skipped: {text}", file=stream or sys.stderr, flush=True)
 
 
 def execute_run(
@@ -49,8 +61,12 @@ def execute_run(
     """Run the application on one study and report like the CLI; returns the exit status.
 
     Shared by ``tomoscribe run`` and ``python -m operators``.
+
+    Returns:
+        0, :data:`EXIT_ERROR`, :data:`EXIT_SKIPPED`, :data:`EXIT_INTERNAL` or 130
+        (interrupted).
     """
-    from tomoscribe.errors import TomoscribeError
+    from tomoscribe.errors import OutOfScopeError, TomoscribeError
 
     try:
         from operators.app import run_app
@@ -58,6 +74,9 @@ def execute_run(
         result = run_app(
             input_dir, output_dir, model_dir=model_dir, questions=questions, config_path=config
         )
+    except OutOfScopeError as exc:  # the model does not read this study: not an error
+        skipped_line(exc)
+        return EXIT_SKIPPED
     except TomoscribeError as exc:
         error_line(exc)
         return EXIT_ERROR
@@ -114,6 +133,10 @@ def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="draft the SR and SEG of one study folder",
         description="Run the MONAI Deploy application on one study: choose a series, "
         "encode it, write the report as DICOM SR and the segmentation as DICOM SEG.",
+        epilog=f"exit status: 0 written; {EXIT_ERROR} error (one line on stderr, nothing "
+        f"written); {EXIT_SKIPPED} skipped: the model does not read this study (one line "
+        f"'{PROG}: skipped: <reason>' on stderr, nothing written); {EXIT_INTERNAL} internal "
+        "error",
     )
     p.add_argument("-i", "--input", type=Path, required=True, metavar="INPUT_DIR",
                    help="study folder (searched recursively) or DICOM file")
