@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from tomoscribe import __version__
+from tomoscribe.model.lm import LM_FOLDER, LMTokenizer, lm_limits, save_lm
 from tomoscribe.model.network import NetConfig, ScribeNet
 from tomoscribe.model.preprocess import labels_to_model_grid, prepare
 from tomoscribe.model.refine import refined_organs
@@ -49,6 +50,8 @@ from tomoscribe.report import ORGANS
 from tomoscribe.scope import CHEST_ABDOMEN_CT
 
 MODEL_NAME = "tomoscribe-tiny"
+#: the modules a run with a new language model (``--lm``) keeps from ``--init``
+VISION_MODULES = ("encoder", "seg", "refine", "align")
 
 
 def make_sample(seed: int, model_shape: tuple[int, int, int]) -> dict[str, object]:
@@ -148,7 +151,7 @@ def pad_rows(rows: list[list[int]]) -> torch.Tensor:
     return torch.tensor([r + [0] * (n - len(r)) for r in rows], dtype=torch.long)
 
 
-def text_batch(samples: list[dict[str, object]], tok: WordTokenizer,
+def text_batch(samples: list[dict[str, object]], tok: WordTokenizer | LMTokenizer,
                rng: np.random.Generator, asked: list[tuple[str, str, str]] | None = None
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """Report ids and question/answer ids for a batch, padded with 0.
@@ -420,8 +423,8 @@ def train_align_stage(net: ScribeNet, samples: list[dict[str, object]], tok: Wor
     return step
 
 
-def train_language_stage(net: ScribeNet, samples: list[dict[str, object]], tok: WordTokenizer,
-                         args: argparse.Namespace) -> int:
+def train_language_stage(net: ScribeNet, samples: list[dict[str, object]],
+                         tok: WordTokenizer | LMTokenizer, args: argparse.Namespace) -> int:
     """Stage 2: projectors, slice branch and language model on a frozen encoder and head.
 
     The encoder's forward and backward passes are almost all of a joint
@@ -437,7 +440,14 @@ def train_language_stage(net: ScribeNet, samples: list[dict[str, object]], tok: 
     """
     feats = stage_features(net, samples, args)
     branch = net.slices
-    trainable = [p for m in (net.projector, net.regions, net.lm) for p in m.parameters()]
+    lm_params = list(net.lm.parameters())
+    if getattr(args, "freeze_lm", False):  # a brought LM too large to fine-tune here
+        for param in lm_params:
+            param.requires_grad_(False)
+        embedding = net.lm.get_input_embeddings()  # type: ignore[operator]
+        embedding.weight.requires_grad_(True)  # the task markers' rows are new
+        lm_params = [embedding.weight]
+    trainable = [p for m in (net.projector, net.regions) for p in m.parameters()] + lm_params
     groups: list[dict[str, object]] = [{"params": trainable, "scale": args.lm_lr_scale}]
     if branch is not None and args.questions != 1:
         raise SystemExit("--questions must be 1 with a slice branch")
@@ -511,15 +521,20 @@ def save_model(net: ScribeNet, out: Path, meta: dict[str, object]) -> None:
 
     ``config.json`` declares the model's scope (:mod:`tomoscribe.scope`): the
     phantoms it trains on are chest-abdomen CT. A ``scope`` in ``meta`` (carried
-    over from ``--init``) wins.
+    over from ``--init``) wins. A brought language model (:mod:`tomoscribe.model.lm`)
+    and its tokenizer go to ``out / "lm"`` instead of ``model.pt``.
     """
     out.mkdir(parents=True, exist_ok=True)
-    state = {k: (v.half() if v.is_floating_point() else v) for k, v in net.state_dict().items()}
+    state = {k: (v.half() if v.is_floating_point() else v) for k, v in net.saved_state().items()}
     tmp = out / "model.pt.tmp"
     torch.save(state, tmp)
     os.replace(tmp, out / "model.pt")
     WordTokenizer(net.cfg.vocab).save(out / "tokenizer.json")
-    conf = {"name": MODEL_NAME, "scope": CHEST_ABDOMEN_CT.to_dict(), "net": net.cfg.to_dict(),
+    net_conf = net.cfg.to_dict()
+    if net.lm_tokenizer is not None:  # a brought LM: its own folder, full precision
+        save_lm(net.lm, net.lm_tokenizer, out)
+        net_conf["lm"] = LM_FOLDER
+    conf = {"name": MODEL_NAME, "scope": CHEST_ABDOMEN_CT.to_dict(), "net": net_conf,
             **meta}
     (out / "config.json").write_text(json.dumps(conf, indent=2) + "\n")
 
@@ -577,6 +592,11 @@ def main(argv: list[str] | None = None) -> int:
                    "(--init must have a refiner, see python -m tomoscribe.train_refine)")
     p.add_argument("--align-dim", type=int, default=None,
                    help="width of the SigLIP alignment head (0: none; --stage align)")
+    p.add_argument("--lm", type=Path, default=None,
+                   help="a local transformers causal LM folder to use in place of the built-in "
+                        "GPT-2 (--stage language; see tomoscribe.model.lm)")
+    p.add_argument("--freeze-lm", action="store_true",
+                   help="with --lm: train the projectors and the LM's input embeddings only")
     args = p.parse_args(argv)
 
     if args.threads:
@@ -591,16 +611,30 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))
         setattr(args, name, getattr(cfg, name))  # recorded in the history as used
-    tok = WordTokenizer(cfg.vocab)
-    answer_id = tok.index[ANSWER]
+    if args.lm is not None:
+        if args.stage != "language":
+            p.error("--lm is for --stage language (the vision side comes from --init)")
+        # a new language model: its width; the projectors, region tokens and
+        # slice branch start from new weights, and the <seg> mask decoder
+        # (which reads the old LM's hidden states) is left out
+        cfg.lm = str(args.lm.resolve())
+        cfg.width, cfg.max_positions = lm_limits(args.lm)
+        cfg.seg_token = False
+    elif cfg.lm and args.init is not None and not Path(cfg.lm).is_absolute():
+        cfg.lm = str((args.init / cfg.lm).resolve())  # continuing a model with a brought LM
     seeds = list(SPLITS["train"][: args.samples])
     cache = args.cache or (
         args.checkpoint / f"cache-{args.samples}-{'x'.join(map(str, cfg.model_shape))}.pt")
     samples = build_cache(seeds, cfg.model_shape, cache, args.workers)
 
     net = ScribeNet(cfg)
+    tok: WordTokenizer | LMTokenizer = (net.lm_tokenizer if net.lm_tokenizer is not None
+                                        else WordTokenizer(cfg.vocab))
+    answer_id = tok.index[ANSWER]
     if args.init is not None:
         init = torch.load(args.init / "model.pt", map_location="cpu", weights_only=True)
+        if args.lm is not None:  # only the vision side fits a new LM
+            init = {k: v for k, v in init.items() if k.split(".")[0] in VISION_MODULES}
         load_overlapping(net, init)
         print(f"initialised from {args.init}", flush=True)
     if args.stage in ("language", "align"):
@@ -608,7 +642,7 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--stage {args.stage} needs --init (the trained encoder)")
         prior = json.loads((args.init / "config.json").read_text())
         if args.stage == "align":
-            steps = train_align_stage(net, samples, tok, args)
+            steps = train_align_stage(net, samples, WordTokenizer(cfg.vocab), args)
             history = [*prior.get("history", []), {"stage": "align", "steps": steps,
                                                    "batch": args.batch, "lr": args.lr,
                                                    "align_dim": args.align_dim}]
@@ -625,7 +659,10 @@ def main(argv: list[str] | None = None) -> int:
                                                "psat_slices": args.psat_slices,
                                                "point_weight": args.point_weight,
                                                "refine_stats": args.refine_stats,
-                                               "lm_lr_scale": args.lm_lr_scale}]
+                                               "lm_lr_scale": args.lm_lr_scale,
+                                               **({"lm": str(args.lm),
+                                                   "freeze_lm": args.freeze_lm}
+                                                  if args.lm is not None else {})}]
         save_model(net, args.out, {"version": __version__,
                                    "trained_steps": prior.get("trained_steps"),
                                    "language_steps": steps,

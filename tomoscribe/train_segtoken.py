@@ -18,7 +18,9 @@ too large to cache (25 x 48 x 96 x 96 per sample), so the encoder runs for
 those samples in each step: most of a step's time.
 
 Trained: projectors, region tokens, language model and mask decoder; the
-encoder, segmentation head and refiner stay as they are. Three of four
+encoder, segmentation head and refiner stay as they are. A model with a
+brought language model (:mod:`tomoscribe.model.lm`) keeps its own tokenizer,
+in which ``<seg>`` is already a special token. Three of four
 referring questions are drawn with a ``<seg>`` answer (a mask to learn from).
 """
 
@@ -35,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from tomoscribe import __version__
+from tomoscribe.model.lm import LMTokenizer
 from tomoscribe.model.network import NetConfig, ScribeNet
 from tomoscribe.model.segtoken import SEG, mask_loss, refer_target
 from tomoscribe.model.text import (
@@ -90,7 +93,7 @@ def draw_refer(sample: dict[str, object], organ_labels: dict[str, int],
     return template, organ, q, answer
 
 
-def refer_step_loss(net: ScribeNet, tok: WordTokenizer, tokens: torch.Tensor,
+def refer_step_loss(net: ScribeNet, tok: WordTokenizer | LMTokenizer, tokens: torch.Tensor,
                     chosen: list[dict[str, object]], rng: np.random.Generator
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """Answer loss and mask loss of one referring question per sample of ``chosen``.
@@ -159,18 +162,23 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     prior = json.loads((args.init / "config.json").read_text())
     cfg = NetConfig.from_dict(prior["net"])
-    if VOCAB[: len(cfg.vocab)] != cfg.vocab:
+    if cfg.lm:  # a brought language model: its tokenizer already has <seg>
+        if not Path(cfg.lm).is_absolute():
+            cfg.lm = str((args.init / cfg.lm).resolve())
+    elif VOCAB[: len(cfg.vocab)] != cfg.vocab:
         print(f"error: the vocabulary of {args.init} is not a prefix of this version's; "
               "word ids would change", flush=True)
         return 1
-    cfg.vocab = VOCAB
+    else:
+        cfg.vocab = VOCAB
     cfg.seg_token = True
-    tok = WordTokenizer(cfg.vocab)
     seeds = list(SPLITS["train"][: args.samples])
     cache = args.cache or (
         args.checkpoint / f"cache-{args.samples}-{'x'.join(map(str, cfg.model_shape))}.pt")
     samples = build_cache(seeds, cfg.model_shape, cache, args.workers)
     net = ScribeNet(cfg)
+    tok: WordTokenizer | LMTokenizer = (net.lm_tokenizer if net.lm_tokenizer is not None
+                                        else WordTokenizer(cfg.vocab))
     load_overlapping(net, torch.load(args.init / "model.pt", map_location="cpu",
                                      weights_only=True))
     args.refine_stats = cfg.refine_stats  # stage_features reads it from the network

@@ -19,18 +19,22 @@
 The language model is any ``transformers`` causal LM whose input embeddings
 we can call: the default is a 2-layer GPT-2 of width 128 built from
 :class:`NetConfig`, trained here with the word vocabulary of
-:mod:`tomoscribe.model.text`.
+:mod:`tomoscribe.model.text`; ``NetConfig.lm`` names a local checkpoint to
+use instead (:mod:`tomoscribe.model.lm`).
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tomoscribe.errors import ModelError
 from tomoscribe.model.dcformer import DCFormerEncoder
+from tomoscribe.model.lm import LMTokenizer, load_lm
 from tomoscribe.model.projector import MixerProjector, RegionTokens
 from tomoscribe.model.psat import PlaneSliceFusion
 from tomoscribe.model.refine import OrganRefiner
@@ -88,6 +92,13 @@ class NetConfig:
     #: a ``<seg>`` token and its mask decoder (referring segmentation, see
     #: :mod:`tomoscribe.model.segtoken`)
     seg_token: bool = False
+    #: a local ``transformers`` causal LM folder used in place of the built-in
+    #: GPT-2 (:mod:`tomoscribe.model.lm`): relative to the model folder (a
+    #: saved model's is ``"lm"``) or absolute; ``width`` is its hidden size.
+    #: Empty: the built-in GPT-2.
+    lm: str = ""
+    #: the report grammar's words: the built-in LM's vocabulary, and the
+    #: alignment head's in every model
     vocab: tuple[str, ...] = field(default_factory=lambda: VOCAB)
 
     def to_dict(self) -> dict[str, object]:
@@ -134,18 +145,39 @@ def build_encoder(cfg: NetConfig) -> nn.Module:
 
 
 class ScribeNet(nn.Module):
-    """Encoder + segmentation head + projector + causal LM."""
+    """Encoder + segmentation head + projector + causal LM.
 
-    def __init__(self, cfg: NetConfig) -> None:
+    Args:
+        cfg: the hyper-parameters.
+        lm_base: the folder a relative ``cfg.lm`` is read from (the model folder).
+
+    Raises:
+        ModelError: ``cfg.lm`` names no loadable causal LM, or one whose hidden
+            size is not ``cfg.width``.
+    """
+
+    def __init__(self, cfg: NetConfig, lm_base: Path | None = None) -> None:
         super().__init__()
         self.cfg = cfg
+        #: the brought LM's tokenizer (``None``: the built-in GPT-2 and its word vocabulary)
+        self.lm_tokenizer: LMTokenizer | None = None
         self.encoder = build_encoder(cfg)
         self.seg = SegHead(cfg.channels, cfg.num_classes, cfg.in_channels, cfg.head_channels)
         self.projector = MixerProjector(cfg.channels[-2], cfg.channels[-1], cfg.width)
         self.regions = RegionTokens(
             cfg.channels[0], list(cfg.organ_classes), cfg.lesion_class, cfg.width
         )
-        self.lm = build_lm(cfg)
+        if cfg.lm:
+            path = Path(cfg.lm)
+            if not path.is_absolute() and lm_base is not None:
+                path = lm_base / path
+            self.lm, self.lm_tokenizer = load_lm(path)
+            dim = self.lm.get_input_embeddings().embedding_dim  # type: ignore[operator]
+            if dim != cfg.width:
+                raise ModelError(f"the language model in {path} is {dim} wide; the model's "
+                                 f"projectors are {cfg.width}")
+        else:
+            self.lm = build_lm(cfg)
         self.slices: SliceBranch | None = None
         if cfg.slice_tokens:
             self.slices = SliceBranch(cfg.in_channels, cfg.channels[1], cfg.num_classes,
@@ -166,6 +198,13 @@ class ScribeNet(nn.Module):
             self.psat = PlaneSliceFusion(
                 cfg.width, cfg.psat_slices, in_channels=cfg.in_channels,
                 encoder2d=self.slices.encoder2d if self.slices is not None else None)
+
+    def saved_state(self) -> dict[str, torch.Tensor]:
+        """What ``model.pt`` holds: the state dict less a brought LM's (saved in its folder)."""
+        state = self.state_dict()
+        if self.lm_tokenizer is None:
+            return state
+        return {k: v for k, v in state.items() if not k.startswith("lm.")}
 
     @property
     def num_image_tokens(self) -> int:

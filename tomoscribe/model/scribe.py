@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import math
 import sys
 import threading
 from collections.abc import Sequence
@@ -34,6 +35,7 @@ import torch
 
 from tomoscribe.errors import ModelError, OutOfScopeError
 from tomoscribe.model.api import Encoded
+from tomoscribe.model.lm import LMTokenizer
 from tomoscribe.model.network import NetConfig, ScribeNet
 from tomoscribe.model.preprocess import GridMap, prepare_volume
 from tomoscribe.model.refine import BODY_CLASS, refine, refined_organs
@@ -51,12 +53,13 @@ from tomoscribe.model.text import (
     REPORT,
     UNK,
     WordTokenizer,
+    findings_to_text,
     impression_of,
     is_referring,
     parse_findings,
     sentence_case,
 )
-from tomoscribe.report import ORGANS, Answer, Finding, Report, Segment, named_organ
+from tomoscribe.report import LESION_KINDS, ORGANS, Answer, Finding, Report, Segment, named_organ
 from tomoscribe.scope import DEFAULT_MODEL_DIR, ModelScope
 from tomoscribe.volume import Volume
 
@@ -79,10 +82,22 @@ class Scribe:
         self.model_dir = model_dir
         #: what the model reads (config.json's ``scope``; empty: anything)
         self.scope = scope if scope is not None else ModelScope()
-        self.tok = tokenizer if tokenizer is not None else WordTokenizer(self.cfg.vocab)
+        #: the report grammar's word tokenizer (the alignment head's, and the
+        #: built-in LM's)
+        self.words = tokenizer if tokenizer is not None else WordTokenizer(self.cfg.vocab)
+        #: the language model's tokenizer: a brought LM's own, else the words
+        self.tok: WordTokenizer | LMTokenizer = (
+            net.lm_tokenizer if net.lm_tokenizer is not None else self.words)
         self.organ_names = {i + 1: n for i, n in enumerate(ORGANS)}
         # never emitted: padding, the start marker and the task markers
-        self.banned = tuple(self.tok.index[t] for t in (PAD, BOS, UNK, REPORT, QUESTION, ANSWER))
+        self.banned = tuple(self.tok.index[t] for t in (PAD, BOS, UNK, REPORT, QUESTION, ANSWER)
+                            if t in self.tok.index)
+        # decoding budgets in the LM's tokens: 60 words for a report and 8 for
+        # an answer, scaled by how many tokens a word takes (1 with the words)
+        longest = findings_to_text([(o, k) for o, k in LESION_KINDS.items() for _ in range(2)])
+        ratio = len(self.tok.encode(longest)) / max(len(self.words.encode(longest)), 1)
+        self.report_max_new = max(60, math.ceil(60 * ratio))
+        self.answer_max_new = max(8, math.ceil(8 * ratio))
 
     def _question_mask(self, question: str, findings: list[Finding],
                        label_map: np.ndarray) -> np.ndarray:
@@ -154,10 +169,16 @@ class Scribe:
         try:
             conf = json.loads(conf_path.read_text())
             cfg = NetConfig.from_dict(conf["net"])
-            net = ScribeNet(cfg)
+            net = ScribeNet(cfg, lm_base=folder)
             state = torch.load(weights, map_location="cpu", weights_only=True)
-            net.load_state_dict({k: v.float() if v.is_floating_point() else v
-                                 for k, v in state.items()})
+            missing, unexpected = net.load_state_dict(
+                {k: v.float() if v.is_floating_point() else v for k, v in state.items()},
+                strict=False)
+            # a brought LM's weights are in its own folder (cfg.lm), not in model.pt
+            missing = [k for k in missing if not (cfg.lm and k.startswith("lm."))]
+            if missing or unexpected:
+                raise ValueError(f"model.pt does not fit config.json: "
+                                 f"missing {missing[:3]}, unexpected {unexpected[:3]}")
             tok_path = folder / "tokenizer.json"
             tok = WordTokenizer.from_file(tok_path) if tok_path.is_file() else None
             scope = ModelScope.from_dict(conf.get("scope"))
@@ -255,7 +276,7 @@ class Scribe:
         """
         if self.net.align is None:
             raise ModelError(f"model {self.name} {self.version} has no image-report alignment head")
-        ids = torch.tensor([self.tok.encode(text) or [self.tok.unk_id]], dtype=torch.long)
+        ids = torch.tensor([self.words.encode(text) or [self.words.unk_id]], dtype=torch.long)
         return self.net.align.embed_text(ids)[0].numpy()
 
     @torch.inference_mode()
@@ -293,18 +314,26 @@ class Scribe:
     @torch.inference_mode()
     def write_text(self, tokens: torch.Tensor) -> str:
         """The report text (model grammar) from image tokens ``(1, T, width)``."""
-        ids = self.net.generate(tokens, [self.tok.index[REPORT]], max_new=60,
+        ids = self.net.generate(tokens, [self.tok.index[REPORT]], max_new=self.report_max_new,
                                 eos_id=self.tok.eos_id, banned=self.banned)
         return self.tok.decode(ids)
+
+    def question_prompt(self, question: str, prefix_len: int) -> list[int]:
+        """``<question> ... <answer>`` ids, cut from the left to fit after ``prefix_len`` tokens.
+
+        Encoded as one string: a subword tokenizer encodes a word after a
+        space (as in training) differently from the same word alone.
+        """
+        prompt = self.tok.encode(f"{QUESTION} {question} {ANSWER}")
+        room = self.cfg.max_positions - prefix_len - self.answer_max_new
+        return prompt[-room:] if len(prompt) > room else prompt
 
     @torch.inference_mode()
     def answer(self, tokens: torch.Tensor, question: str) -> str:
         """Answer one question from image tokens ``(1, T, width)``."""
-        prompt = [self.tok.index[QUESTION], *self.tok.encode(question), self.tok.index[ANSWER]]
-        room = self.cfg.max_positions - tokens.shape[1] - 8
-        prompt = prompt[-room:] if len(prompt) > room else prompt
-        ids = self.net.generate(tokens, prompt, max_new=8, eos_id=self.tok.eos_id,
-                                banned=self.banned)
+        prompt = self.question_prompt(question, tokens.shape[1])
+        ids = self.net.generate(tokens, prompt, max_new=self.answer_max_new,
+                                eos_id=self.tok.eos_id, banned=self.banned)
         return self.tok.decode(ids)
 
     @torch.inference_mode()
@@ -321,11 +350,9 @@ class Scribe:
         when nothing is left the answer is ``none .`` without a mask.
         """
         tokens, _relevance = self.prefix(encoded, self.tok.encode(question), blind=blind)
-        prompt = [self.tok.index[QUESTION], *self.tok.encode(question), self.tok.index[ANSWER]]
-        room = self.cfg.max_positions - tokens.shape[1] - 8
-        prompt = prompt[-room:] if len(prompt) > room else prompt
-        ids = self.net.generate(tokens, prompt, max_new=8, eos_id=self.tok.eos_id,
-                                banned=self.banned)
+        prompt = self.question_prompt(question, tokens.shape[1])
+        ids = self.net.generate(tokens, prompt, max_new=self.answer_max_new,
+                                eos_id=self.tok.eos_id, banned=self.banned)
         text = self.tok.decode(ids)
         decoder = self.net.segtoken
         seg_id = self.tok.index.get(SEG)
