@@ -275,7 +275,8 @@ def test_real_app_end_to_end(tmp_path: Path) -> None:
 
     The plugin asks a question and a referring one: the SR holds both answers,
     the mask answering "segment the liver ." lands as its own SEG series and
-    the SR points at it.
+    the SR points at it. Then a head CT without Body Part Examined: the job
+    ends ``skipped`` with the image check's reason.
     """
     missing = _run_app_missing()
     if missing:
@@ -314,6 +315,21 @@ def test_real_app_end_to_end(tmp_path: Path) -> None:
         after = {m: len(ids) for m, ids in own_series(server, study_id).items()}
         assert after == {kind: 1 for kind in paths}, after
         assert {"PDF", "QSEG"} <= set(after)
+
+        # a head CT without Body Part Examined passes the plugin's header check; the
+        # model's image check declines it in the worker: skipped, not failed, nothing stored
+        from tomoscribe.phantom_head import make_head_phantom, write_head_series
+
+        head = make_head_phantom(3, modality="CT")
+        head_uid = generate_uid()
+        write_head_series(head, tmp_path / "head", study_instance_uid=head_uid, body_part="")
+        server.storescu(tmp_path / "head")
+        skipped = wait_job_settled(server, head_uid, timeout=300)
+        assert skipped["state"] == "skipped", skipped
+        assert skipped["reason"].startswith(
+            "the image does not look like CT of the chest and abdomen: "), skipped["reason"]
+        assert own_series(server, skipped["orthanc_study_id"]) == {}
+        assert server.get_json("/tomoscribe/health")["jobs"]["skipped"] == 1
 
 
 def test_no_processes_left_behind(tmp_path: Path) -> None:
