@@ -3,7 +3,7 @@
 SHELL := /bin/bash
 PY := .venv/bin/python
 
-.PHONY: setup test lint demo stop train ablation encoders bench scope sample
+.PHONY: setup test lint demo stop train ablation encoders bench scope sample brought-lm
 
 setup:
 	@bash scripts/setup.sh
@@ -71,6 +71,21 @@ ablation: setup
 	$(ABLATE) --out checkpoints/ablation-psat --slice-tokens 2 --psat-slices 16
 	for m in 3d tgis psat; do $(PY) benchmarks/accuracy.py --model-dir checkpoints/ablation-$$m \
 		--json benchmarks/results/ablation-$$m.json; done
+
+## brought-lm: a language model brought as a transformers folder (a new-weights Llama with a
+## generic BPE tokenizer) against the built-in GPT-2 taken through the same path, each trained
+## from new weights on the shipped vision side with the same language steps, then scored on the
+## test phantoms (README "Bringing your own language model")
+BROUGHT := $(TRAIN) --stage language --init tomoscribe/weights --checkpoint checkpoints/brought \
+	--steps 3000 --batch 32 --lr 1e-3 --threads 1
+brought-lm: setup
+	$(PY) benchmarks/brought_lm.py --out checkpoints/brought-llama
+	$(PY) benchmarks/brought_lm.py --out checkpoints/brought-gpt2 --arch gpt2-words
+	$(BROUGHT) --lm checkpoints/brought-llama --out checkpoints/with-llama
+	$(BROUGHT) --lm checkpoints/brought-gpt2 --out checkpoints/with-gpt2
+	for m in llama gpt2; do $(PY) benchmarks/accuracy.py --model-dir checkpoints/with-$$m \
+		--json benchmarks/results/brought-$$m.json; done
+	$(PY) benchmarks/brought_lm.py --time tomoscribe/weights checkpoints/with-gpt2 checkpoints/with-llama
 
 ## encoders: the ablation's encoder row: DCFormer and a 3D ViT of the same size, each
 ## trained from new weights for the same segmentation steps, scored on validation phantoms

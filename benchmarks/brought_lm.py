@@ -93,16 +93,65 @@ def make_word_gpt2(out: Path) -> Path:
     return out
 
 
+def time_generate(model_dirs: list[Path], n: int, questions: int = 6) -> dict[str, float]:
+    """Median seconds of ``generate`` per study for each model, side by side in one process.
+
+    The models must share the vision side (``--init`` of their language
+    stage): each test phantom is encoded once and every model writes its
+    report and answers ``questions`` lesion questions on it, in turn, so the
+    figures differ by the language model alone (its decoding).
+    """
+    import time
+
+    import numpy as np
+    import torch
+
+    from tomoscribe.model.scribe import Scribe
+    from tomoscribe.model.text import QUESTION_TEMPLATES
+    from tomoscribe.phantom import SPLITS, make_phantom, render_acquisition
+    from tomoscribe.report import LESION_KINDS
+    from tomoscribe.volume import SliceRef, Volume
+
+    scribes = [Scribe.load(d) for d in model_dirs]
+    vision = scribes[0].net.encoder.state_dict()
+    for d, scribe in zip(model_dirs[1:], scribes[1:], strict=True):
+        theirs = scribe.net.encoder.state_dict()
+        if any(not torch.equal(vision[k], theirs[k]) for k in vision):
+            raise SystemExit(f"{d} does not share the vision side of {model_dirs[0]}")
+    asked = [QUESTION_TEMPLATES[0].format(organ=o) for o in LESION_KINDS][:questions]
+    seconds: dict[str, list[float]] = {str(d): [] for d in model_dirs}
+    for seed in SPLITS["test"][:n]:
+        hu, _labels, aff = render_acquisition(make_phantom(int(seed)))
+        vol = Volume(hu, aff, [SliceRef(f"2.25.{seed}.{k}", "1.2.840.10008.5.1.4.1.1.2")
+                               for k in range(hu.shape[0])])
+        enc = scribes[0].encode(vol)
+        for d, scribe in zip(model_dirs, scribes, strict=True):
+            own = enc if scribe is scribes[0] else scribe.encode(vol)  # its own image tokens
+            t0 = time.perf_counter()
+            scribe.generate(own, asked)
+            seconds[str(d)].append(time.perf_counter() - t0)
+    return {d: float(np.median(v)) for d, v in seconds.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--out", type=Path)
     ap.add_argument("--width", type=int, default=128)
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--vocab", type=int, default=2000, help="BPE vocabulary size")
     ap.add_argument("--arch", choices=("llama", "gpt2-words"), default="llama",
                     help="llama: the stand-in; gpt2-words: the built-in LM as a folder (control)")
+    ap.add_argument("--time", type=Path, nargs="+", default=None, metavar="MODEL_DIR",
+                    help="instead: time generate() of these models side by side (--out unused)")
+    ap.add_argument("--n", type=int, default=20, help="test phantoms for --time")
     args = ap.parse_args(argv)
+    if args.time:
+        for d, sec in time_generate(args.time, args.n).items():
+            print(f"{d}: {sec:.3f} s per study to write the report and answer 6 questions")
+        return 0
+    if args.out is None:
+        ap.error("--out is required")
     if args.arch == "gpt2-words":
         make_word_gpt2(args.out)
     else:

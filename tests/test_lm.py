@@ -10,6 +10,7 @@ import pytest
 import torch
 from brought_lm import make_brought_lm
 
+import tomoscribe
 from tomoscribe.errors import ModelError
 from tomoscribe.model.lm import LM_FOLDER, LMTokenizer, lm_limits, load_lm
 from tomoscribe.model.network import NetConfig, ScribeNet
@@ -107,6 +108,8 @@ def test_language_stage_with_a_brought_lm_saves_a_model_scribe_loads(
                        "--freeze-lm"]) == 0
     conf = json.loads((out / "config.json").read_text())
     assert conf["net"]["lm"] == LM_FOLDER and conf["net"]["width"] == WIDTH
+    # not the shipped model's version: its outputs must not take the shipped model's UIDs
+    assert conf["version"] == f"{tomoscribe.__version__}+{brought.name.lower()}"
     assert not conf["net"]["seg_token"]  # its decoder read the old LM's hidden states
     assert conf["history"][-1]["freeze_lm"] is True
     assert (out / LM_FOLDER / "config.json").is_file()
@@ -145,6 +148,7 @@ def test_language_stage_with_a_brought_lm_saves_a_model_scribe_loads(
                           "--refer", "2", "--workers", "1"]) == 0
     conf = json.loads((refer / "config.json").read_text())
     assert conf["net"]["seg_token"] and conf["net"]["lm"] == LM_FOLDER
+    assert conf["version"] == f"{tomoscribe.__version__}+{brought.name.lower()}"
     referring = Scribe.load(refer)
     assert referring.net.segtoken is not None
     text, mask = referring.refer(referring.encode(vol), "segment the liver .")

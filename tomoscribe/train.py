@@ -22,6 +22,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import time
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
@@ -539,6 +540,23 @@ def save_model(net: ScribeNet, out: Path, meta: dict[str, object]) -> None:
     (out / "config.json").write_text(json.dumps(conf, indent=2) + "\n")
 
 
+def model_version(args: argparse.Namespace) -> str:
+    """The version a run writes: ``--version``, else the package's.
+
+    With a brought language model (``--lm``) and no ``--version``, the
+    package's version plus the LM folder's name (``0.5.0+my-llm``): the output
+    UIDs derive from (study, model version), so a model that is not the
+    shipped one must not carry its version, or its outputs would take the
+    shipped model's UIDs in a PACS that already holds those.
+    """
+    if args.version:
+        return str(args.version)
+    if getattr(args, "lm", None) is not None:
+        slug = re.sub(r"[^a-z0-9.]+", "-", args.lm.resolve().name.lower()).strip("-.")
+        return f"{__version__}+{slug or 'lm'}"
+    return __version__
+
+
 def main(argv: list[str] | None = None) -> int:
     """Train; see ``--help``."""
     p = argparse.ArgumentParser(prog="python -m tomoscribe.train", description=__doc__,
@@ -595,6 +613,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lm", type=Path, default=None,
                    help="a local transformers causal LM folder to use in place of the built-in "
                         "GPT-2 (--stage language; see tomoscribe.model.lm)")
+    p.add_argument("--version", default=None,
+                   help="the model version written to config.json (default: the package's; "
+                        "with --lm, the package's + the LM folder's name); output UIDs derive "
+                        "from it")
     p.add_argument("--freeze-lm", action="store_true",
                    help="with --lm: train the projectors and the LM's input embeddings only")
     args = p.parse_args(argv)
@@ -663,7 +685,7 @@ def main(argv: list[str] | None = None) -> int:
                                                **({"lm": str(args.lm),
                                                    "freeze_lm": args.freeze_lm}
                                                   if args.lm is not None else {})}]
-        save_model(net, args.out, {"version": __version__,
+        save_model(net, args.out, {"version": model_version(args),
                                    "trained_steps": prior.get("trained_steps"),
                                    "language_steps": steps,
                                    "train_samples": len(samples), "history": history})
@@ -727,9 +749,9 @@ def main(argv: list[str] | None = None) -> int:
             torch.save({"net": net.state_dict(), "opt": opt.state_dict(), "step": step,
                         "seconds": time.time() - t0}, ckpt.with_suffix(".tmp"))
             os.replace(ckpt.with_suffix(".tmp"), ckpt)
-            save_model(net, args.out, {"version": __version__, "trained_steps": step,
+            save_model(net, args.out, {"version": model_version(args), "trained_steps": step,
                                        "train_samples": len(samples)})
-    save_model(net, args.out, {"version": __version__, "trained_steps": step,
+    save_model(net, args.out, {"version": model_version(args), "trained_steps": step,
                                "train_samples": len(samples)})
     print(f"saved {args.out} at step {step}", flush=True)
     return 0

@@ -225,7 +225,9 @@ def main(argv: list[str] | None = None) -> int:
                {"stage": "segtoken", "steps": step, "batch": args.batch, "refer": args.refer,
                 "lr": args.lr, "mask_weight": args.mask_weight}]
     meta = {k: v for k, v in prior.items() if k not in ("name", "net", "history", "version")}
-    save_model(net, args.out, {**meta, "version": __version__, "history": history})
+    # a model with a brought LM keeps its own version (output UIDs derive from it)
+    version = prior.get("version", __version__) if cfg.lm else __version__
+    save_model(net, args.out, {**meta, "version": version, "history": history})
     print(f"saved {args.out} after {step} steps", flush=True)
     return 0
 
