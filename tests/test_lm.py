@@ -64,6 +64,21 @@ def test_a_tokenizer_that_pads_a_grammar_word_is_refused() -> None:
         LMTokenizer(hf)
 
 
+def test_a_tokenizer_without_an_end_token_gets_one() -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<nothing>", *(w for w in VOCAB if w != "<eos>")]  # the markers are there
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    hf = PreTrainedTokenizerFast(tokenizer_object=backend)
+    assert hf.eos_token_id is None
+    tok = LMTokenizer(hf)
+    assert tok.eos_id == len(words) and len(tok) == len(words) + 1
+    ids = tok.encode("liver : one cyst .")
+    assert tok.decode([*ids, tok.eos_id, *ids]) == "liver : one cyst ."
+
+
 def test_a_brought_lm_trains_through_inputs_embeds(brought: Path) -> None:
     torch.manual_seed(0)
     cfg = NetConfig(model_shape=(16, 32, 32), channels=(8, 8, 16, 16), width=WIDTH,
