@@ -158,44 +158,27 @@ def test_python_m_operators_monai_convention(data: dict[str, Path], tmp_path: Pa
 
 
 @pytest.mark.parametrize(
-    ("which", "reason"),
+    ("which", "status", "kind", "reason"),
     [
-        ("junk", "no DICOM files found"),
-        ("sr_only", "no series qualifies"),
-        ("absent", "does not exist"),
+        ("junk", EXIT_ERROR, "error", "no DICOM files found"),
+        ("sr_only", EXIT_ERROR, "error", "no series qualifies"),
+        ("absent", EXIT_ERROR, "error", "does not exist"),
+        # outside the model's scope is not an error: its own status and "skipped:"
+        ("mr", EXIT_SKIPPED, "skipped",
+         "no series the model can read: the model reads CT of the chest and abdomen, not MR"),
+        ("head", EXIT_SKIPPED, "skipped",
+         "the model reads CT of the chest and abdomen, not Body Part Examined HEAD"),
     ],
 )
-def test_bad_input_one_line_no_output(
+def test_unread_input_one_line_no_output(
     data: dict[str, Path], tmp_path: Path, capfd: pytest.CaptureFixture[str],
-    which: str, reason: str,
+    which: str, status: int, kind: str, reason: str,
 ) -> None:
     out = tmp_path / "out"
     folder = data.get(which, tmp_path / "absent")
-    status = main(["run", "-i", str(folder), "-o", str(out), "-m", str(data["model"])])
+    assert main(["run", "-i", str(folder), "-o", str(out), "-m", str(data["model"])]) == status
     captured = capfd.readouterr()
-    assert status == EXIT_ERROR
-    assert reason in _one_error_line(captured.err)
-    assert captured.out == ""
-    assert not out.exists() or list(out.iterdir()) == []
-
-
-@pytest.mark.parametrize(
-    ("which", "reason"),
-    [
-        ("mr", "no series the model can read: the model reads CT of the chest and abdomen, not MR"),
-        ("head", "the model reads CT of the chest and abdomen, not Body Part Examined HEAD"),
-    ],
-)
-def test_study_outside_the_models_scope_is_skipped(
-    data: dict[str, Path], tmp_path: Path, capfd: pytest.CaptureFixture[str],
-    which: str, reason: str,
-) -> None:
-    """Not an error: its own exit status and ``tomoscribe: skipped:``, nothing written."""
-    out = tmp_path / "out"
-    status = main(["run", "-i", str(data[which]), "-o", str(out), "-m", str(data["model"])])
-    captured = capfd.readouterr()
-    assert status == EXIT_SKIPPED != EXIT_ERROR
-    assert reason in _one_error_line(captured.err, "skipped")
+    assert reason in _one_error_line(captured.err, kind)
     assert captured.out == ""
     assert not out.exists() or list(out.iterdir()) == []
 

@@ -38,16 +38,10 @@ EXIT_INTERNAL = 1
 EXIT_SKIPPED = 3
 
 
-def error_line(reason: object, stream: TextIO | None = None) -> None:
-    """Print ``tomoscribe: error: <reason>`` as one line."""
+def error_line(reason: object, stream: TextIO | None = None, kind: str = "error") -> None:
+    """Print ``tomoscribe: <kind>: <reason>`` as one line (``kind``: error or skipped)."""
     text = " ".join(str(reason).split()) or "unknown error"
-    print(f"{PROG}: error: {text}", file=stream or sys.stderr, flush=True)
-
-
-def skipped_line(reason: object, stream: TextIO | None = None) -> None:
-    """Print ``tomoscribe: skipped: <reason>`` as one line (the model does not read the study)."""
-    text = " ".join(str(reason).split()) or "outside the model's scope"
-    print(f"{PROG}: skipped: {text}", file=stream or sys.stderr, flush=True)
+    print(f"{PROG}: {kind}: {text}", file=stream or sys.stderr, flush=True)
 
 
 def execute_run(
@@ -75,7 +69,7 @@ def execute_run(
             input_dir, output_dir, model_dir=model_dir, questions=questions, config_path=config
         )
     except OutOfScopeError as exc:  # the model does not read this study: not an error
-        skipped_line(exc)
+        error_line(exc, kind="skipped")
         return EXIT_SKIPPED
     except TomoscribeError as exc:
         error_line(exc)

@@ -551,7 +551,7 @@ def model_version(args: argparse.Namespace) -> str:
     """
     if args.version:
         return str(args.version)
-    if getattr(args, "lm", None) is not None:
+    if args.lm is not None:
         slug = re.sub(r"[^a-z0-9.]+", "-", args.lm.resolve().name.lower()).strip("-.")
         return f"{__version__}+{slug or 'lm'}"
     return __version__

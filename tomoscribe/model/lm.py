@@ -71,6 +71,12 @@ LM_FOLDER = "lm"
 MARKERS = (REPORT, QUESTION, ANSWER, SEG)
 
 
+def _first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none)."""
+    lines = str(exc).strip().splitlines()
+    return lines[0][:200] if lines else type(exc).__name__
+
+
 def _quiet_transformers() -> None:
     """No progress bars or resize notices from ``transformers`` in a worker's log."""
     from transformers.utils import logging as hf_logging
@@ -181,7 +187,7 @@ def load_lm(path: Path) -> tuple[nn.Module, LMTokenizer]:
                                                   dtype=torch.float32)
     except (OSError, ValueError, KeyError) as exc:
         raise ModelError(f"cannot load a transformers causal LM from {path}: "
-                         f"{str(exc).strip().splitlines()[0][:200]}") from exc
+                         f"{_first_line(exc)}") from exc
     rows = int(lm.get_input_embeddings().weight.shape[0])
     if rows < len(tok):
         lm.resize_token_embeddings(len(tok), mean_resizing=False)
@@ -224,6 +230,6 @@ def lm_limits(path: Path) -> tuple[int, int]:
         conf = AutoConfig.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot read a transformers model from {path}: "
-                         f"{str(exc).strip().splitlines()[0][:200]}") from exc
+                         f"{_first_line(exc)}") from exc
     longest = getattr(conf, "max_position_embeddings", None) or getattr(conf, "n_positions", None)
     return int(conf.hidden_size), min(int(longest or 2048), 2048)
