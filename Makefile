@@ -28,7 +28,10 @@ stop:
 
 ## train: retrain the shipped default model, stage by stage, as it was trained
 ## (about 5 h on 2 CPU cores, then the last refiner: 7 min on one H100, or about 2.2 h on 2 cores
-## at the measured 0.31 s a patch; the README's "Training" section explains each stage)
+## at the measured 0.31 s a patch; the README's "Training" section explains each stage).
+## Every stage writes a version of its own (0.5.0+local.<hash of the weights>); the last one,
+## which writes tomoscribe/weights, names the package's version, as a release does.
+VERSION := $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' tomoscribe/__init__.py)
 TRAIN := $(PY) -m tomoscribe.train --samples 1200 --cache checkpoints/cache-1200-48x96x96.pt
 train: setup
 	$(TRAIN) --checkpoint checkpoints/stage1 --out checkpoints/stage1-weights --head-channels 8 \
@@ -57,7 +60,7 @@ train: setup
 		--out checkpoints/stage4c-weights --steps 1500 --batch 128 --lr 1e-3
 	$(PY) -m tomoscribe.train_refine --init checkpoints/stage4c-weights --checkpoint checkpoints/stage5 \
 		--out tomoscribe/weights --phantoms 400 --steps 3149 --batch 8 --lr 2e-3 --hint-jitter 0.7 \
-		--fresh --device auto --loaders 4
+		--fresh --device auto --loaders 4 --version $(VERSION)
 
 ## ablation: the README's ablation rows: from the shipped weights, 1,000 more language steps
 ## each for 3D-only, 3D + TG-IS and 3D + TG-IS + PSAT, then each scored on the test phantoms

@@ -18,8 +18,8 @@ from tomoscribe.model.scribe import Scribe
 from tomoscribe.model.text import ANSWER, QUESTION, REPORT, VOCAB, findings_to_text
 from tomoscribe.phantom import make_phantom, render_acquisition
 from tomoscribe.scope import DEFAULT_MODEL_DIR
+from tomoscribe.train import local_version, pad_rows, qa_loss_mask
 from tomoscribe.train import main as train_main
-from tomoscribe.train import pad_rows, qa_loss_mask
 from tomoscribe.volume import SliceRef, Volume
 
 WIDTH = 32
@@ -124,7 +124,8 @@ def test_language_stage_with_a_brought_lm_saves_a_model_scribe_loads(
     conf = json.loads((out / "config.json").read_text())
     assert conf["net"]["lm"] == LM_FOLDER and conf["net"]["width"] == WIDTH
     # not the shipped model's version: its outputs must not take the shipped model's UIDs
-    assert conf["version"] == f"{tomoscribe.__version__}+{brought.name.lower()}"
+    assert conf["version"] == local_version(out)
+    assert conf["version"].startswith(f"{tomoscribe.__version__}+local.")
     assert not conf["net"]["seg_token"]  # its decoder read the old LM's hidden states
     assert conf["history"][-1]["freeze_lm"] is True
     assert (out / LM_FOLDER / "config.json").is_file()
@@ -163,7 +164,8 @@ def test_language_stage_with_a_brought_lm_saves_a_model_scribe_loads(
                           "--refer", "2", "--workers", "1"]) == 0
     conf = json.loads((refer / "config.json").read_text())
     assert conf["net"]["seg_token"] and conf["net"]["lm"] == LM_FOLDER
-    assert conf["version"] == f"{tomoscribe.__version__}+{brought.name.lower()}"
+    assert conf["version"] == local_version(refer)
+    assert conf["version"] != json.loads((out / "config.json").read_text())["version"]
     referring = Scribe.load(refer)
     assert referring.net.segtoken is not None
     text, mask = referring.refer(referring.encode(vol), "segment the liver .")

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+import tomoscribe
 from tomoscribe.errors import ModelError
 from tomoscribe.model.dcformer import DCFormerEncoder, DecomposedConv3d
 from tomoscribe.model.network import NetConfig, ScribeNet
@@ -136,6 +137,25 @@ def test_scribe_save_load_encode_generate(tmp_path: Path) -> None:
         assert f.key_slices and all(0 <= k < 24 for k in f.key_slices)
     labels = {s.label for s in report.segments}
     assert set(np.unique(report.label_map)) - {0} <= labels
+
+
+def test_a_model_trained_here_gets_a_version_of_its_own(tmp_path: Path) -> None:
+    """Without ``--version``: the package's version + a hash of the weights, never the
+    shipped model's (output UIDs and job records derive from the version)."""
+    torch.manual_seed(0)
+    net = ScribeNet(SMALL)
+    save_model(net, tmp_path / "a", {"version": None})
+    save_model(net, tmp_path / "b", {})
+    version = Scribe.load(tmp_path / "a").version
+    assert version.startswith(f"{tomoscribe.__version__}+local.") and len(version) == len(
+        tomoscribe.__version__) + len("+local.") + 10
+    assert Scribe.load(tmp_path / "b").version == version  # same weights, same version
+    with torch.no_grad():
+        next(net.parameters()).add_(1.0)
+    save_model(net, tmp_path / "c", {})
+    assert Scribe.load(tmp_path / "c").version != version
+    save_model(net, tmp_path / "d", {"version": "0.6.0"})  # a release names its version
+    assert Scribe.load(tmp_path / "d").version == "0.6.0"
 
 
 def test_scribe_load_refuses_bad_folder(tmp_path: Path) -> None:

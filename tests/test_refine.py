@@ -26,8 +26,8 @@ from tomoscribe.model.refine import (
 )
 from tomoscribe.model.scribe import DEFAULT_MODEL_DIR, Scribe, _lesion_components
 from tomoscribe.phantom import make_phantom, render_acquisition
+from tomoscribe.train import local_version, save_model
 from tomoscribe.train import main as train_main
-from tomoscribe.train import save_model
 from tomoscribe.train_refine import boxes_of, main, patch
 from tomoscribe.volume import SliceRef, Volume
 
@@ -230,7 +230,9 @@ def test_refine_stage_trains_and_the_model_uses_it(tmp_path: Path) -> None:
     conf = json.loads((out / "config.json").read_text())
     prior = json.loads((DEFAULT_MODEL_DIR / "config.json").read_text())
     assert conf["net"]["refine_width"] == 4 and conf["history"][-1]["stage"] == "refine"
-    assert conf["version"] == prior["version"]
+    # new weights, a new version: the refined model's outputs must not take the UIDs of
+    # the shipped model's (they derive from the study and the model version)
+    assert conf["version"] != prior["version"] and conf["version"] == local_version(out)
     # the first stage is unchanged by the refine stage (the refiner is new: width 4)
     before = torch.load(DEFAULT_MODEL_DIR / "model.pt", weights_only=True)
     after = torch.load(out / "model.pt", weights_only=True)

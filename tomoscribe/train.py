@@ -22,7 +22,6 @@ import argparse
 import hashlib
 import json
 import os
-import re
 import time
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
@@ -51,6 +50,10 @@ from tomoscribe.report import ORGANS
 from tomoscribe.scope import CHEST_ABDOMEN_CT
 
 MODEL_NAME = "tomoscribe-tiny"
+#: ``--version`` of every training entry point
+VERSION_HELP = ("the model version written to config.json; output UIDs and job records derive "
+                "from it (default: the package's + local.<hash of the weights>, never the "
+                "shipped model's)")
 #: the modules a run with a new language model (``--lm``) keeps from ``--init``
 VISION_MODULES = ("encoder", "seg", "refine", "align")
 
@@ -523,7 +526,8 @@ def save_model(net: ScribeNet, out: Path, meta: dict[str, object]) -> None:
     ``config.json`` declares the model's scope (:mod:`tomoscribe.scope`): the
     phantoms it trains on are chest-abdomen CT. A ``scope`` in ``meta`` (carried
     over from ``--init``) wins. A brought language model (:mod:`tomoscribe.model.lm`)
-    and its tokenizer go to ``out / "lm"`` instead of ``model.pt``.
+    and its tokenizer go to ``out / "lm"`` instead of ``model.pt``. Without a
+    ``version`` in ``meta``, the model gets :func:`local_version`.
     """
     out.mkdir(parents=True, exist_ok=True)
     state = {k: (v.half() if v.is_floating_point() else v) for k, v in net.saved_state().items()}
@@ -537,24 +541,35 @@ def save_model(net: ScribeNet, out: Path, meta: dict[str, object]) -> None:
         net_conf["lm"] = LM_FOLDER
     conf = {"name": MODEL_NAME, "scope": CHEST_ABDOMEN_CT.to_dict(), "net": net_conf,
             **meta}
+    if not conf.get("version"):
+        conf["version"] = local_version(out)
     (out / "config.json").write_text(json.dumps(conf, indent=2) + "\n")
 
 
-def model_version(args: argparse.Namespace) -> str:
-    """The version a run writes: ``--version``, else the package's.
+def local_version(out: Path) -> str:
+    """The version of a model trained here: ``<package version>+local.<10 hex>``.
 
-    With a brought language model (``--lm``) and no ``--version``, the
-    package's version plus the LM folder's name (``0.5.0+my-llm``): the output
-    UIDs derive from (study, model version), so a model that is not the
-    shipped one must not carry its version, or its outputs would take the
-    shipped model's UIDs in a PACS that already holds those.
+    The hex digits are the SHA-256 of the weights as saved (``model.pt``, and
+    every file of a brought language model's ``lm/`` folder). Output UIDs and
+    the plugin's job records derive from (study, model version), so a model
+    that is not the shipped one must not carry the shipped model's version:
+    its SR and SEG would take the UIDs of the shipped model's objects in a
+    PACS that holds those, and studies the shipped model has read would count
+    as done. The hash gives each trained model its own version and the same
+    weights the same one, so sending a study again replaces its outputs.
     """
-    if args.version:
-        return str(args.version)
-    if args.lm is not None:
-        slug = re.sub(r"[^a-z0-9.]+", "-", args.lm.resolve().name.lower()).strip("-.")
-        return f"{__version__}+{slug or 'lm'}"
-    return __version__
+    digest = hashlib.sha256((out / "model.pt").read_bytes())
+    lm_dir = out / LM_FOLDER
+    if lm_dir.is_dir():
+        for path in sorted(p for p in lm_dir.rglob("*") if p.is_file()):
+            digest.update(path.relative_to(out).as_posix().encode())
+            digest.update(path.read_bytes())
+    return f"{__version__}+local.{digest.hexdigest()[:10]}"
+
+
+def model_version(args: argparse.Namespace) -> str | None:
+    """The version a run writes: ``--version``, else ``None`` (:func:`local_version`)."""
+    return str(args.version) if args.version else None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -613,10 +628,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lm", type=Path, default=None,
                    help="a local transformers causal LM folder to use in place of the built-in "
                         "GPT-2 (--stage language; see tomoscribe.model.lm)")
-    p.add_argument("--version", default=None,
-                   help="the model version written to config.json (default: the package's; "
-                        "with --lm, the package's + the LM folder's name); output UIDs derive "
-                        "from it")
+    p.add_argument("--version", default=None, help=VERSION_HELP)
     p.add_argument("--freeze-lm", action="store_true",
                    help="with --lm: train the projectors and the LM's input embeddings only")
     args = p.parse_args(argv)
@@ -670,7 +682,7 @@ def main(argv: list[str] | None = None) -> int:
                                                    "align_dim": args.align_dim}]
             save_model(net, args.out, {**{k: v for k, v in prior.items()
                                           if k not in ("name", "net", "history")},
-                                       "history": history})
+                                       "version": model_version(args), "history": history})
             print(f"saved {args.out} after {steps} alignment steps", flush=True)
             return 0
         steps = train_language_stage(net, samples, tok, args)

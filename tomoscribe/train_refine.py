@@ -56,7 +56,7 @@ from tomoscribe.model.refine import (
 )
 from tomoscribe.model.scribe import Scribe
 from tomoscribe.phantom import SPLITS, make_phantom, render_acquisition
-from tomoscribe.train import load_overlapping, save_model, warmup_cosine
+from tomoscribe.train import VERSION_HELP, load_overlapping, save_model, warmup_cosine
 
 #: the training seeds start here, away from the first stage's 1,200
 FIRST_SEED = 500_000
@@ -332,6 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--init", type=Path, required=True,
                    help="the trained first stage (model folder)")
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--version", default=None, help=VERSION_HELP)
     p.add_argument("--checkpoint", type=Path, default=Path("checkpoints/refine"))
     p.add_argument("--phantoms", type=int, default=400, help="training phantoms")
     p.add_argument("--width", type=int, default=None,
@@ -420,8 +421,10 @@ def main(argv: list[str] | None = None) -> int:
                         "hint_jitter": args.hint_jitter,
                         "recall_weight": args.recall_weight, "patch": list(args.patch),
                         "fresh": args.fresh, "device": device.type}]
-            meta = {k: v for k, v in prior.items() if k not in ("name", "net", "history")}
-            save_model(net, args.out, {**meta, "refine_steps": step, "history": history})
+            meta = {k: v for k, v in prior.items()
+                    if k not in ("name", "net", "history", "version")}
+            save_model(net, args.out, {**meta, "version": args.version, "refine_steps": step,
+                                       "history": history})
 
     t0 = time.time() - spent
     refiner.train()

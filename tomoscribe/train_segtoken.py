@@ -36,7 +36,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tomoscribe import __version__
 from tomoscribe.model.lm import LMTokenizer
 from tomoscribe.model.network import NetConfig, ScribeNet
 from tomoscribe.model.segtoken import SEG, mask_loss, refer_target
@@ -51,6 +50,7 @@ from tomoscribe.model.text import (
 from tomoscribe.phantom import SPLITS
 from tomoscribe.report import ORGANS
 from tomoscribe.train import (
+    VERSION_HELP,
     build_cache,
     lm_step_loss,
     load_overlapping,
@@ -142,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--init", type=Path, required=True, help="the trained model (folder)")
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--version", default=None, help=VERSION_HELP)
     p.add_argument("--checkpoint", type=Path, default=Path("checkpoints/segtoken"),
                    help="where the cached vision features (and refined statistics) live")
     p.add_argument("--cache", type=Path, default=None, help="rendered training samples")
@@ -225,9 +226,7 @@ def main(argv: list[str] | None = None) -> int:
                {"stage": "segtoken", "steps": step, "batch": args.batch, "refer": args.refer,
                 "lr": args.lr, "mask_weight": args.mask_weight}]
     meta = {k: v for k, v in prior.items() if k not in ("name", "net", "history", "version")}
-    # a model with a brought LM keeps its own version (output UIDs derive from it)
-    version = prior.get("version", __version__) if cfg.lm else __version__
-    save_model(net, args.out, {**meta, "version": version, "history": history})
+    save_model(net, args.out, {**meta, "version": args.version, "history": history})
     print(f"saved {args.out} after {step} steps", flush=True)
     return 0
 
