@@ -18,9 +18,11 @@ from tomoscribe.model.refine import (
     OrganRefiner,
     box_input,
     box_shape,
+    canonical_spacing,
     coarse_in_box,
     from_canonical,
     organ_box,
+    owned_lesion_stats,
     refine,
     to_canonical,
 )
@@ -133,6 +135,30 @@ def test_refined_labels_merge_organs_and_lesions() -> None:
     # what the coarse pass put inside the body stays inside it (the body, not air)
     assert not (out[coarse > 0] == 0).any()
     assert set(np.unique(out)) <= set(range(9))
+    # "owned": the same labels; each organ's statistics count the lesion components the
+    # report gives it (ml, count), computed on the merged labels
+    owned = refine(_Oracle(), hu, spacing, grid, logits, [2, 3, 4, 5, 6, 7], 8,  # type: ignore[arg-type]
+                   stats_mode="owned")
+    assert np.array_equal(owned.labels, out)
+    voxel_ml = float(np.prod(canonical_spacing(spacing, grid))) / 1000.0
+    want = owned_lesion_stats(to_canonical(out, grid), 8, [2, 3, 4, 5, 6, 7], voxel_ml)
+    assert owned.stats == want and sum(n for _ml, n in want.values()) >= 1
+    with pytest.raises(ValueError, match="not one of"):
+        refine(_Oracle(), hu, spacing, grid, logits, [2], 8, stats_mode="peak")  # type: ignore[arg-type]
+
+
+def test_owned_statistics_give_each_lesion_to_one_organ() -> None:
+    lab = np.zeros((12, 30, 30), dtype=np.uint8)
+    lab[2:10, 2:15, 2:28] = 4  # the liver
+    lab[2:10, 15:28, 2:28] = 6  # a kidney under it, sharing a face
+    lab[4:7, 15:19, 10:13] = 8  # a cyst at the kidney's top: its shell is mostly kidney
+    lab[3:5, 5:7, 5:7] = 8  # a liver lesion (8 voxels)
+    lab[7:9, 5:7, 20:22] = 8  # a second one
+    lab[5, 24, 24] = 8  # a one-voxel speck in the kidney: noise
+    stats = owned_lesion_stats(lab, 8, [4, 5, 6], voxel_ml=0.5)
+    assert stats[5] == (0.0, 0.0)  # no spleen here
+    assert stats[6] == pytest.approx((np.log1p(36 * 0.5), 1.0))  # the cyst, not the speck
+    assert stats[4] == pytest.approx((np.log1p(16 * 0.5), 2.0))  # not the kidney's cyst
 
 
 @pytest.mark.parametrize("perm", [(1, 0, 2), (2, 1, 0)])
@@ -269,6 +295,20 @@ def test_refine_stage_trains_and_the_model_uses_it(tmp_path: Path) -> None:
     plain = tuned.encode(Volume(hu, aff, enc2.volume.slices)).image_tokens
     changed = (plain - enc2.image_tokens).abs().amax(dim=2)[0] > 1e-6
     assert not changed[:25].any() and changed[25:31].any()
+
+    # the "owned" statistics: cached apart from the "rim" ones, and fed as at inference
+    owned = tmp_path / "owned"
+    assert train_main(["--stage", "language", "--init", str(lang), "--out", str(owned),
+                       "--checkpoint", str(tmp_path / "ck2"), "--samples", "3", "--steps", "1",
+                       "--batch", "2", "--workers", "1", "--refine-stats-mode", "owned"]) == 0
+    data = torch.load(tmp_path / "ck2" / "refine-stats.pt", weights_only=False)
+    assert data["key"]["mode"] == "owned"
+    tuned = Scribe.load(owned)
+    assert tuned.cfg.refine_stats and tuned.cfg.refine_stats_mode == "owned"
+    enc3 = tuned.encode(Volume(hu, aff, enc2.volume.slices))
+    want = torch.tensor([enc3.extra["refined_stats"][c] for c in range(2, 8)])
+    assert torch.allclose(data["stats"][seed], want, atol=1e-4)
+    assert torch.all(want[:, 1] == want[:, 1].round())  # a count of components
 
 
 def test_recall_term_weighs_a_small_lesion_like_a_large_one() -> None:

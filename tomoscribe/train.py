@@ -35,7 +35,7 @@ from tomoscribe import __version__
 from tomoscribe.model.lm import LM_FOLDER, LMTokenizer, lm_limits, save_lm
 from tomoscribe.model.network import NetConfig, ScribeNet
 from tomoscribe.model.preprocess import labels_to_model_grid, prepare
-from tomoscribe.model.refine import refined_organs
+from tomoscribe.model.refine import STATS_MODES, refined_organs
 from tomoscribe.model.text import (
     ANSWER,
     QUESTION,
@@ -378,7 +378,7 @@ def stage_features(net: ScribeNet, samples: list[dict[str, object]],
     if net.refine is None or args.init is None:
         raise SystemExit("--refine-stats needs an --init model with a refiner")
     stats = refined_region_stats(args.init, [int(s["seed"]) for s in samples],  # type: ignore[call-overload]
-                                 args.checkpoint, args.workers)
+                                 args.checkpoint, args.workers, net.cfg.refine_stats_mode)
     organ_rows = [i for i, c in enumerate(net.cfg.organ_classes)
                   if c in refined_organs(net.cfg.organ_classes)]
     feats = {**feats, "regions": feats["regions"].clone()}
@@ -623,6 +623,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--refine-stats", action=argparse.BooleanOptionalAction, default=None,
                    help="language stage: region tokens read the refiner's lesion statistics "
                    "(--init must have a refiner, see python -m tomoscribe.train_refine)")
+    p.add_argument("--refine-stats-mode", choices=STATS_MODES, default=None,
+                   help="which lesions those statistics count for an organ: every one within "
+                   "two voxels (rim) or the ones the report assigns to it (owned); see "
+                   "tomoscribe.model.refine")
     p.add_argument("--align-dim", type=int, default=None,
                    help="width of the SigLIP alignment head (0: none; --stage align)")
     p.add_argument("--lm", type=Path, default=None,
@@ -641,7 +645,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = (NetConfig.from_dict(json.loads((args.init / "config.json").read_text())["net"])
            if args.init is not None else NetConfig())
     for name in ("encoder", "head_channels", "slice_tokens", "psat_slices", "align_dim",
-                 "refine_stats"):
+                 "refine_stats", "refine_stats_mode"):
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))
         setattr(args, name, getattr(cfg, name))  # recorded in the history as used
@@ -693,6 +697,7 @@ def main(argv: list[str] | None = None) -> int:
                                                "psat_slices": args.psat_slices,
                                                "point_weight": args.point_weight,
                                                "refine_stats": args.refine_stats,
+                                               "refine_stats_mode": args.refine_stats_mode,
                                                "lm_lr_scale": args.lm_lr_scale,
                                                **({"lm": str(args.lm),
                                                    "freeze_lm": args.freeze_lm}

@@ -146,10 +146,11 @@ def vision_hash(folder: Path, parts: tuple[str, ...] = ("encoder.", "seg.", "ref
     return digest.hexdigest()
 
 
-def _stats_chunk(args: tuple[Path, list[int]]) -> list[list[tuple[float, float]]]:
+def _stats_chunk(args: tuple[Path, list[int], str]) -> list[list[tuple[float, float]]]:
     torch.set_num_threads(1)
-    folder, seeds = args
+    folder, seeds, mode = args
     net = load_net(folder)
+    net.cfg.refine_stats_mode = mode
     assert net.refine is not None
     organs = refined_organs(net.cfg.organ_classes)
     rows = []
@@ -159,27 +160,31 @@ def _stats_chunk(args: tuple[Path, list[int]]) -> list[list[tuple[float, float]]
             x, grid = prepare(hu, aff, net.cfg.model_shape)
             logits, _dec = net.seg(net.encoder(x), x)
             res = refine(net.refine, hu, tuple(np.linalg.norm(aff[:3, :3], axis=0)), grid,
-                         logits, organs, net.cfg.lesion_class, net.cfg.refine_flips)
+                         logits, organs, net.cfg.lesion_class, net.cfg.refine_flips,
+                         net.cfg.refine_stats_mode)
             rows.append([res.stats[c] for c in organs])
     return rows
 
 
 def refined_region_stats(init: Path, seeds: list[int], checkpoint: Path,
-                         workers: int = 2) -> torch.Tensor:
+                         workers: int = 2, mode: str = "rim") -> torch.Tensor:
     """The refiner's lesion statistics of training phantoms, ``(N, refined organs, 2)``.
 
     What a language stage with ``refine_stats`` feeds the region tokens in
     place of the coarse columns; rendered with the model of ``init`` (which
     must have a refiner) and cached in ``checkpoint``/refine-stats.pt, keyed
-    by the seeds and the weights they depend on (:func:`vision_hash`), so the
-    language and align stages of one recipe share them.
+    by the seeds, the weights they depend on (:func:`vision_hash`) and the
+    statistics mode (``NetConfig.refine_stats_mode``), so the language and
+    align stages of one recipe share them.
     """
-    key = {"seeds": seeds, "vision": vision_hash(init)}
+    key: dict[str, object] = {"seeds": seeds, "vision": vision_hash(init)}
+    if mode != "rim":  # caches written before the modes existed are "rim"
+        key["mode"] = mode
     path = checkpoint / "refine-stats.pt"
     if path.exists() and (data := torch.load(path, weights_only=False))["key"] == key:
         cached: torch.Tensor = data["stats"]
         return cached
-    chunks = [(init, seeds[i : i + 16]) for i in range(0, len(seeds), 16)]
+    chunks = [(init, seeds[i : i + 16], mode) for i in range(0, len(seeds), 16)]
     rows: list[list[tuple[float, float]]] = []
     t0 = time.time()
     with ProcessPoolExecutor(max_workers=workers) as pool:

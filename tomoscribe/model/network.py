@@ -85,6 +85,12 @@ class NetConfig:
     #: statistics (ml, peak) in place of the coarse head's (needs a refiner;
     #: the language and align stages learn them)
     refine_stats: bool = False
+    #: which lesions those statistics count for an organ: ``"rim"``, every
+    #: lesion of the refiner's output within two voxels of the organ, per box
+    #: (a kidney cyst that touches the liver counts for both); ``"owned"``,
+    #: the lesion components the report assigns to the organ (ml, count), each
+    #: component to one organ (:func:`tomoscribe.model.refine.owned_lesion_stats`)
+    refine_stats_mode: str = "rim"
     #: flipped copies of each organ box the refiner also reads, its softmax
     #: averaged with the plain pass (test-time augmentation: 0 none, 1 left-right,
     #: 3 each axis, 7 every combination; see :data:`tomoscribe.model.refine.FLIP_SETS`)

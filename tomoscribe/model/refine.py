@@ -33,7 +33,21 @@ For each organ that can hold a lesion (lungs, liver, spleen, kidneys):
 The result (:func:`refine`) is a label array on the source grid, in the
 source orientation, with the coarse pass's label values, and each organ's
 refined lesion statistics, which the region tokens can read in place of the
-coarse ones (``NetConfig.refine_stats``).
+coarse ones (``NetConfig.refine_stats``). Two kinds of statistics
+(``NetConfig.refine_stats_mode``):
+
+- ``"rim"`` (models up to 0.5.0): per box, ``(log(1 + lesion ml), peak
+  lesion probability)`` over the organ grown by two voxels and the lesion
+  components touching it. A lesion between two organs counts for both: in
+  a test study a right kidney cyst under the liver gave the liver 8.6 ml of
+  lesion, and a spleen lesion the left lung 10.8 ml; the language model,
+  left to sort out which organ has the lesion, named the wrong one or
+  neither (7 of 43 detected 10-15 mm test lesions went unnamed).
+- ``"owned"``: after the merge, each lesion component of the final labels
+  goes to one organ, the most frequent in its two-voxel shell, exactly as
+  the report assigns them (:func:`tomoscribe.model.segtoken.lesion_owners`);
+  an organ's statistics are ``(log(1 + ml), count)`` of the components it
+  owns. What the language model reads is then what the report will measure.
 """
 
 from __future__ import annotations
@@ -253,8 +267,10 @@ class Refinement:
         labels: refined labels on the source grid, source orientation, uint8
             ``(D, H, W)`` (the coarse pass's label values).
         stats: per refined organ class, ``(log(1 + lesion ml), peak lesion
-            probability)`` over the organ and its rim: the refined counterpart
-            of the coarse lesion statistics of the region tokens
+            probability)`` over the organ and its rim (``"rim"``), or
+            ``(log(1 + ml), count)`` of the lesion components it owns
+            (``"owned"``): the refined counterpart of the coarse lesion
+            statistics of the region tokens
             (:class:`tomoscribe.model.projector.RegionTokens`).
     """
 
@@ -295,6 +311,32 @@ def _organ_lesion_stats(prob: torch.Tensor, voxel_ml: float) -> tuple[float, flo
     return float(np.log1p(p.sum() * voxel_ml)), float(p.max())
 
 
+#: the statistics modes of :func:`refine` (``NetConfig.refine_stats_mode``)
+STATS_MODES = ("rim", "owned")
+
+
+def owned_lesion_stats(canon: np.ndarray, lesion: int, organs: Sequence[int],
+                       voxel_ml: float) -> dict[int, tuple[float, float]]:
+    """``(log(1 + ml), count)`` of the lesion components each organ owns (``"owned"``).
+
+    ``canon`` is the merged canonical label array; a component's organ is the
+    most frequent organ in its two-voxel shell and components under two
+    voxels are noise, as the report assigns them
+    (:func:`tomoscribe.model.scribe._lesion_components`).
+    """
+    from tomoscribe.model.segtoken import lesion_owners
+
+    comps, owners = lesion_owners(canon, lesion, list(organs), ring=2, min_voxels=2)
+    sizes = np.bincount(comps.ravel())
+    out = {organ: (0.0, 0.0) for organ in organs}
+    for organ in organs:
+        mine = [c for c, o in owners.items() if o == organ]
+        if mine:
+            ml = float(sizes[mine].sum()) * voxel_ml
+            out[organ] = (float(np.log1p(ml)), float(len(mine)))
+    return out
+
+
 def box_softmax(net: OrganRefiner, x: torch.Tensor, flips: int = 0) -> torch.Tensor:
     """Class probabilities ``(3, d, h, w)`` of one box input ``(1, 4, d, h, w)``.
 
@@ -315,7 +357,7 @@ def box_softmax(net: OrganRefiner, x: torch.Tensor, flips: int = 0) -> torch.Ten
 @torch.no_grad()
 def refine(net: OrganRefiner, hu: np.ndarray, spacing: Sequence[float], grid: GridMap,
            logits: torch.Tensor, organs: Sequence[int], lesion: int,
-           flips: int = 0) -> Refinement:
+           flips: int = 0, stats_mode: str = "rim") -> Refinement:
     """Refine every organ box of a volume (see the module docstring).
 
     Args:
@@ -327,7 +369,11 @@ def refine(net: OrganRefiner, hu: np.ndarray, spacing: Sequence[float], grid: Gr
         organs: class indices of the organs to refine (others keep the coarse label).
         lesion: class index of lesions.
         flips: flipped copies of each box averaged in (:func:`box_softmax`).
+        stats_mode: which lesions an organ's statistics count (:data:`STATS_MODES`,
+            see the module docstring).
     """
+    if stats_mode not in STATS_MODES:
+        raise ValueError(f"refine statistics mode {stats_mode!r} is not one of {STATS_MODES}")
     prob = logits.softmax(dim=1)
     coarse = grid.to_source_labels(logits.argmax(dim=1)[0].to(torch.uint8).numpy())
     canon = to_canonical(coarse, grid).copy()
@@ -352,4 +398,6 @@ def refine(net: OrganRefiner, hu: np.ndarray, spacing: Sequence[float], grid: Gr
         lesion_mask[sl] |= pred == LESION
     canon[canon == lesion] = BODY_CLASS  # a coarse lesion no refiner confirmed
     canon[lesion_mask] = lesion
+    if stats_mode == "owned":
+        stats = owned_lesion_stats(canon, lesion, organs, float(np.prod(sp)) / 1000.0)
     return Refinement(from_canonical(canon, grid), stats)

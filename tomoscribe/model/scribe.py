@@ -239,7 +239,7 @@ class Scribe:
         if self.net.refine is not None:
             refined = refine(self.net.refine, volume.voxels, volume.spacing, grid, logits,
                              refined_organs(self.cfg.organ_classes), self.cfg.lesion_class,
-                             self.cfg.refine_flips)
+                             self.cfg.refine_flips, self.cfg.refine_stats_mode)
             extra["refined"] = refined.labels  # (D, H, W) uint8 on the source grid
             extra["refined_stats"] = refined.stats
             if self.cfg.refine_stats:
