@@ -28,8 +28,9 @@ stop:
 
 ## train: retrain the shipped default model, stage by stage, as it was trained
 ## (about 5 h on 2 CPU cores, then the last refiner: 7 min on one H100, or about 2.2 h on 2 cores
-## at the measured 0.31 s a patch; the README's "Training" section explains each stage).
-## Every stage writes a version of its own (0.5.0+local.<hash of the weights>); the last one,
+## at the measured 0.31 s a patch, then 0.6.0's language side: about 50 min on 2 cores; the
+## README's "Training" section explains each stage).
+## Every stage writes a version of its own (0.6.0+local.<hash of the weights>); the last one,
 ## which writes tomoscribe/weights, names the package's version, as a release does.
 VERSION := $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' tomoscribe/__init__.py)
 TRAIN := $(PY) -m tomoscribe.train --samples 1200 --cache checkpoints/cache-1200-48x96x96.pt
@@ -59,8 +60,14 @@ train: setup
 	$(TRAIN) --stage align --init checkpoints/stage4b-weights --checkpoint checkpoints/stage4 \
 		--out checkpoints/stage4c-weights --steps 1500 --batch 128 --lr 1e-3
 	$(PY) -m tomoscribe.train_refine --init checkpoints/stage4c-weights --checkpoint checkpoints/stage5 \
-		--out tomoscribe/weights --phantoms 400 --steps 3149 --batch 8 --lr 2e-3 --hint-jitter 0.7 \
-		--fresh --device auto --loaders 4 --version $(VERSION)
+		--out checkpoints/stage5-weights --phantoms 400 --steps 3149 --batch 8 --lr 2e-3 --hint-jitter 0.7 \
+		--fresh --device auto --loaders 4
+	$(TRAIN) --stage language --init checkpoints/stage5-weights --checkpoint checkpoints/stage6 \
+		--out checkpoints/stage6-weights --refine-stats --refine-stats-mode owned --steps 1500 --batch 32 --lr 5e-4
+	$(PY) -m tomoscribe.train_segtoken --init checkpoints/stage6-weights --checkpoint checkpoints/stage6 \
+		--cache checkpoints/cache-1200-48x96x96.pt --out checkpoints/stage6b-weights --steps 800 --batch 32 --refer 4 --threads 2
+	$(TRAIN) --stage align --init checkpoints/stage6b-weights --checkpoint checkpoints/stage6 \
+		--out tomoscribe/weights --steps 1500 --batch 128 --lr 1e-3 --version $(VERSION)
 
 ## ablation: the README's ablation rows: from the shipped weights, 1,000 more language steps
 ## each for 3D-only, 3D + TG-IS and 3D + TG-IS + PSAT, then each scored on the test phantoms
