@@ -155,10 +155,14 @@ def test_owned_statistics_give_each_lesion_to_one_organ() -> None:
     lab[3:5, 5:7, 5:7] = 8  # a liver lesion (8 voxels)
     lab[7:9, 5:7, 20:22] = 8  # a second one
     lab[5, 24, 24] = 8  # a one-voxel speck in the kidney: noise
+    lab[3, 24, 5:8] = 8  # three voxels: a lesion at 0.5 ml a voxel, noise at 0.01 (0.03 ml)
     stats = owned_lesion_stats(lab, 8, [4, 5, 6], voxel_ml=0.5)
     assert stats[5] == (0.0, 0.0)  # no spleen here
-    assert stats[6] == pytest.approx((np.log1p(36 * 0.5), 1.0))  # the cyst, not the speck
+    assert stats[6] == pytest.approx((np.log1p(39 * 0.5), 2.0))  # the cyst and the three voxels
     assert stats[4] == pytest.approx((np.log1p(16 * 0.5), 2.0))  # not the kidney's cyst
+    # the report's minimum lesion (MIN_LESION_ML): under it, a component is noise here too
+    fine = owned_lesion_stats(lab, 8, [4, 5, 6], voxel_ml=0.01)
+    assert fine[6] == pytest.approx((np.log1p(36 * 0.01), 1.0))
 
 
 @pytest.mark.parametrize("perm", [(1, 0, 2), (2, 1, 0)])

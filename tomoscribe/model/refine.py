@@ -313,6 +313,14 @@ def _organ_lesion_stats(prob: torch.Tensor, voxel_ml: float) -> tuple[float, flo
 
 #: the statistics modes of :func:`refine` (``NetConfig.refine_stats_mode``)
 STATS_MODES = ("rim", "owned")
+#: refined lesion components smaller than this are noise (a 4.6 mm sphere): the
+#: report leaves them out, and so do the "owned" statistics
+MIN_LESION_ML = 0.05
+
+
+def min_lesion_voxels(voxel_ml: float) -> int:
+    """The fewest voxels of a lesion component that is not noise (at least 2)."""
+    return max(2, int(np.ceil(MIN_LESION_ML / voxel_ml)))
 
 
 def owned_lesion_stats(canon: np.ndarray, lesion: int, organs: Sequence[int],
@@ -320,13 +328,14 @@ def owned_lesion_stats(canon: np.ndarray, lesion: int, organs: Sequence[int],
     """``(log(1 + ml), count)`` of the lesion components each organ owns (``"owned"``).
 
     ``canon`` is the merged canonical label array; a component's organ is the
-    most frequent organ in its two-voxel shell and components under two
-    voxels are noise, as the report assigns them
+    most frequent organ in its two-voxel shell and components under
+    :data:`MIN_LESION_ML` are noise, as the report assigns them
     (:func:`tomoscribe.model.scribe._lesion_components`).
     """
     from tomoscribe.model.segtoken import lesion_owners
 
-    comps, owners = lesion_owners(canon, lesion, list(organs), ring=2, min_voxels=2)
+    comps, owners = lesion_owners(canon, lesion, list(organs), ring=2,
+                                  min_voxels=min_lesion_voxels(voxel_ml))
     sizes = np.bincount(comps.ravel())
     out = {organ: (0.0, 0.0) for organ in organs}
     for organ in organs:

@@ -38,7 +38,7 @@ from tomoscribe.model.api import Encoded
 from tomoscribe.model.lm import LMTokenizer
 from tomoscribe.model.network import NetConfig, ScribeNet
 from tomoscribe.model.preprocess import GridMap, prepare_volume
-from tomoscribe.model.refine import BODY_CLASS, refine, refined_organs
+from tomoscribe.model.refine import BODY_CLASS, min_lesion_voxels, refine, refined_organs
 from tomoscribe.model.segtoken import (
     SEG,
     lesion_component_index,
@@ -65,8 +65,6 @@ from tomoscribe.volume import Volume
 
 #: label of a lesion segment: 10 + index of the lesion in the report
 LESION_LABEL_BASE = 10
-#: refined lesion components smaller than this are noise (a 4.6 mm sphere)
-MIN_LESION_ML = 0.05
 
 
 class Scribe:
@@ -127,7 +125,7 @@ class Scribe:
             voxel_ml = float(np.prod(encoded.volume.spacing)) / 1000.0
             cached = _lesion_components(encoded.extra["refined"], self.cfg.lesion_class,
                                         self.organ_names,
-                                        min_voxels=max(2, int(np.ceil(MIN_LESION_ML / voxel_ml))))
+                                        min_voxels=min_lesion_voxels(voxel_ml))
             encoded.extra["refined_components"] = cached
         comps: np.ndarray = cached[0]
         owners: dict[int, str] = cached[1]
