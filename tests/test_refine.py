@@ -14,6 +14,7 @@ from tomoscribe.model.network import NetConfig, ScribeNet
 from tomoscribe.model.preprocess import GridMap, prepare
 from tomoscribe.model.refine import (
     LESION,
+    MIN_LESION_ML,
     ORGAN,
     OrganRefiner,
     box_input,
@@ -306,7 +307,7 @@ def test_refine_stage_trains_and_the_model_uses_it(tmp_path: Path) -> None:
                        "--checkpoint", str(tmp_path / "ck2"), "--samples", "3", "--steps", "1",
                        "--batch", "2", "--workers", "1", "--refine-stats-mode", "owned"]) == 0
     data = torch.load(tmp_path / "ck2" / "refine-stats.pt", weights_only=False)
-    assert data["key"]["mode"] == "owned"
+    assert data["key"]["mode"] == "owned" and data["key"]["min_lesion_ml"] == MIN_LESION_ML
     tuned = Scribe.load(owned)
     assert tuned.cfg.refine_stats and tuned.cfg.refine_stats_mode == "owned"
     enc3 = tuned.encode(Volume(hu, aff, enc2.volume.slices))

@@ -45,6 +45,7 @@ from tomoscribe.model.network import NetConfig, ScribeNet
 from tomoscribe.model.preprocess import prepare
 from tomoscribe.model.refine import (
     LESION,
+    MIN_LESION_ML,
     ORGAN,
     OTHER,
     box_input,
@@ -180,6 +181,7 @@ def refined_region_stats(init: Path, seeds: list[int], checkpoint: Path,
     key: dict[str, object] = {"seeds": seeds, "vision": vision_hash(init)}
     if mode != "rim":  # caches written before the modes existed are "rim"
         key["mode"] = mode
+        key["min_lesion_ml"] = MIN_LESION_ML  # "owned" leaves out smaller components
     path = checkpoint / "refine-stats.pt"
     if path.exists() and (data := torch.load(path, weights_only=False))["key"] == key:
         cached: torch.Tensor = data["stats"]

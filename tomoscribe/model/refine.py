@@ -42,12 +42,14 @@ coarse ones (``NetConfig.refine_stats``). Two kinds of statistics
   a test study a right kidney cyst under the liver gave the liver 8.6 ml of
   lesion, and a spleen lesion the left lung 10.8 ml; the language model,
   left to sort out which organ has the lesion, named the wrong one or
-  neither (7 of 43 detected 10-15 mm test lesions went unnamed).
+  neither (over 200 test studies, 7 of the 37 detected 10-15 mm lesions
+  were in no finding).
 - ``"owned"``: after the merge, each lesion component of the final labels
   goes to one organ, the most frequent in its two-voxel shell, exactly as
-  the report assigns them (:func:`tomoscribe.model.segtoken.lesion_owners`);
-  an organ's statistics are ``(log(1 + ml), count)`` of the components it
-  owns. What the language model reads is then what the report will measure.
+  the report assigns them (:func:`tomoscribe.model.segtoken.lesion_owners`,
+  components under :data:`MIN_LESION_ML` left out as noise); an organ's
+  statistics are ``(log(1 + ml), count)`` of the components it owns. What
+  the language model reads is then what the report will measure.
 """
 
 from __future__ import annotations
