@@ -567,11 +567,6 @@ def local_version(out: Path) -> str:
     return f"{__version__}+local.{digest.hexdigest()[:10]}"
 
 
-def model_version(args: argparse.Namespace) -> str | None:
-    """The version a run writes: ``--version``, else ``None`` (:func:`local_version`)."""
-    return str(args.version) if args.version else None
-
-
 def main(argv: list[str] | None = None) -> int:
     """Train; see ``--help``."""
     p = argparse.ArgumentParser(prog="python -m tomoscribe.train", description=__doc__,
@@ -686,7 +681,7 @@ def main(argv: list[str] | None = None) -> int:
                                                    "align_dim": args.align_dim}]
             save_model(net, args.out, {**{k: v for k, v in prior.items()
                                           if k not in ("name", "net", "history")},
-                                       "version": model_version(args), "history": history})
+                                       "version": args.version, "history": history})
             print(f"saved {args.out} after {steps} alignment steps", flush=True)
             return 0
         steps = train_language_stage(net, samples, tok, args)
@@ -702,7 +697,7 @@ def main(argv: list[str] | None = None) -> int:
                                                **({"lm": str(args.lm),
                                                    "freeze_lm": args.freeze_lm}
                                                   if args.lm is not None else {})}]
-        save_model(net, args.out, {"version": model_version(args),
+        save_model(net, args.out, {"version": args.version,
                                    "trained_steps": prior.get("trained_steps"),
                                    "language_steps": steps,
                                    "train_samples": len(samples), "history": history})
@@ -766,9 +761,9 @@ def main(argv: list[str] | None = None) -> int:
             torch.save({"net": net.state_dict(), "opt": opt.state_dict(), "step": step,
                         "seconds": time.time() - t0}, ckpt.with_suffix(".tmp"))
             os.replace(ckpt.with_suffix(".tmp"), ckpt)
-            save_model(net, args.out, {"version": model_version(args), "trained_steps": step,
+            save_model(net, args.out, {"version": args.version, "trained_steps": step,
                                        "train_samples": len(samples)})
-    save_model(net, args.out, {"version": model_version(args), "trained_steps": step,
+    save_model(net, args.out, {"version": args.version, "trained_steps": step,
                                "train_samples": len(samples)})
     print(f"saved {args.out} at step {step}", flush=True)
     return 0

@@ -151,7 +151,6 @@ def _stats_chunk(args: tuple[Path, list[int], str]) -> list[list[tuple[float, fl
     torch.set_num_threads(1)
     folder, seeds, mode = args
     net = load_net(folder)
-    net.cfg.refine_stats_mode = mode
     assert net.refine is not None
     organs = refined_organs(net.cfg.organ_classes)
     rows = []
@@ -161,8 +160,7 @@ def _stats_chunk(args: tuple[Path, list[int], str]) -> list[list[tuple[float, fl
             x, grid = prepare(hu, aff, net.cfg.model_shape)
             logits, _dec = net.seg(net.encoder(x), x)
             res = refine(net.refine, hu, tuple(np.linalg.norm(aff[:3, :3], axis=0)), grid,
-                         logits, organs, net.cfg.lesion_class, net.cfg.refine_flips,
-                         net.cfg.refine_stats_mode)
+                         logits, organs, net.cfg.lesion_class, net.cfg.refine_flips, mode)
             rows.append([res.stats[c] for c in organs])
     return rows
 

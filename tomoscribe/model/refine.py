@@ -322,24 +322,31 @@ STATS_MODES = ("rim", "owned")
 MIN_LESION_ML = 0.1
 
 
-def min_lesion_voxels(voxel_ml: float) -> int:
-    """The fewest voxels of a lesion component that is not noise (at least 2)."""
-    return max(2, int(np.ceil(MIN_LESION_ML / voxel_ml)))
+def report_lesions(labels: np.ndarray, lesion: int, organs: Sequence[int], voxel_ml: float
+                   ) -> tuple[np.ndarray, dict[int, int]]:
+    """The lesions a report names: connected components of refined labels and their organs.
+
+    A component's organ is the most frequent organ in its two-voxel shell;
+    components under :data:`MIN_LESION_ML` (at ``voxel_ml`` a voxel) and
+    components with no organ around them are noise. The report
+    (:class:`tomoscribe.model.scribe.Scribe`) and the ``"owned"`` statistics
+    both count lesions this way. Returns ``(components (D, H, W) int32,
+    {component: organ class})``.
+    """
+    from tomoscribe.model.segtoken import lesion_owners
+
+    min_voxels = max(2, int(np.ceil(MIN_LESION_ML / voxel_ml)))
+    return lesion_owners(labels, lesion, list(organs), ring=2, min_voxels=min_voxels)
 
 
 def owned_lesion_stats(canon: np.ndarray, lesion: int, organs: Sequence[int],
                        voxel_ml: float) -> dict[int, tuple[float, float]]:
     """``(log(1 + ml), count)`` of the lesion components each organ owns (``"owned"``).
 
-    ``canon`` is the merged canonical label array; a component's organ is the
-    most frequent organ in its two-voxel shell and components under
-    :data:`MIN_LESION_ML` are noise, as the report assigns them
-    (:func:`tomoscribe.model.scribe._lesion_components`).
+    ``canon`` is the merged canonical label array; the components and their
+    organs are :func:`report_lesions`'.
     """
-    from tomoscribe.model.segtoken import lesion_owners
-
-    comps, owners = lesion_owners(canon, lesion, list(organs), ring=2,
-                                  min_voxels=min_lesion_voxels(voxel_ml))
+    comps, owners = report_lesions(canon, lesion, organs, voxel_ml)
     sizes = np.bincount(comps.ravel())
     out = {organ: (0.0, 0.0) for organ in organs}
     for organ in organs:
@@ -401,8 +408,9 @@ def refine(net: OrganRefiner, hu: np.ndarray, spacing: Sequence[float], grid: Gr
             continue
         x = box_input(canon_hu, prob, grid, box, sp, organ, lesion)
         out = box_softmax(net, x, flips)
-        grid_mm = [(box[1][a] - box[0][a]) * sp[a] / x.shape[2 + a] for a in range(3)]
-        stats[organ] = _organ_lesion_stats(out, float(np.prod(grid_mm)) / 1000.0)
+        if stats_mode == "rim":
+            grid_mm = [(box[1][a] - box[0][a]) * sp[a] / x.shape[2 + a] for a in range(3)]
+            stats[organ] = _organ_lesion_stats(out, float(np.prod(grid_mm)) / 1000.0)
         pred = _to_box_grid(out.argmax(dim=0).to(torch.uint8).numpy(), box)
         sl = tuple(slice(box[0][a], box[1][a]) for a in range(3))
         region = canon[sl]

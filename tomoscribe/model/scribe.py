@@ -38,7 +38,7 @@ from tomoscribe.model.api import Encoded
 from tomoscribe.model.lm import LMTokenizer
 from tomoscribe.model.network import NetConfig, ScribeNet
 from tomoscribe.model.preprocess import GridMap, prepare_volume
-from tomoscribe.model.refine import BODY_CLASS, min_lesion_voxels, refine, refined_organs
+from tomoscribe.model.refine import BODY_CLASS, refine, refined_organs, report_lesions
 from tomoscribe.model.segtoken import (
     SEG,
     lesion_component_index,
@@ -123,9 +123,10 @@ class Scribe:
         cached = encoded.extra.get("refined_components")
         if cached is None:
             voxel_ml = float(np.prod(encoded.volume.spacing)) / 1000.0
-            cached = _lesion_components(encoded.extra["refined"], self.cfg.lesion_class,
-                                        self.organ_names,
-                                        min_voxels=min_lesion_voxels(voxel_ml))
+            organs = [c for c in self.organ_names if c != BODY_CLASS]
+            found, organ_of = report_lesions(encoded.extra["refined"], self.cfg.lesion_class,
+                                             organs, voxel_ml)
+            cached = (found, {c: self.organ_names[o] for c, o in organ_of.items()})
             encoded.extra["refined_components"] = cached
         comps: np.ndarray = cached[0]
         owners: dict[int, str] = cached[1]
