@@ -44,6 +44,8 @@ from typing import Any
 
 import numpy as np
 
+from tomoscribe.domain import HEAD_MR
+from tomoscribe.model.text import findings_to_text
 from tomoscribe.phantom import SPLITS, Ellipsoid, grid_points, phantom_slice
 
 __all__ = [
@@ -410,32 +412,16 @@ def render_head_acquisition(phantom: HeadPhantom) -> tuple[np.ndarray, np.ndarra
     return values, labels, aff
 
 
-_NUMBER_WORDS = ("no", "one", "two", "three")
-
-
 def head_report_text(phantom: HeadPhantom) -> str:
-    """The ground-truth report, in the grammar of the chest-abdomen reports.
+    """The ground-truth report, in the head domain's grammar.
 
     One line per site with lesions (in :data:`LESION_SITES` order), kinds in
     :data:`LESION_KINDS` order, then an impression; a normal study reads
-    ``"no focal abnormality . impression : normal study ."``.
+    ``"no focal abnormality . impression : normal study ."``
+    (:func:`tomoscribe.model.text.findings_to_text` with
+    :data:`tomoscribe.domain.HEAD_MR`).
     """
-    parts, summary = [], []
-    for site in LESION_SITES:
-        here = [les.kind for les in phantom.lesions if les.site == site]
-        if not here:
-            continue
-        words = []
-        for kind in LESION_KINDS:
-            n = here.count(kind)
-            if n:
-                plural = kind + ("es" if kind.endswith("s") else "s")
-                words.append(f"{_NUMBER_WORDS[n]} {kind if n == 1 else plural}")
-        parts.append(f"{site} : {' and '.join(words)} .")
-        summary.append(f"{site} {' and '.join(w.split(' ', 1)[1] for w in words)}")
-    if not parts:
-        return "no focal abnormality . impression : normal study ."
-    return " ".join(parts) + " impression : " + " , ".join(summary) + " ."
+    return findings_to_text([(les.site, les.kind) for les in phantom.lesions], HEAD_MR)
 
 
 def write_head_series(

@@ -13,27 +13,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-#: Anatomical structures the default model knows. The key is used in label
-#: names, findings and the writers' code tables (tomoscribe.writers.codes).
-ORGANS: tuple[str, ...] = (
-    "body",
-    "right lung",
-    "left lung",
-    "liver",
-    "spleen",
-    "right kidney",
-    "left kidney",
-)
+from tomoscribe.domain import CHEST_ABDOMEN_CT
 
-#: Kinds of focal finding, keyed by the organ they lie in.
-LESION_KINDS: dict[str, str] = {
-    "liver": "hypodense lesion",
-    "right lung": "nodule",
-    "left lung": "nodule",
-    "spleen": "hypodense lesion",
-    "right kidney": "cyst",
-    "left kidney": "cyst",
-}
+#: Anatomical structures the default model knows (:data:`tomoscribe.domain.CHEST_ABDOMEN_CT`).
+#: The key is used in label names, findings and the writers' code tables
+#: (tomoscribe.writers.codes).
+ORGANS: tuple[str, ...] = CHEST_ABDOMEN_CT.structures
+
+#: Kinds of focal finding, keyed by the organ they lie in (one kind per organ).
+LESION_KINDS: dict[str, str] = {site: kinds[0] for site, kinds in CHEST_ABDOMEN_CT.kinds.items()}
 
 
 def named_organ(text: str, names: Iterable[str] = ORGANS) -> str | None:

@@ -1,7 +1,8 @@
 """Report grammar, vocabulary and the word-level tokenizer of the default model.
 
 The default model writes reports in a small, regular grammar, one finding per
-organ with lesions, in :data:`tomoscribe.report.ORGANS` order::
+organ with lesions, in the order of its domain's lesion sites
+(:class:`tomoscribe.domain.Domain`; the chest-abdomen CT unless said)::
 
     liver : one hypodense lesion . right lung : two nodules .
     impression : liver lesion , right lung nodules .
@@ -9,6 +10,11 @@ organ with lesions, in :data:`tomoscribe.report.ORGANS` order::
 and for a normal study::
 
     no focal abnormality . impression : normal study .
+
+A site that can hold several kinds of lesion (the head's) names each kind
+present, joined by "and"::
+
+    cerebellum : one mass and one cyst . impression : cerebellum mass and cyst .
 
 The same grammar is parsed back into structured findings
 (:func:`parse_findings`), which is how the benchmark scores a generated report
@@ -28,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tomoscribe.report import LESION_KINDS, ORGANS
+from tomoscribe.domain import CHEST_ABDOMEN_CT, Domain
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -38,9 +44,10 @@ REPORT, QUESTION, ANSWER = "<report>", "<question>", "<answer>"
 SPECIAL = (PAD, BOS, EOS, UNK, REPORT, QUESTION, ANSWER)
 
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five")
-PLURAL = {"hypodense lesion": "hypodense lesions", "nodule": "nodules", "cyst": "cysts"}
-SHORT = {"hypodense lesion": "lesion", "nodule": "nodule", "cyst": "cyst"}
-SHORT_PLURAL = {"hypodense lesion": "lesions", "nodule": "nodules", "cyst": "cysts"}
+#: the chest-abdomen kinds' words (every domain's are in :class:`~tomoscribe.domain.Domain`)
+PLURAL = CHEST_ABDOMEN_CT.plural
+SHORT = CHEST_ABDOMEN_CT.short
+SHORT_PLURAL = CHEST_ABDOMEN_CT.short_plural
 
 _BASE_WORDS = (
     ". , : ? no focal abnormality impression normal study yes "
@@ -53,7 +60,13 @@ _BASE_WORDS = (
 ADDED_WORDS = ("segment", "<seg>")
 
 
-def _vocabulary() -> list[str]:
+def vocabulary(domain: Domain = CHEST_ABDOMEN_CT) -> tuple[str, ...]:
+    """The word vocabulary of ``domain``'s report grammar (ids = positions).
+
+    The order is fixed by the domain (its structures, then its lesion kinds in
+    :attr:`~tomoscribe.domain.Domain.kinds` order): the chest-abdomen
+    vocabulary is, word for word, the one the shipped model was trained with.
+    """
     words: list[str] = list(SPECIAL)
     seen = set(words)
 
@@ -64,22 +77,23 @@ def _vocabulary() -> list[str]:
                 words.append(w)
 
     add(_BASE_WORDS)
-    for organ in ORGANS:
+    for organ in domain.structures:
         add(organ)
-    # in LESION_KINDS order: a set's order changes with the interpreter's hash
+    # in the domain's order: a set's order changes with the interpreter's hash
     # seed, which gave every training run its own word ids
-    for kind in dict.fromkeys(LESION_KINDS.values()):
+    for kind in domain.lesion_kinds:
         add(kind)
-        add(PLURAL[kind])
-        add(SHORT[kind])
-        add(SHORT_PLURAL[kind])
+        add(domain.plural[kind])
+        add(domain.short[kind])
+        add(domain.short_plural[kind])
     add(" ".join(NUMBER_WORDS))
     # words added after a model was shipped go last: the ids of the others stay
     add(" ".join(ADDED_WORDS))
-    return words
+    return tuple(words)
 
 
-VOCAB: tuple[str, ...] = tuple(_vocabulary())
+#: the chest-abdomen CT vocabulary (the default model's)
+VOCAB: tuple[str, ...] = vocabulary()
 
 
 #: what a word is: a task marker, a run of letters, or a punctuation mark
@@ -163,21 +177,31 @@ class WordTokenizer:
         return " ".join(out)
 
 
-def findings_to_text(lesions: Sequence[tuple[str, str]]) -> str:
-    """Ground-truth report text from ``(organ, kind)`` pairs, one per lesion."""
-    counts = Counter(organ for organ, _kind in lesions)
-    if not counts:
+def findings_to_text(lesions: Sequence[tuple[str, str]],
+                     domain: Domain = CHEST_ABDOMEN_CT) -> str:
+    """Ground-truth report text from ``(organ, kind)`` pairs, one per lesion.
+
+    A kind the site does not hold counts as the site's first kind (a
+    chest-abdomen organ has one kind); lesions outside the domain's sites are
+    not reported.
+    """
+    if not any(organ in domain.kinds for organ, _kind in lesions):
         return "no focal abnormality . impression : normal study ."
     parts = []
     summary = []
-    for organ in ORGANS:
-        n = counts.get(organ, 0)
-        if not n:
+    for site in domain.sites:
+        kinds = domain.kinds[site]
+        here = Counter(k if k in kinds else kinds[0] for o, k in lesions if o == site)
+        if not here:
             continue
-        kind = LESION_KINDS[organ]
-        noun = kind if n == 1 else PLURAL[kind]
-        parts.append(f"{organ} : {NUMBER_WORDS[min(n, 5)]} {noun} .")
-        summary.append(f"{organ} {SHORT[kind] if n == 1 else SHORT_PLURAL[kind]}")
+        words, short = [], []
+        for kind in kinds:
+            n = here.get(kind, 0)
+            if n:
+                words.append(f"{NUMBER_WORDS[min(n, 5)]} {kind if n == 1 else domain.plural[kind]}")
+                short.append(domain.short[kind] if n == 1 else domain.short_plural[kind])
+        parts.append(f"{site} : {' and '.join(words)} .")
+        summary.append(f"{site} {' and '.join(short)}")
     return " ".join(parts) + " impression : " + " , ".join(summary) + " ."
 
 
@@ -191,11 +215,13 @@ class ParsedFinding:
     sentence: str
 
 
-def parse_findings(text: str) -> list[ParsedFinding]:
+def parse_findings(text: str, domain: Domain = CHEST_ABDOMEN_CT) -> list[ParsedFinding]:
     """Parse the findings part of a report (before ``impression :``).
 
     Unparseable sentences are skipped; an organ named twice keeps its first
-    sentence.
+    sentence. The count is the sum of the numbers before each kind named
+    ("one mass and two cysts": 3), else the first word's number, else 1; the
+    kind is the first one named, else the site's first.
     """
     body = text.split("impression", 1)[0]
     out: list[ParsedFinding] = []
@@ -205,14 +231,25 @@ def parse_findings(text: str) -> list[ParsedFinding]:
         if ":" not in sentence:
             continue
         organ, rest = (s.strip() for s in sentence.split(":", 1))
-        if organ not in LESION_KINDS or organ in seen:
+        if organ not in domain.kinds or organ in seen:
             continue
         words = rest.split()
-        count = 1
-        if words and words[0] in NUMBER_WORDS:
-            count = max(NUMBER_WORDS.index(words[0]), 1)
+        count = 0
+        named: list[str] = []
+        for kind in domain.kinds[organ]:
+            for form in (domain.plural[kind], kind):
+                m = re.search(rf"(\w+) {re.escape(form)}\b", rest)
+                if m and m.group(1) in NUMBER_WORDS:
+                    count += max(NUMBER_WORDS.index(m.group(1)), 1)
+                    named.append(kind)
+                    break
+        if not count:
+            count = 1
+            if words and words[0] in NUMBER_WORDS:
+                count = max(NUMBER_WORDS.index(words[0]), 1)
         seen.add(organ)
-        out.append(ParsedFinding(organ, LESION_KINDS[organ], count, f"{organ} : {rest} ."))
+        kind = named[0] if named else domain.kinds[organ][0]
+        out.append(ParsedFinding(organ, kind, count, f"{organ} : {rest} ."))
     return out
 
 
@@ -270,15 +307,24 @@ def refer_answer(template: str, organ: str, counts: Counter[str], organ_present:
     return "<seg> ." if there else "none ."
 
 
-def answer_for(template: str, organ: str, counts: Counter[str]) -> str:
-    """Ground-truth answer to a filled ``template`` given lesion counts per organ."""
+def answer_for(template: str, organ: str, counts: Counter[str],
+               domain: Domain = CHEST_ABDOMEN_CT, kind: str | None = None,
+               kind_counts: Counter[tuple[str, str]] | None = None) -> str:
+    """Ground-truth answer to a filled ``template`` given lesion counts per organ.
+
+    ``kind`` and ``kind_counts`` (lesions per ``(organ, kind)``) answer "does
+    the {organ} contain a {kind} ?" where a site holds several kinds; without
+    them any lesion of the organ counts.
+    """
     n = counts.get(organ, 0)
+    if template.startswith("does the") and kind is not None and kind_counts is not None:
+        return "yes" if kind_counts.get((organ, kind), 0) else "no"
     if template.startswith("how many"):
         return NUMBER_WORDS[min(n, 5)]
     if template.startswith("is the {organ}"):  # not "is there ...": that one is below
         return "no" if n else "yes"
     if template.startswith("which organ"):
-        organs = [o for o in ORGANS if counts.get(o, 0)]
+        organs = [o for o in domain.structures if counts.get(o, 0)]
         return " , ".join(organs) if organs else "none"
     if template.startswith("are there"):
         return "yes" if sum(counts.values()) else "no"

@@ -1,0 +1,146 @@
+"""What a model reads and writes about: its anatomy, its lesions and its images.
+
+A tomoscribe model is trained for one *domain*: CT of the chest and abdomen
+(the shipped default) or MR of the head. The architecture is the same; what
+differs is written down here, once, and every part that depends on it reads
+it from the model's ``config.json`` (``net.domain``):
+
+- the structures it segments, in label order (label = index + 1; the first
+  is the region the others lie in: ``"body"``, ``"head"``);
+- where lesions are reported, in report order, and the kinds of lesion each
+  site can hold (the chest-abdomen sites hold one kind each: a liver lesion
+  is a "hypodense lesion", a lung lesion a "nodule"; a cerebral hemisphere
+  can hold a mass and a cyst);
+- the words of the report grammar (:mod:`tomoscribe.model.text`);
+- how image values become the model's two input channels
+  (:mod:`tomoscribe.model.preprocess`): CT in Hounsfield units through two
+  fixed windows; MR, whose values have no unit, scaled by percentiles of the
+  head's own signal.
+
+The chest-abdomen domain is exactly what the models up to 0.6.0 were trained
+on: a model folder without ``net.domain`` is read as that domain.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+__all__ = ["CHEST_ABDOMEN_CT", "DOMAINS", "HEAD_MR", "Domain", "get_domain"]
+
+
+@dataclass(frozen=True)
+class Domain:
+    """One anatomy and modality a model can be trained for.
+
+    Attributes:
+        name: the key written to ``config.json`` (``net.domain``).
+        description: for people ("CT of the chest and abdomen").
+        structures: what the segmentation labels, in label order (label =
+            index + 1); ``structures[0]`` is the region everything lies in.
+        sites: the structures a lesion is reported in, in report order.
+        kinds: for each site, the kinds of lesion it can hold, in report order;
+            the order of the sites here fixes the order of the kinds' words in
+            the vocabulary (so the chest-abdomen keys stay in the order the
+            shipped model's word ids were built in).
+        plural, short, short_plural: a kind's words in the findings ("two
+            hypodense lesions") and in the impression ("liver lesions").
+        intensity: ``"ct"`` (Hounsfield units, fixed windows) or ``"mr"``
+            (no unit: scaled by percentiles of the study's own signal).
+    """
+
+    name: str
+    description: str
+    structures: tuple[str, ...]
+    sites: tuple[str, ...]
+    kinds: dict[str, tuple[str, ...]]
+    plural: dict[str, str]
+    short: dict[str, str]
+    short_plural: dict[str, str]
+    intensity: str
+    modalities: tuple[str, ...] = field(default=("CT",))
+
+    def __post_init__(self) -> None:
+        if self.intensity not in ("ct", "mr"):
+            raise ValueError(f"intensity must be 'ct' or 'mr', not {self.intensity!r}")
+        if set(self.sites) - set(self.structures[1:]):
+            raise ValueError("every lesion site must be a structure other than the region")
+        if set(self.kinds) != set(self.sites):
+            raise ValueError("every lesion site needs its kinds, and only sites have kinds")
+        words = {k for ks in self.kinds.values() for k in ks}
+        for table in (self.plural, self.short, self.short_plural):
+            if set(table) != words:
+                raise ValueError("every lesion kind needs its plural and short forms")
+
+    @property
+    def lesion_kinds(self) -> tuple[str, ...]:
+        """Every kind of lesion, each once, in :attr:`kinds` order (the vocabulary's)."""
+        return tuple(dict.fromkeys(k for ks in self.kinds.values() for k in ks))
+
+    @property
+    def lesion_label(self) -> int:
+        """The label of every lesion in a ground-truth label map (after the structures)."""
+        return len(self.structures) + 1
+
+    @property
+    def num_classes(self) -> int:
+        """Segmentation classes: background, the structures, lesion."""
+        return len(self.structures) + 2
+
+    def single_kind(self, site: str) -> str | None:
+        """The one kind of lesion ``site`` can hold, or ``None`` where it can hold several."""
+        kinds = self.kinds.get(site, ())
+        return kinds[0] if len(kinds) == 1 else None
+
+
+#: CT of the chest and abdomen: the shipped model's domain (the phantoms of
+#: :mod:`tomoscribe.phantom`)
+CHEST_ABDOMEN_CT = Domain(
+    name="ct-chest-abdomen",
+    description="CT of the chest and abdomen",
+    structures=("body", "right lung", "left lung", "liver", "spleen", "right kidney",
+                "left kidney"),
+    sites=("right lung", "left lung", "liver", "spleen", "right kidney", "left kidney"),
+    kinds={"liver": ("hypodense lesion",), "right lung": ("nodule",),
+           "left lung": ("nodule",), "spleen": ("hypodense lesion",),
+           "right kidney": ("cyst",), "left kidney": ("cyst",)},
+    plural={"hypodense lesion": "hypodense lesions", "nodule": "nodules", "cyst": "cysts"},
+    short={"hypodense lesion": "lesion", "nodule": "nodule", "cyst": "cyst"},
+    short_plural={"hypodense lesion": "lesions", "nodule": "nodules", "cyst": "cysts"},
+    intensity="ct",
+    modalities=("CT",),
+)
+
+#: MR of the head (the phantoms of :mod:`tomoscribe.phantom_head`): no model is
+#: shipped for it yet
+HEAD_MR = Domain(
+    name="mr-head",
+    description="MR of the head",
+    structures=("head", "right cerebral hemisphere", "left cerebral hemisphere", "cerebellum",
+                "lateral ventricles"),
+    sites=("right cerebral hemisphere", "left cerebral hemisphere", "cerebellum"),
+    kinds={"right cerebral hemisphere": ("mass", "cyst"),
+           "left cerebral hemisphere": ("mass", "cyst"), "cerebellum": ("mass", "cyst")},
+    plural={"mass": "masses", "cyst": "cysts"},
+    short={"mass": "mass", "cyst": "cyst"},
+    short_plural={"mass": "masses", "cyst": "cysts"},
+    intensity="mr",
+    modalities=("MR",),
+)
+
+DOMAINS: dict[str, Domain] = {d.name: d for d in (CHEST_ABDOMEN_CT, HEAD_MR)}
+
+
+def get_domain(name: str | Domain | None) -> Domain:
+    """The domain called ``name`` (``None``: the chest-abdomen CT of older model folders).
+
+    Raises:
+        ValueError: no such domain (the message lists the known ones).
+    """
+    if isinstance(name, Domain):
+        return name
+    if name is None or name == "":
+        return CHEST_ABDOMEN_CT
+    try:
+        return DOMAINS[name]
+    except KeyError:
+        raise ValueError(f"unknown domain {name!r}; known: {', '.join(DOMAINS)}") from None
