@@ -6,9 +6,14 @@ import json
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 from tomoscribe.domain import CHEST_ABDOMEN_CT, DOMAINS, HEAD_MR, Domain, get_domain
+from tomoscribe.model.network import NetConfig, ScribeNet
+from tomoscribe.model.preprocess import labels_to_model_grid, prepare
+from tomoscribe.model.scribe import Scribe
 from tomoscribe.model.text import (
     VOCAB,
     WordTokenizer,
@@ -17,13 +22,19 @@ from tomoscribe.model.text import (
     parse_findings,
     vocabulary,
 )
+from tomoscribe.phantom import SPLITS
 from tomoscribe.phantom_head import (
     HEAD_STRUCTURES,
     LESION_SITES,
     head_report_text,
     make_head_phantom,
+    render_head_acquisition,
 )
 from tomoscribe.phantom_head import LESION_KINDS as HEAD_KIND_ODDS
+from tomoscribe.scope import DEFAULT_MODEL_DIR
+from tomoscribe.train import draw_question, make_sample, sample_domain, sample_report, save_model
+from tomoscribe.train import main as train_main
+from tomoscribe.volume import SliceRef, Volume
 
 WEIGHTS = Path(__file__).resolve().parents[1] / "tomoscribe" / "weights"
 
@@ -107,3 +118,134 @@ def test_a_domain_must_be_complete() -> None:
     with pytest.raises(ValueError, match="intensity"):
         Domain("x", "x", ("region", "a"), ("a",), {"a": ("k",)}, {"k": "ks"}, {"k": "k"},
                {"k": "ks"}, "pet")
+
+
+# ---------------------------------------------------------------- MR images
+
+
+def _head(seed: int, plane: str = "axial", sequence: str = "T1",
+          shape: tuple[int, int, int] = (24, 96, 96)
+          ) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    ph = make_head_phantom(seed, plane=plane, sequence=sequence, shape=shape,
+                           lesion_probability=1.0)
+    values, labels, aff = render_head_acquisition(ph)
+    return values * np.float32(ph.scale), labels, aff, ph.scale
+
+
+@pytest.mark.parametrize("sequence", ["T1", "T2", "FLAIR"])
+def test_mr_input_does_not_depend_on_the_scanners_scale(sequence: str) -> None:
+    values, _labels, aff, _scale = _head(3, sequence=sequence)
+    x1, g1 = prepare(values, aff, (16, 32, 32), "mr")
+    x2, g2 = prepare(values * np.float32(7.3), aff, (16, 32, 32), "mr")
+    assert g1 == g2
+    assert torch.allclose(x1, x2, atol=1e-5)
+    assert float(x1.min()) >= 0.0 and float(x1.max()) <= 1.0
+    # the two channels are not the same picture: the second stretches the tissue range
+    assert not torch.allclose(x1[0, 0], x1[0, 1], atol=0.05)
+
+
+def test_mr_crop_is_the_head_not_the_noisy_field_of_view() -> None:
+    values, labels, aff, _scale = _head(4, shape=(24, 128, 128))
+    _x, grid = prepare(values, aff, (16, 32, 32), "mr")
+    # the in-plane box hugs the head (labels > 0) within the margin, though
+    # the air is Rician noise, never below zero
+    canon_head = np.transpose(labels > 0, grid.perm)
+    for axis in (1, 2):
+        prof = np.nonzero(canon_head.any(axis=tuple(a for a in range(3) if a != axis)))[0]
+        assert grid.start[axis] >= int(prof[0]) - 4
+        assert grid.stop[axis] <= int(prof[-1]) + 1 + 4
+        assert grid.start[axis] <= int(prof[0]) and grid.stop[axis] >= int(prof[-1]) + 1
+    # read as CT (every MR value is above -500 "HU"), the whole field of view is the body
+    _ct, ct_grid = prepare(values, aff, (16, 32, 32), "ct")
+    assert ct_grid.start == (0, 0, 0) and ct_grid.stop == ct_grid.canonical_shape()
+
+
+def test_an_unknown_intensity_is_refused() -> None:
+    values, _labels, aff, _scale = _head(1)
+    with pytest.raises(ValueError, match="intensity"):
+        prepare(values, aff, (16, 32, 32), "pet")
+
+
+@pytest.mark.parametrize("plane", ["sagittal", "coronal"])
+def test_head_samples_of_every_plane_land_on_the_model_grid(plane: str) -> None:
+    values, labels, aff, _scale = _head(5, plane=plane)
+    _x, grid = prepare(values, aff, (16, 32, 32), "mr")
+    y = labels_to_model_grid(labels, grid)
+    back = grid.to_source_labels(y)
+    assert back.shape == labels.shape
+    # every structure survives the round trip through the model grid
+    assert set(np.unique(y)) >= {1, 2, 3, 4}
+
+
+def test_make_sample_draws_head_phantoms_for_the_head_domain() -> None:
+    s = make_sample(SPLITS["train"][0], (16, 32, 32), HEAD_MR)
+    assert s["domain"] == "mr-head"
+    assert s["x"].shape == (2, 16, 32, 32)  # type: ignore[union-attr]
+    y = s["y"]
+    assert isinstance(y, np.ndarray) and int(y.max()) <= HEAD_MR.lesion_label
+    ph = make_head_phantom(SPLITS["train"][0])
+    assert s["lesions"] == [(les.site, les.kind) for les in ph.lesions]
+    assert sample_report(s) == head_report_text(ph)
+    # chest-abdomen samples are what they were, and old caches (no "domain") read as such
+    ct = make_sample(SPLITS["train"][0], (16, 32, 32))
+    assert sample_domain(ct) is CHEST_ABDOMEN_CT
+    assert sample_domain({k: v for k, v in ct.items() if k != "domain"}) is CHEST_ABDOMEN_CT
+
+
+def test_head_questions_ask_about_head_sites_and_kinds() -> None:
+    rng = np.random.default_rng(0)
+    lesions = [("cerebellum", "cyst")]
+    for _ in range(60):
+        template, organ, q, a = draw_question(lesions, rng, HEAD_MR)
+        assert organ in HEAD_MR.sites
+        assert WordTokenizer(vocabulary(HEAD_MR)).unk_id not in WordTokenizer(
+            vocabulary(HEAD_MR)).encode(f"{q} {a}")
+        if template.startswith("does the"):
+            assert a == ("yes" if (organ == "cerebellum" and "cyst" in q) else "no")
+
+
+# ---------------------------------------------------------------- a head model
+
+HEAD_SMALL = NetConfig.for_domain(HEAD_MR)
+HEAD_SMALL.model_shape = (16, 32, 32)
+HEAD_SMALL.channels = (8, 8, 16, 16)
+
+
+def test_a_head_model_has_the_heads_classes_words_and_scope(tmp_path: Path) -> None:
+    assert (HEAD_SMALL.num_classes, HEAD_SMALL.lesion_class) == (7, 6)
+    assert HEAD_SMALL.organ_classes == (1, 2, 3, 4, 5)
+    torch.manual_seed(0)
+    net = ScribeNet(HEAD_SMALL)
+    save_model(net, tmp_path, {"version": "0.0.1-head"})
+    conf = json.loads((tmp_path / "config.json").read_text())
+    assert conf["net"]["domain"] == "mr-head"
+    assert conf["scope"]["modalities"] == ["MR"] and "HEAD" in conf["scope"]["body_parts"]
+    scribe = Scribe.load(tmp_path)
+    assert scribe.domain is HEAD_MR
+    values, _labels, aff, _scale = _head(2, plane="sagittal")
+    vol = Volume(values, aff, [SliceRef(f"1.2.3.{k}", "1.2.840.10008.5.1.4.1.1.4")
+                               for k in range(values.shape[0])])
+    enc = scribe.encode(vol)
+    assert enc.seg_logits.shape == (1, 7, *HEAD_SMALL.model_shape)
+    report = scribe.generate(enc, ["is there a lesion in the cerebellum ?"])
+    assert report.label_map.shape == vol.shape
+    assert len(report.answers) == 1
+    for f in report.findings:  # an untrained model may write anything, but only head sites
+        assert f.structure in HEAD_MR.sites
+    assert {s.structure for s in report.segments} <= set(HEAD_MR.structures)
+
+
+def test_a_joint_training_run_on_head_phantoms(tmp_path: Path) -> None:
+    out = tmp_path / "head"
+    assert train_main(["--domain", "mr-head", "--out", str(out), "--checkpoint",
+                       str(tmp_path / "ck"), "--samples", "3", "--steps", "2", "--batch", "2",
+                       "--workers", "1", "--lm-start", "1", "--version", "0.0.1-head"]) == 0
+    conf = json.loads((out / "config.json").read_text())
+    assert conf["net"]["domain"] == "mr-head" and conf["net"]["num_classes"] == 7
+    assert tuple(conf["net"]["vocab"]) == vocabulary(HEAD_MR)
+    assert (tmp_path / "ck" / "cache-mr-head-3-48x96x96.pt").is_file()
+    assert Scribe.load(out).domain is HEAD_MR
+    # a chest-abdomen model cannot be continued as a head model
+    with pytest.raises(SystemExit):
+        train_main(["--domain", "mr-head", "--init", str(DEFAULT_MODEL_DIR), "--stage",
+                    "language", "--out", str(tmp_path / "x")])

@@ -254,3 +254,15 @@ CHEST_ABDOMEN_CT = ModelScope(
         ("left kidney", -10.0, 300.0),
     ),
 )
+
+#: a head model's scope: MR of the head. No image check yet: MR values have no
+#: unit, so the physical ranges of :data:`CHEST_ABDOMEN_CT` have no MR
+#: counterpart (the headers decide)
+HEAD_MR = ModelScope(
+    description="MR of the head",
+    modalities=("MR",),
+    body_parts=("HEAD", "BRAIN", "SKULL", "CEREBELLUM", "HEADNECK"),
+)
+
+#: the scope training writes for each domain (:mod:`tomoscribe.domain`, by name)
+DOMAIN_SCOPES: dict[str, ModelScope] = {"ct-chest-abdomen": CHEST_ABDOMEN_CT, "mr-head": HEAD_MR}

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from tomoscribe import __version__
+from tomoscribe.domain import CHEST_ABDOMEN_CT, DOMAINS, HEAD_MR, Domain, get_domain
 from tomoscribe.model.lm import LM_FOLDER, LMTokenizer, lm_limits, save_lm
 from tomoscribe.model.network import NetConfig, ScribeNet
 from tomoscribe.model.preprocess import labels_to_model_grid, prepare
@@ -45,9 +46,9 @@ from tomoscribe.model.text import (
     answer_for,
     findings_to_text,
 )
-from tomoscribe.phantom import LESION_KINDS, SPLITS, make_phantom, render_acquisition
-from tomoscribe.report import ORGANS
-from tomoscribe.scope import CHEST_ABDOMEN_CT
+from tomoscribe.phantom import SPLITS, make_phantom, render_acquisition
+from tomoscribe.phantom_head import make_head_phantom, render_head_acquisition
+from tomoscribe.scope import DOMAIN_SCOPES
 
 MODEL_NAME = "tomoscribe-tiny"
 #: ``--version`` of every training entry point
@@ -58,46 +59,84 @@ VERSION_HELP = ("the model version written to config.json; output UIDs and job r
 VISION_MODULES = ("encoder", "seg", "refine", "align")
 
 
-def make_sample(seed: int, model_shape: tuple[int, int, int]) -> dict[str, object]:
-    """Render phantom ``seed`` and preprocess it like an inference input.
+def render_study(seed: int, domain: str | Domain = CHEST_ABDOMEN_CT
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[tuple[str, str]]]:
+    """Phantom ``seed`` of ``domain`` on its acquisition grid.
 
-    Returns a dict with ``x`` ``(2, D, H, W)`` float16, ``y`` ``(D, H, W)``
-    uint8 and ``lesions`` (list of (organ, kind)).
+    Returns ``(values, labels, affine, lesions)``: values as the scanner would
+    store them (HU; MR times the phantom's arbitrary scale), the label map of
+    :attr:`Domain.structures` and :attr:`Domain.lesion_label`, and the
+    ``(site, kind)`` of every lesion.
     """
+    dom = get_domain(domain)
+    if dom is HEAD_MR:
+        head = make_head_phantom(seed, modality="MR")
+        values, labels, aff = render_head_acquisition(head)
+        return (values * np.float32(head.scale), labels, aff,
+                [(les.site, les.kind) for les in head.lesions])
     ph = make_phantom(seed)
     hu, labels, aff = render_acquisition(ph)
-    x, grid = prepare(hu, aff, model_shape)
+    return hu, labels, aff, [(les.organ, les.kind) for les in ph.lesions]
+
+
+def make_sample(seed: int, model_shape: tuple[int, int, int],
+                domain: str | Domain = CHEST_ABDOMEN_CT) -> dict[str, object]:
+    """Render phantom ``seed`` of ``domain`` and preprocess it like an inference input.
+
+    Returns a dict with ``x`` ``(2, D, H, W)`` float16, ``y`` ``(D, H, W)``
+    uint8, ``lesions`` (list of (organ, kind)) and ``domain`` (its name).
+    """
+    dom = get_domain(domain)
+    values, labels, aff, lesions = render_study(seed, dom)
+    x, grid = prepare(values, aff, model_shape, dom.intensity)
     y = labels_to_model_grid(labels, grid)
     return {
         "x": x[0].numpy().astype(np.float16),
         "y": y.astype(np.uint8),
-        "lesions": [(les.organ, les.kind) for les in ph.lesions],
+        "lesions": lesions,
         "seed": seed,
+        "domain": dom.name,
     }
 
 
-def _render_chunk(args: tuple[list[int], tuple[int, int, int]]) -> list[dict[str, object]]:
+def sample_domain(sample: dict[str, object]) -> Domain:
+    """The domain of a cached sample (caches written before domains: chest-abdomen CT)."""
+    name = sample.get("domain")
+    return get_domain(name if isinstance(name, str) else None)
+
+
+def sample_report(sample: dict[str, object]) -> str:
+    """The ground-truth report text of a cached sample, in its domain's grammar."""
+    lesions = sample["lesions"]
+    assert isinstance(lesions, list)
+    return findings_to_text(lesions, sample_domain(sample))
+
+
+def _render_chunk(args: tuple[list[int], tuple[int, int, int], str]) -> list[dict[str, object]]:
     torch.set_num_threads(1)
-    seeds, shape = args
-    return [make_sample(s, shape) for s in seeds]
+    seeds, shape, domain = args
+    return [make_sample(s, shape, domain) for s in seeds]
 
 
 def build_cache(seeds: list[int], shape: tuple[int, int, int], path: Path,
-                workers: int) -> list[dict[str, object]]:
-    """Render (or load) the training samples for ``seeds``."""
+                workers: int, domain: str | Domain = CHEST_ABDOMEN_CT
+                ) -> list[dict[str, object]]:
+    """Render (or load) the training samples of ``domain`` for ``seeds``."""
+    dom = get_domain(domain)
     if path.exists():
         data = torch.load(path, weights_only=False)
-        if data["seeds"] == seeds and tuple(data["shape"]) == shape:
+        if (data["seeds"] == seeds and tuple(data["shape"]) == shape
+                and data.get("domain", CHEST_ABDOMEN_CT.name) == dom.name):
             return list(data["samples"])
     chunks = [seeds[i : i + 16] for i in range(0, len(seeds), 16)]
     samples: list[dict[str, object]] = []
     t0 = time.time()
     with ProcessPoolExecutor(max_workers=workers) as pool:
-        for out in pool.map(_render_chunk, [(c, shape) for c in chunks]):
+        for out in pool.map(_render_chunk, [(c, shape, dom.name) for c in chunks]):
             samples.extend(out)
             print(f"rendered {len(samples)}/{len(seeds)} ({time.time() - t0:.0f}s)", flush=True)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"seeds": seeds, "shape": shape, "samples": samples}, path)
+    torch.save({"seeds": seeds, "shape": shape, "domain": dom.name, "samples": samples}, path)
     return samples
 
 
@@ -135,18 +174,26 @@ def warmup_cosine(base: float, frac: float) -> float:
     return float(base * min(1.0, frac / 0.03) * 0.5 * (1 + np.cos(np.pi * frac)))
 
 
-def draw_question(lesions: list[tuple[str, str]], rng: np.random.Generator
-                  ) -> tuple[str, str, str, str]:
-    """A templated question about a sample: ``(template, organ, question, answer)``."""
+def draw_question(lesions: list[tuple[str, str]], rng: np.random.Generator,
+                  domain: Domain = CHEST_ABDOMEN_CT) -> tuple[str, str, str, str]:
+    """A templated question about a sample: ``(template, organ, question, answer)``.
+
+    The chest-abdomen draws are the ones the shipped model was trained with
+    (one kind per organ, nothing more drawn); where a site holds several kinds,
+    the kind asked about is drawn too.
+    """
     counts = Counter(o for o, _k in lesions)
     template = QUESTION_TEMPLATES[int(rng.integers(len(QUESTION_TEMPLATES)))]
     # ask about a lesion organ half of the time when there is one
     if counts and rng.random() < 0.5:
         organ = str(rng.choice(sorted(counts)))
     else:
-        organ = str(rng.choice(sorted(LESION_KINDS)))
-    q = template.format(organ=organ, kind=LESION_KINDS[organ])
-    return template, organ, q, answer_for(template, organ, counts)
+        organ = str(rng.choice(sorted(domain.kinds)))
+    single = domain.single_kind(organ)
+    kind = single if single is not None else str(rng.choice(domain.kinds[organ]))
+    q = template.format(organ=organ, kind=kind)
+    return template, organ, q, answer_for(template, organ, counts, domain, kind,
+                                          Counter((o, k) for o, k in lesions))
 
 
 def pad_rows(rows: list[list[int]]) -> torch.Tensor:
@@ -166,8 +213,8 @@ def text_batch(samples: list[dict[str, object]], tok: WordTokenizer | LMTokenize
     for s in samples:
         lesions = s["lesions"]
         assert isinstance(lesions, list)
-        reports.append(tok.encode(f"{REPORT} {findings_to_text(lesions)}") + [tok.eos_id])
-        template, organ, q, a = draw_question(lesions, rng)
+        reports.append(tok.encode(f"{REPORT} {sample_report(s)}") + [tok.eos_id])
+        template, organ, q, a = draw_question(lesions, rng, sample_domain(s))
         if asked is not None:
             asked.append((template, organ, q))
         qas.append(tok.encode(f"{QUESTION} {q} {ANSWER} {a}") + [tok.eos_id])
@@ -268,7 +315,8 @@ def vision_features(net: ScribeNet, samples: list[dict[str, object]],
 
     Keys ``low``, ``high``, ``regions`` (:meth:`ScribeNet.encode_pooled`),
     ``band`` ``(N, C1, d)`` and ``mass`` ``(N, K, D)`` (the slice branch's 3D
-    inputs) and ``targets`` ``(N, 2, 8, D)`` (:func:`slice_targets`).
+    inputs) and ``targets`` ``(N, 2, L, D)`` (:func:`slice_targets`, ``L`` the
+    lesion class).
     """
     net.eval()
     parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("low", "high", "regions", "band",
@@ -283,23 +331,25 @@ def vision_features(net: ScribeNet, samples: list[dict[str, object]],
         if (i // batch) % 25 == 0:
             print(f"vision {i + len(chunk)}/{len(samples)} ({time.time() - t0:.0f}s)", flush=True)
     out = {k: torch.cat(v) for k, v in parts.items()}
-    out["targets"] = torch.from_numpy(np.stack([slice_targets(s["y"]) for s in samples]))  # type: ignore[arg-type]
+    out["targets"] = torch.from_numpy(np.stack([slice_targets(s["y"], net.cfg.lesion_class)  # type: ignore[arg-type]
+                                                for s in samples]))
     return out
 
 
 def slice_targets(y: np.ndarray, lesion_class: int = 8) -> np.ndarray:
     """Per-slice areas the pointing loss aims at, from a model-grid label map.
 
-    Returns ``(2, 8, D)`` float32: ``[0, c]`` the area of class ``c`` per slice,
-    ``[1, c]`` the area of lesion voxels within two voxels of class ``c``,
-    ``[1, 0]`` the area of all lesion voxels.
+    Returns ``(2, L, D)`` float32 (``L`` = ``lesion_class``, the structures
+    being 1..L-1): ``[0, c]`` the area of class ``c`` per slice, ``[1, c]`` the
+    area of lesion voxels within two voxels of class ``c``, ``[1, 0]`` the area
+    of all lesion voxels.
     """
     from scipy import ndimage
 
-    out = np.zeros((2, 8, y.shape[0]), dtype=np.float32)
+    out = np.zeros((2, lesion_class, y.shape[0]), dtype=np.float32)
     lesion = y == lesion_class
     out[1, 0] = lesion.sum(axis=(1, 2))
-    for c in range(1, 8):
+    for c in range(1, lesion_class):
         organ = y == c
         out[0, c] = organ.sum(axis=(1, 2))
         if lesion.any() and organ.any():
@@ -309,7 +359,9 @@ def slice_targets(y: np.ndarray, lesion_class: int = 8) -> np.ndarray:
 
 
 def relevance_target(targets: np.ndarray, template: str | None, organ: str | None,
-                     lesions: list[tuple[str, str]]) -> np.ndarray | None:
+                     lesions: list[tuple[str, str]],
+                     structures: tuple[str, ...] = CHEST_ABDOMEN_CT.structures
+                     ) -> np.ndarray | None:
     """The slice distribution a question should point at, or ``None`` (nothing to see).
 
     A report (``template`` None) and the whole-study questions point at the
@@ -319,7 +371,7 @@ def relevance_target(targets: np.ndarray, template: str | None, organ: str | Non
     if template is None or organ is None or template.startswith(("which organ", "are there")):
         v = targets[1, 0]
     else:
-        c = ORGANS.index(organ) + 1
+        c = structures.index(organ) + 1
         has = any(o == organ for o, _k in lesions)
         v = targets[1, c] if has and targets[1, c].sum() > 0 else targets[0, c]
     total = float(v.sum())
@@ -398,7 +450,7 @@ def train_align_stage(net: ScribeNet, samples: list[dict[str, object]], tok: Wor
     if head is None:
         raise SystemExit("--stage align needs --align-dim > 0")
     feats = stage_features(net, samples, args)
-    texts = [findings_to_text(s["lesions"]) for s in samples]  # type: ignore[arg-type]
+    texts = [sample_report(s) for s in samples]
     ids = pad_rows([tok.encode(t) for t in texts])
     opt = torch.optim.AdamW(head.parameters(), lr=args.lr, weight_decay=1e-4)
     rng = np.random.default_rng(args.seed)
@@ -505,9 +557,10 @@ def train_language_stage(net: ScribeNet, samples: list[dict[str, object]],
                                 torch.cat([tokens, qa_tok], 1))
             tg = feats["targets"][rows].numpy()
             les = [s["lesions"] for s in chosen]
-            point = (pointing_loss(rep_rel, [relevance_target(t, None, None, le)  # type: ignore[arg-type]
+            names = net.cfg.the_domain.structures
+            point = (pointing_loss(rep_rel, [relevance_target(t, None, None, le, names)  # type: ignore[arg-type]
                                              for t, le in zip(tg, les, strict=True)])
-                     + pointing_loss(qa_rel, [relevance_target(t, a[0], a[1], le)  # type: ignore[arg-type]
+                     + pointing_loss(qa_rel, [relevance_target(t, a[0], a[1], le, names)  # type: ignore[arg-type]
                                               for t, a, le in zip(tg, asked, les, strict=True)]))
             loss = loss + args.point_weight * point
         opt.zero_grad(set_to_none=True)
@@ -523,8 +576,8 @@ def train_language_stage(net: ScribeNet, samples: list[dict[str, object]],
 def save_model(net: ScribeNet, out: Path, meta: dict[str, object]) -> None:
     """Write ``model.pt`` (float16 state dict) and ``config.json`` into ``out``.
 
-    ``config.json`` declares the model's scope (:mod:`tomoscribe.scope`): the
-    phantoms it trains on are chest-abdomen CT. A ``scope`` in ``meta`` (carried
+    ``config.json`` declares the model's scope (:mod:`tomoscribe.scope`): that
+    of its domain (the phantoms it trains on). A ``scope`` in ``meta`` (carried
     over from ``--init``) wins. A brought language model (:mod:`tomoscribe.model.lm`)
     and its tokenizer go to ``out / "lm"`` instead of ``model.pt``. Without a
     ``version`` in ``meta``, the model gets :func:`local_version`.
@@ -539,7 +592,7 @@ def save_model(net: ScribeNet, out: Path, meta: dict[str, object]) -> None:
     if net.lm_tokenizer is not None:  # a brought LM: its own folder, full precision
         save_lm(net.lm, net.lm_tokenizer, out)
         net_conf["lm"] = LM_FOLDER
-    conf = {"name": MODEL_NAME, "scope": CHEST_ABDOMEN_CT.to_dict(), "net": net_conf,
+    conf = {"name": MODEL_NAME, "scope": DOMAIN_SCOPES[net.cfg.domain].to_dict(), "net": net_conf,
             **meta}
     if not conf.get("version"):
         conf["version"] = local_version(out)
@@ -628,6 +681,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="a local transformers causal LM folder to use in place of the built-in "
                         "GPT-2 (--stage language; see tomoscribe.model.lm)")
     p.add_argument("--version", default=None, help=VERSION_HELP)
+    p.add_argument("--domain", choices=sorted(DOMAINS), default=None,
+                   help="what the model reads (tomoscribe/domain.py): its phantoms, classes, "
+                   "words and intensities (default: --init's, else ct-chest-abdomen)")
     p.add_argument("--freeze-lm", action="store_true",
                    help="with --lm: train the projectors and the LM's input embeddings only")
     args = p.parse_args(argv)
@@ -638,7 +694,9 @@ def main(argv: list[str] | None = None) -> int:
     # a run from --init continues that model: its settings (word ids included),
     # changed only where an architecture option is given
     cfg = (NetConfig.from_dict(json.loads((args.init / "config.json").read_text())["net"])
-           if args.init is not None else NetConfig())
+           if args.init is not None else NetConfig.for_domain(args.domain or CHEST_ABDOMEN_CT))
+    if args.domain is not None and args.domain != cfg.domain:
+        p.error(f"--domain {args.domain}: --init {args.init} is a {cfg.domain} model")
     for name in ("encoder", "head_channels", "slice_tokens", "psat_slices", "align_dim",
                  "refine_stats", "refine_stats_mode"):
         if getattr(args, name) is not None:
@@ -656,9 +714,10 @@ def main(argv: list[str] | None = None) -> int:
     elif cfg.lm and args.init is not None and not Path(cfg.lm).is_absolute():
         cfg.lm = str((args.init / cfg.lm).resolve())  # continuing a model with a brought LM
     seeds = list(SPLITS["train"][: args.samples])
+    tag = "" if cfg.domain == CHEST_ABDOMEN_CT.name else f"{cfg.domain}-"
     cache = args.cache or (
-        args.checkpoint / f"cache-{args.samples}-{'x'.join(map(str, cfg.model_shape))}.pt")
-    samples = build_cache(seeds, cfg.model_shape, cache, args.workers)
+        args.checkpoint / f"cache-{tag}{args.samples}-{'x'.join(map(str, cfg.model_shape))}.pt")
+    samples = build_cache(seeds, cfg.model_shape, cache, args.workers, cfg.domain)
 
     net = ScribeNet(cfg)
     tok: WordTokenizer | LMTokenizer = (net.lm_tokenizer if net.lm_tokenizer is not None

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tomoscribe.domain import Domain, get_domain
 from tomoscribe.errors import ModelError
 from tomoscribe.model.dcformer import DCFormerEncoder
 from tomoscribe.model.lm import LMTokenizer, load_lm
@@ -41,7 +42,7 @@ from tomoscribe.model.refine import OrganRefiner
 from tomoscribe.model.seghead import SegHead
 from tomoscribe.model.segtoken import SegTokenDecoder
 from tomoscribe.model.siglip import AlignmentHead
-from tomoscribe.model.text import VOCAB
+from tomoscribe.model.text import VOCAB, vocabulary
 from tomoscribe.model.tgis import SliceBranch
 from tomoscribe.model.vit3d import ViT3DEncoder
 
@@ -51,6 +52,11 @@ class NetConfig:
     """Hyper-parameters of :class:`ScribeNet` (saved as ``config.json``)."""
 
     model_shape: tuple[int, int, int] = (48, 96, 96)
+    #: what the model reads (:mod:`tomoscribe.domain`): its structures, lesion
+    #: kinds, report words and image intensities. Older model folders have
+    #: none: the chest-abdomen CT. :meth:`for_domain` sets the classes and
+    #: the vocabulary that go with it.
+    domain: str = "ct-chest-abdomen"
     in_channels: int = 2
     #: the 3D encoder: "dcformer" (:mod:`tomoscribe.model.dcformer`, the
     #: default) or "vit" (:mod:`tomoscribe.model.vit3d`, the ablation's baseline
@@ -109,6 +115,21 @@ class NetConfig:
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
+
+    @classmethod
+    def for_domain(cls, domain: str | Domain) -> NetConfig:
+        """The default configuration for ``domain``: its classes (background,
+        structures, lesion) and its vocabulary."""
+        dom = get_domain(domain)
+        n = len(dom.structures)
+        return cls(domain=dom.name, num_classes=dom.num_classes,
+                   organ_classes=tuple(range(1, n + 1)), lesion_class=n + 1,
+                   vocab=vocabulary(dom))
+
+    @property
+    def the_domain(self) -> Domain:
+        """The :class:`~tomoscribe.domain.Domain` named by :attr:`domain`."""
+        return get_domain(self.domain)
 
     @classmethod
     def from_dict(cls, d: dict[str, object]) -> NetConfig:

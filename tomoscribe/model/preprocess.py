@@ -9,10 +9,17 @@ Steps, each invertible so that outputs land on the source grid:
    canonical axes.
 2. **Crop** to the body: the bounding box of voxels above -500 HU (CT), with a
    margin, so that the field of view does not change the anatomy's scale.
+   MR values have no unit: there the threshold is a tenth of the study's
+   bright signal (:func:`mr_levels`).
 3. **Resize** the crop to the model grid ``(D, H, W)``: area averaging where
    the grid is coarser, trilinear where it is finer.
-4. **Window** into two channels: a wide window (-1000..400 HU, lungs and
-   bone) and a soft-tissue window (-160..240 HU), each scaled to [0, 1].
+4. **Window** into two channels. CT (``intensity="ct"``): a wide window
+   (-1000..400 HU, lungs and bone) and a soft-tissue window (-160..240 HU),
+   each scaled to [0, 1]. MR (``intensity="mr"``, see
+   :class:`tomoscribe.domain.Domain`): the signal over its own 99th
+   percentile within the body (0..1: the weighting's contrast, whatever the
+   scanner's scale), and the 5th-95th percentile range of the body stretched
+   to [0, 1] (the tissue contrast).
 
 :class:`GridMap` remembers steps 1-3 and maps model-grid indices back to
 source indices (:meth:`GridMap.to_source_labels`).
@@ -29,6 +36,10 @@ import torch.nn.functional as F
 from tomoscribe.volume import Volume
 
 WINDOWS: tuple[tuple[float, float], ...] = ((-1000.0, 400.0), (-160.0, 240.0))
+#: what the intensity of a model's domain is (:attr:`tomoscribe.domain.Domain.intensity`)
+INTENSITIES = ("ct", "mr")
+#: MR: the body is what is brighter than this fraction of the bright signal
+MR_BODY_FRACTION = 0.1
 
 
 @dataclass(frozen=True)
@@ -119,15 +130,20 @@ def _resize(x: torch.Tensor, size: tuple[int, int, int]) -> torch.Tensor:
     return x
 
 
-def body_box(canon: np.ndarray, threshold: float = -500.0, margin: int = 2) -> tuple[
-    tuple[int, int, int], tuple[int, int, int]
-]:
+def body_box(canon: np.ndarray, threshold: float = -500.0, margin: int = 2,
+             smooth: bool = False) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
     """Bounding box of voxels above ``threshold`` in a canonical array.
 
     The slice axis (0) is never cropped: the scanned range is what the
-    radiologist asked for.
+    radiologist asked for. ``smooth`` compares the 3 x 3 x 3 mean instead of
+    each voxel: MR's Rician noise is never negative, and single air voxels
+    above the threshold would stretch the box to the whole field of view.
     """
     shape = canon.shape
+    if smooth:
+        from scipy import ndimage
+
+        canon = ndimage.uniform_filter(np.asarray(canon, dtype=np.float32), 3)
     mask = canon > threshold
     if not mask.any():
         return (0, 0, 0), (shape[0], shape[1], shape[2])
@@ -142,31 +158,67 @@ def body_box(canon: np.ndarray, threshold: float = -500.0, margin: int = 2) -> t
     return (start[0], start[1], start[2]), (stop[0], stop[1], stop[2])
 
 
+def mr_levels(voxels: np.ndarray) -> tuple[float, float, float, float]:
+    """The levels an MR study is scaled by: ``(body threshold, bright, low, high)``.
+
+    The body is what is brighter, in the 3 x 3 x 3 mean, than
+    :data:`MR_BODY_FRACTION` of the 99th percentile of the whole array (the
+    mean keeps the air's Rician noise, a few percent of white matter, under
+    the threshold); ``bright``, ``low`` and ``high`` are the 99th, 5th and
+    95th percentiles of the body's voxels. Read on every second voxel per axis
+    (the percentiles of a study hardly change; the time does).
+    """
+    from scipy import ndimage
+
+    sample = np.asarray(voxels[::2, ::2, ::2], dtype=np.float32)
+    if sample.size == 0:
+        return 0.0, 1.0, 0.0, 1.0
+    sample_all = sample.ravel()
+    threshold = MR_BODY_FRACTION * float(np.percentile(sample, 99.0))
+    body = sample[ndimage.uniform_filter(sample, 3) > threshold]
+    if body.size < 16:
+        body = sample_all
+    bright, low, high = (float(v) for v in np.percentile(body, (99.0, 5.0, 95.0)))
+    bright = max(bright, 1e-6)
+    high = max(high, low + 1e-6)
+    return threshold, bright, low, high
+
+
 def prepare(
-    voxels: np.ndarray, affine: np.ndarray, model_shape: tuple[int, int, int]
+    voxels: np.ndarray, affine: np.ndarray, model_shape: tuple[int, int, int],
+    intensity: str = "ct",
 ) -> tuple[torch.Tensor, GridMap]:
     """Turn source voxels into the model input.
 
     Args:
-        voxels: ``(D, H, W)`` float32 (HU for CT).
+        voxels: ``(D, H, W)`` float32 (HU for CT; any scale for MR).
         affine: ``(4, 4)`` index to LPS.
         model_shape: the model grid.
+        intensity: ``"ct"`` (fixed windows) or ``"mr"`` (levels of the study's
+            own signal, :func:`mr_levels`).
 
     Returns:
         ``(x, grid)`` with ``x`` of shape ``(1, 2, D_m, H_m, W_m)`` float32.
     """
+    if intensity not in INTENSITIES:
+        raise ValueError(f"intensity must be one of {INTENSITIES}, not {intensity!r}")
     perm, flip = canonical_orientation(affine)
     canon = np.transpose(voxels, perm)
     for a in range(3):
         if flip[a]:
             canon = np.flip(canon, axis=a)
-    start, stop = body_box(canon)
+    if intensity == "mr":
+        threshold, bright, low, high = mr_levels(canon)
+        windows: tuple[tuple[float, float], ...] = ((0.0, bright), (low, high))
+    else:
+        threshold, windows = -500.0, WINDOWS
+    start, stop = body_box(canon, threshold, smooth=intensity == "mr")
     crop = np.ascontiguousarray(
         canon[start[0] : stop[0], start[1] : stop[1], start[2] : stop[2]], dtype=np.float32
     )
     t = torch.from_numpy(crop)[None, None]
     t = _resize(t, model_shape)
-    chans = [((t - lo) / (hi - lo)).clamp(0.0, 1.0) for lo, hi in WINDOWS]
+    chans = [((t - lo) / (hi - lo)).clamp(0.0, 1.0) for lo, hi in windows]
     x = torch.cat(chans, dim=1)
     grid = GridMap(
         perm=perm,
@@ -194,7 +246,7 @@ def labels_to_model_grid(labels: np.ndarray, grid: GridMap) -> np.ndarray:
 
 
 def prepare_volume(
-    volume: Volume, model_shape: tuple[int, int, int]
+    volume: Volume, model_shape: tuple[int, int, int], intensity: str = "ct"
 ) -> tuple[torch.Tensor, GridMap]:
     """:func:`prepare` for a :class:`Volume`."""
-    return prepare(volume.voxels, volume.affine, model_shape)
+    return prepare(volume.voxels, volume.affine, model_shape, intensity)

@@ -59,7 +59,7 @@ from tomoscribe.model.text import (
     parse_findings,
     sentence_case,
 )
-from tomoscribe.report import LESION_KINDS, ORGANS, Answer, Finding, Report, Segment, named_organ
+from tomoscribe.report import Answer, Finding, Report, Segment, named_organ
 from tomoscribe.scope import DEFAULT_MODEL_DIR, ModelScope
 from tomoscribe.volume import Volume
 
@@ -86,13 +86,16 @@ class Scribe:
         #: the language model's tokenizer: a brought LM's own, else the words
         self.tok: WordTokenizer | LMTokenizer = (
             net.lm_tokenizer if net.lm_tokenizer is not None else self.words)
-        self.organ_names = {i + 1: n for i, n in enumerate(ORGANS)}
+        #: what the model reads (:mod:`tomoscribe.domain`)
+        self.domain = self.cfg.the_domain
+        self.organ_names = {i + 1: n for i, n in enumerate(self.domain.structures)}
         # never emitted: padding, the start marker and the task markers
         self.banned = tuple(self.tok.index[t] for t in (PAD, BOS, UNK, REPORT, QUESTION, ANSWER)
                             if t in self.tok.index)
         # decoding budgets in the LM's tokens: 60 words for a report and 8 for
         # an answer, scaled by how many tokens a word takes (1 with the words)
-        longest = findings_to_text([(o, k) for o, k in LESION_KINDS.items() for _ in range(2)])
+        longest = findings_to_text([(o, k) for o, ks in self.domain.kinds.items() for k in ks
+                                    for _ in range(2)], self.domain)
         ratio = len(self.tok.encode(longest)) / max(len(self.words.encode(longest)), 1)
         self.report_max_new = max(60, math.ceil(60 * ratio))
         self.answer_max_new = max(8, math.ceil(8 * ratio))
@@ -229,7 +232,7 @@ class Scribe:
         ``slice_features`` ``(1, D, K)`` (class probability mass per model
         slice).
         """
-        x, grid = prepare_volume(volume, self.cfg.model_shape)
+        x, grid = prepare_volume(volume, self.cfg.model_shape, self.domain.intensity)
         pooled, logits, (band, mass), dec = self.net.encode_with_decoder(x)
         extra: dict[str, object] = {"grid": grid}
         if self.net.segtoken is not None:  # what the <seg> mask decoder reads
@@ -410,7 +413,7 @@ class Scribe:
         grid: GridMap = encoded.extra["grid"]
         tokens, relevance = self.prefix(encoded, [self.tok.index[REPORT]], blind=blind)
         text = self.write_text(tokens)
-        parsed = parse_findings(text)
+        parsed = parse_findings(text, self.domain)
 
         lesion_class = self.cfg.lesion_class
         voxel_ml = float(np.prod(volume.spacing)) / 1000.0
