@@ -3,7 +3,7 @@
 SHELL := /bin/bash
 PY := .venv/bin/python
 
-.PHONY: setup test lint demo stop train ablation encoders bench scope sample brought-lm
+.PHONY: setup test lint demo stop train train-head ablation encoders bench scope sample brought-lm
 
 setup:
 	@bash scripts/setup.sh
@@ -68,6 +68,21 @@ train: setup
 		--cache checkpoints/cache-1200-48x96x96.pt --out checkpoints/stage6b-weights --steps 800 --batch 32 --refer 4 --threads 2
 	$(TRAIN) --stage align --init checkpoints/stage6b-weights --checkpoint checkpoints/stage6 \
 		--out tomoscribe/weights --steps 1500 --batch 128 --lr 1e-3 --version $(VERSION)
+
+## train-head: a head MR model (tomoscribe/domain.py HEAD_MR) on 1,200 head phantoms, the first
+## stages of the chest-abdomen recipe: joint (70 min on 2 CPU cores), two language runs, align.
+## Not shipped; written to checkpoints/head-weights (see the README's "A head MR model").
+TRAIN_HEAD := $(PY) -m tomoscribe.train --domain mr-head --samples 1200 \
+	--cache checkpoints/cache-mr-head-1200-48x96x96.pt
+train-head: setup
+	$(TRAIN_HEAD) --checkpoint checkpoints/head1 --out checkpoints/head1-weights \
+		--steps 3000 --minutes 70 --batch 4 --lm-start 150 --save-every 50 --lesion-weight 10 --lesion-dice 1
+	$(TRAIN_HEAD) --stage language --init checkpoints/head1-weights --checkpoint checkpoints/head2 \
+		--out checkpoints/head2a-weights --steps 2000 --batch 32 --lr 1e-3 --threads 1
+	$(TRAIN_HEAD) --stage language --init checkpoints/head2a-weights --checkpoint checkpoints/head2 \
+		--out checkpoints/head2b-weights --steps 1500 --batch 32 --lr 5e-4
+	$(TRAIN_HEAD) --stage align --init checkpoints/head2b-weights --checkpoint checkpoints/head2 \
+		--out checkpoints/head-weights --align-dim 64 --steps 1500 --batch 128 --lr 1e-3
 
 ## ablation: the README's ablation rows: from the shipped weights, 1,000 more language steps
 ## each for 3D-only, 3D + TG-IS and 3D + TG-IS + PSAT, then each scored on the test phantoms

@@ -46,3 +46,33 @@ def test_inference_benchmark_compares_trimming_side_by_side(tmp_path: Path) -> N
         assert row["median_seconds"] > 0 and row["peak_rss_mib"] >= row["rss_last_mib"] > 100
     assert set(data["ratios"]) == {"time", "rss_last", "peak_rss"}
     assert "tomoscribe / glibc default" in res.stdout
+
+
+def test_head_benchmark_scores_a_head_model_and_refuses_another(tmp_path: Path) -> None:
+    import torch
+
+    from tomoscribe.model.network import NetConfig, ScribeNet
+    from tomoscribe.train import save_model
+
+    cfg = NetConfig.for_domain("mr-head")
+    cfg.model_shape, cfg.channels = (16, 32, 32), (8, 8, 16, 16)
+    torch.manual_seed(0)
+    save_model(ScribeNet(cfg), tmp_path / "head", {"version": "0.0.0-test"})
+    out = tmp_path / "head.json"
+    script = str(ROOT / "benchmarks" / "head_accuracy.py")
+    res = subprocess.run([sys.executable, script, "--model-dir", str(tmp_path / "head"),
+                          "--n", "2", "--json", str(out)], capture_output=True, text=True,
+                         timeout=600, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "structure Dice" in res.stdout and "head MR phantoms" in res.stdout
+    data = json.loads(out.read_text())
+    assert set(data["rows"]) == {"model", "image-blind", "majority"}
+    assert data["studies"] == 2 and data["domain"] == "mr-head"
+    assert data["questions_per_study"] == 17
+    # the majority row answers from the training phantoms' answers: better than chance
+    assert data["rows"]["majority"]["closed_vqa_accuracy"] > 0.5
+    # the chest-abdomen model is not a head model: one line, exit 2
+    res = subprocess.run([sys.executable, script, "--model-dir",
+                          str(ROOT / "tomoscribe" / "weights"), "--n", "1"],
+                         capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert res.returncode == 2 and "not MR of the head" in res.stderr

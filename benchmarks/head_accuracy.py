@@ -1,0 +1,290 @@
+"""Accuracy of a head MR model on held-out head phantoms, beside baselines that cannot see.
+
+``python benchmarks/head_accuracy.py --model-dir checkpoints/head-weights [--n 60] [--json F]``
+
+The head counterpart of ``benchmarks/accuracy.py`` (same rows, same
+definitions where the two domains share them). Each test phantom
+(:mod:`tomoscribe.phantom_head`, MR: T1, T2 or FLAIR, axial, sagittal or
+coronal) is rendered on its own acquisition grid and read as a study is:
+``Scribe.encode`` then ``Scribe.generate``. Rows:
+
+* **model**;
+* **image-blind**: the same model with its image tokens zeroed (what the
+  language model guesses from the question alone);
+* **majority**: the most frequent ground-truth answer to each question, and
+  the most frequent report, over the first 1,200 training phantoms.
+
+Scored:
+
+* findings: a site is found when the report has a finding sentence for it;
+  precision / recall / F1 over (study, site), the share of studies whose set
+  of sites is exactly right, and the share of normal studies with a finding;
+* kinds: of the sites found rightly, the share whose named kinds (mass,
+  cyst, both) are the truth's;
+* closed VQA (yes/no), per site: "is there a lesion in the {site} ?",
+  "is the {site} normal ?", "does the {site} contain a mass ?" and "... a
+  cyst ?"; per study: "are there any focal findings ?";
+* open VQA: "how many lesions are in the {site} ?" and "which organ has a
+  lesion ?" (exact match and token F1);
+* report text: BLEU-4 and ROUGE-L against the ground-truth report;
+* Dice of each structure on the source grid (the report's label map), and of
+  the lesions by size band, with the share of lesions the segmentation
+  touches at all (detection);
+* findings F1 per MR weighting; CPU seconds per study (median) and peak memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tomoscribe.domain import HEAD_MR
+from tomoscribe.model.scribe import Scribe
+from tomoscribe.model.text import WordTokenizer, answer_for, parse_findings
+from tomoscribe.phantom import SPLITS
+from tomoscribe.phantom_head import (
+    LESION_LABEL,
+    STRUCTURE_LABELS,
+    HeadLesion,
+    head_report_text,
+    make_head_phantom,
+    render_head_acquisition,
+)
+from tomoscribe.volume import SliceRef, Volume
+
+try:  # run as a script (benchmarks/ on sys.path) or as benchmarks.head_accuracy
+    from accuracy import BANDS, Tally, _dice, _prf, _yes_no  # type: ignore[import-not-found]
+    from textmetrics import corpus_bleu, rouge_l, token_f1  # type: ignore[import-not-found]
+except ImportError:  # pragma: no cover
+    from benchmarks.accuracy import BANDS, Tally, _dice, _prf, _yes_no
+    from benchmarks.textmetrics import corpus_bleu, rouge_l, token_f1
+
+MR_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
+STRUCTURES_SCORED = HEAD_MR.structures[1:]
+CLOSED = ("is there a lesion in the {organ} ?", "is the {organ} normal ?",
+          "does the {organ} contain a {kind} ?", "are there any focal findings ?")
+OPEN = ("how many lesions are in the {organ} ?", "which organ has a lesion ?")
+
+
+def questions() -> list[tuple[str, str, str, str]]:
+    """Every question asked per study: ``(template, site, kind, question)``."""
+    items: list[tuple[str, str, str, str]] = []
+    for t in (*CLOSED, *OPEN):
+        if "{kind}" in t:
+            items += [(t, s, k, t.format(organ=s, kind=k)) for s in HEAD_MR.sites
+                      for k in HEAD_MR.kinds[s]]
+        elif "{organ}" in t:
+            items += [(t, s, "", t.format(organ=s)) for s in HEAD_MR.sites]
+        else:
+            items.append((t, "", "", t))
+    return items
+
+
+def gold_answer(template: str, site: str, kind: str, lesions: list[tuple[str, str]]) -> str:
+    """The right answer, from the phantom's lesions."""
+    counts = Counter(s for s, _k in lesions)
+    if template.startswith("are there"):
+        return "yes" if lesions else "no"
+    return answer_for(template, site, counts, HEAD_MR, kind or None, Counter(lesions))
+
+
+def study(seed: int) -> tuple[Volume, np.ndarray, np.ndarray, list[tuple[str, str]], str,
+                              list[HeadLesion]]:
+    """A head MR test study: volume, labels, affine, lesions, weighting, the phantom's lesions."""
+    ph = make_head_phantom(seed, modality="MR")
+    values, labels, aff = render_head_acquisition(ph)
+    vol = Volume(values * np.float32(ph.scale), aff,
+                 [SliceRef(f"2.25.{seed}.{k}", MR_STORAGE) for k in range(values.shape[0])])
+    return vol, labels, aff, [(les.site, les.kind) for les in ph.lesions], ph.sequence, ph.lesions
+
+
+def majority(items: list[tuple[str, str, str, str]], n: int = 1200
+             ) -> tuple[list[str], str]:
+    """Most frequent answer per question and most frequent report over training phantoms."""
+    answers: list[Counter[str]] = [Counter() for _ in items]
+    reports: Counter[str] = Counter()
+    for seed in SPLITS["train"][:n]:
+        ph = make_head_phantom(seed, modality="MR")
+        lesions = [(les.site, les.kind) for les in ph.lesions]
+        reports[head_report_text(ph)] += 1
+        for i, (t, s, k, _q) in enumerate(items):
+            answers[i][gold_answer(t, s, k, lesions)] += 1
+    return [c.most_common(1)[0][0] for c in answers], reports.most_common(1)[0][0]
+
+
+class Text:
+    """Report text and VQA scores of one row."""
+
+    def __init__(self) -> None:
+        self.hyps: list[list[str]] = []
+        self.refs: list[list[str]] = []
+        self.rouge: list[float] = []
+        self.closed: list[int] = []
+        self.em: list[int] = []
+        self.f1: list[float] = []
+        self.kind_right = 0
+        self.kind_n = 0
+
+    def add(self, text: str, ref: str, items: list[tuple[str, str, str, str]],
+            answers: list[str], golds: list[str]) -> None:
+        h, r = WordTokenizer.words(text), WordTokenizer.words(ref)
+        self.hyps.append(h)
+        self.refs.append(r)
+        self.rouge.append(rouge_l(h, r))
+        for (t, _s, _k, _q), a, g in zip(items, answers, golds, strict=True):
+            if t in OPEN:
+                aw, gw = WordTokenizer.words(a), WordTokenizer.words(g)
+                self.em.append(int(aw == gw))
+                self.f1.append(token_f1(aw, gw))
+            else:
+                self.closed.append(int(_yes_no(a) == g))
+
+    def row(self) -> dict[str, float | None]:
+        return {
+            "bleu4": corpus_bleu(self.hyps, self.refs),
+            "rouge_l_f": float(np.mean(self.rouge)),
+            "closed_vqa_accuracy": float(np.mean(self.closed)),
+            "open_vqa_exact_match": float(np.mean(self.em)),
+            "open_vqa_token_f1": float(np.mean(self.f1)),
+            "kinds_right_of_sites_found": (self.kind_right / self.kind_n) if self.kind_n
+            else None,
+        }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model-dir", type=Path, required=True, help="a head MR model folder")
+    ap.add_argument("--n", type=int, default=60, help="test phantoms")
+    ap.add_argument("--split", choices=("test", "val"), default="test")
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args(argv)
+    wall0 = time.perf_counter()
+    torch.set_num_threads(2)
+
+    scribe = Scribe.load(args.model_dir)
+    if scribe.domain is not HEAD_MR:
+        print(f"head_accuracy: {args.model_dir} reads {scribe.domain.description}, not "
+              f"{HEAD_MR.description}", file=sys.stderr)
+        return 2
+    items = questions()
+    asked = [q for _t, _s, _k, q in items]
+    majority_answers, majority_text = majority(items)
+    rows = {name: Tally() for name in ("model", "image-blind", "majority")}
+    text = {name: Text() for name in rows}
+    by_sequence: dict[str, Tally] = {}
+    dice: dict[str, list[float]] = {s: [] for s in STRUCTURES_SCORED}
+    band_dice: dict[str, list[float]] = {f"{lo:.0f}-{hi:.0f} mm": [] for lo, hi in BANDS}
+    band_found: dict[str, list[bool]] = {b: [] for b in band_dice}
+    seconds: list[float] = []
+    seeds = list(SPLITS[args.split][: args.n])
+    for i, seed in enumerate(seeds):
+        vol, labels, aff, lesions, sequence, ph_lesions = study(seed)
+        truth = {s for s, _k in lesions}
+        golds = [gold_answer(t, s, k, lesions) for t, s, k, _q in items]
+        t0 = time.perf_counter()
+        enc = scribe.encode(vol)
+        report = scribe.generate(enc, asked)
+        seconds.append(time.perf_counter() - t0)
+        blind = scribe.generate(enc, asked, blind=True)
+        ref = head_report_text(make_head_phantom(seed, modality="MR"))
+        for name, rep in (("model", report), ("image-blind", blind)):
+            found = {f.structure for f in rep.findings}
+            rows[name].add(found, truth)
+            text[name].add(rep.text, ref, items, [a.answer for a in rep.answers], golds)
+            for pf in parse_findings(rep.text, HEAD_MR):
+                if pf.organ in truth:
+                    text[name].kind_n += 1
+                    want = {k for s, k in lesions if s == pf.organ}
+                    text[name].kind_right += int(set(pf.kinds) == want)
+        by_sequence.setdefault(sequence, Tally()).add({f.structure for f in report.findings},
+                                                       truth)
+        rows["majority"].add({f.organ for f in parse_findings(majority_text, HEAD_MR)}, truth)
+        text["majority"].add(majority_text, ref, items, majority_answers, golds)
+        for s in STRUCTURES_SCORED:
+            lab = STRUCTURE_LABELS[s]
+            if (labels == lab).any():
+                dice[s].append(_dice(report.label_map == lab, labels == lab))
+        # lesions, segmentation alone: the head's lesion class on the source grid
+        from scipy import ndimage
+
+        grid = enc.extra["grid"]
+        seg = grid.to_source_labels(enc.seg_logits.argmax(dim=1)[0].to(torch.uint8).numpy())
+        seg_les = seg == scribe.cfg.lesion_class
+        comps, _n = ndimage.label(labels == LESION_LABEL)
+        for les in ph_lesions:
+            centre = np.linalg.solve(aff, np.array([*les.centre, 1.0]))[:3]
+            k, r, c = (int(np.clip(round(v), 0, n - 1)) for v, n in zip(centre, labels.shape,
+                                                                        strict=True))
+            cid = comps[k, r, c]
+            if cid == 0:
+                continue
+            t_mask = comps == cid
+            near = ndimage.binary_dilation(t_mask, iterations=3)
+            for lo, hi in BANDS:
+                if lo <= les.diameter_mm < hi:
+                    band = f"{lo:.0f}-{hi:.0f} mm"
+                    band_dice[band].append(_dice(seg_les & near, t_mask))
+                    band_found[band].append(bool((seg_les & t_mask).any()))
+        if (i + 1) % 10 == 0:
+            print(f"  {i + 1}/{len(seeds)} studies", file=sys.stderr, flush=True)
+
+    table = {name: {**t.row(), **text[name].row()} for name, t in rows.items()}
+    result = {
+        "model": scribe.name,
+        "version": scribe.version,
+        "domain": scribe.domain.name,
+        "split": args.split,
+        "studies": len(seeds),
+        "normal_studies": rows["model"].normal,
+        "rows": table,
+        "findings_f1_by_weighting": {k: {"f1": _prf(t.tp, t.fp, t.fn)[2], "studies": t.studies}
+                                     for k, t in sorted(by_sequence.items())},
+        "structure_dice": {s: float(np.mean(v)) for s, v in dice.items() if v},
+        "lesion_dice_by_size": {b: {"dice": float(np.mean(v)) if v else None,
+                                    "detected": float(np.mean(band_found[b])) if v else None,
+                                    "n": len(v)} for b, v in band_dice.items()},
+        "questions_per_study": len(items),
+        "majority_report_text": majority_text,
+        "seconds_per_study_cpu": float(np.median(seconds)),
+        "parameters": sum(p.numel() for p in scribe.net.parameters()),
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+        "benchmark_wall_seconds": time.perf_counter() - wall0,
+    }
+    cols = ("findings_precision", "findings_recall", "findings_f1", "studies_exact",
+            "false_findings_on_normal", "kinds_right_of_sites_found", "closed_vqa_accuracy",
+            "open_vqa_exact_match", "open_vqa_token_f1", "bleu4", "rouge_l_f")
+    print(f"\n{len(seeds)} head MR phantoms of the {args.split} range "
+          f"({rows['model'].normal} normal), model {scribe.name} {scribe.version}, "
+          f"{len(items)} questions per study")
+    print(f"{'row':<12}" + "".join(f"{c[:22]:>24}" for c in cols))
+    for name, r in table.items():
+        print(f"{name:<12}" + "".join(
+            f"{'n/a' if r[c] is None else f'{r[c]:.3f}':>24}" for c in cols))
+    print("findings F1 by weighting (model): " + ", ".join(
+        f"{k} {v['f1']:.3f} (n={v['studies']})"
+        for k, v in result["findings_f1_by_weighting"].items()))
+    print("structure Dice (model): " + ", ".join(
+        f"{s} {d:.3f}" for s, d in result["structure_dice"].items()))
+    print("lesions, segmentation alone (detected / Dice): " + ", ".join(
+        f"{b}: n/a" if not v["n"] else f"{b}: {v['detected']:.3f} / {v['dice']:.3f} (n={v['n']})"
+        for b, v in result["lesion_dice_by_size"].items()))
+    print(f"inference: {result['seconds_per_study_cpu']:.2f} s per study (median, CPU); "
+          f"{result['parameters'] / 1e6:.2f} M parameters; peak RSS "
+          f"{result['peak_rss_mib']:.0f} MiB; whole benchmark "
+          f"{result['benchmark_wall_seconds']:.0f} s")
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
