@@ -76,7 +76,9 @@ def test_a_site_with_two_kinds_names_both_and_counts_both() -> None:
     assert text == ("cerebellum : two masses and one cyst . impression : cerebellum masses "
                     "and cyst .")
     (f,) = parse_findings(text, HEAD_MR)
-    assert (f.organ, f.kind, f.count) == ("cerebellum", "mass", 3)
+    assert (f.organ, f.kind, f.count, f.kinds) == ("cerebellum", "mass", 3, ("mass", "cyst"))
+    (one,) = parse_findings("cerebellum : one cyst .", HEAD_MR)
+    assert one.kinds == ("cyst",) and one.kind == "cyst"
     # the chest-abdomen grammar does not know the head's sites
     assert parse_findings(text) == []
 

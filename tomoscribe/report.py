@@ -41,14 +41,19 @@ class Segment:
     Attributes:
         label: value of its voxels in :attr:`Report.label_map` (1..255).
         name: human-readable label, e.g. ``"liver"`` or ``"liver lesion 1"``.
-        structure: the organ key (one of :data:`ORGANS`) it is or lies in.
+        structure: the organ key (one of :data:`ORGANS`, or of the model's
+            domain, :mod:`tomoscribe.domain`) it is or lies in.
         kind: ``"organ"`` or ``"lesion"``.
+        lesion_kind: for a lesion, the kind its finding names ("mass",
+            "cyst"...) where it names exactly one; ``None``: the kind of its
+            structure, where that has one, else a lesion of no stated kind.
     """
 
     label: int
     name: str
     structure: str
     kind: str
+    lesion_kind: str | None = None
 
 
 @dataclass

@@ -207,12 +207,17 @@ def findings_to_text(lesions: Sequence[tuple[str, str]],
 
 @dataclass(frozen=True)
 class ParsedFinding:
-    """One finding sentence parsed back: organ, kind, count and the sentence."""
+    """One finding sentence parsed back: organ, kind, count and the sentence.
+
+    ``kind`` is the first kind named (else the site's first); ``kinds`` every
+    kind named, in the domain's order (empty when none is).
+    """
 
     organ: str
     kind: str
     count: int
     sentence: str
+    kinds: tuple[str, ...] = ()
 
 
 def parse_findings(text: str, domain: Domain = CHEST_ABDOMEN_CT) -> list[ParsedFinding]:
@@ -249,7 +254,7 @@ def parse_findings(text: str, domain: Domain = CHEST_ABDOMEN_CT) -> list[ParsedF
                 count = max(NUMBER_WORDS.index(words[0]), 1)
         seen.add(organ)
         kind = named[0] if named else domain.kinds[organ][0]
-        out.append(ParsedFinding(organ, kind, count, f"{organ} : {rest} ."))
+        out.append(ParsedFinding(organ, kind, count, f"{organ} : {rest} .", tuple(named)))
     return out
 
 

@@ -8,7 +8,9 @@ finding that has a segment::
       CONTAINS CONTAINER (DCM 126010) Imaging Measurements
         CONTAINS CONTAINER (DCM 125007) Measurement Group        TID 1410
           Tracking Identifier (text) / Tracking Unique Identifier (UID)
-          Finding (lesion kind or organ), Finding Site (organ)
+          Finding (lesion kind or organ), Finding Site (organ; with its
+              Laterality where the organ's code lacks the side: the
+              cerebral hemispheres, the lateral ventricles)
           SCOORD POLYLINE (DCM 111030) Image Region, closed, in pixel
               coordinates of the finding's first key slice, SELECTED FROM
               that source image
@@ -46,7 +48,7 @@ from tomoscribe.errors import ReportError
 from tomoscribe.report import Finding, Report
 from tomoscribe.volume import Volume
 from tomoscribe.writers import identity
-from tomoscribe.writers.codes import segment_coding, structure_code
+from tomoscribe.writers.codes import segment_coding, structure_code, structure_laterality
 from tomoscribe.writers.common import source_headers, study_uid_of
 from tomoscribe.writers.sr import ENGLISH_US, REFERENCED_SEGMENT, _check_seg, check_report
 
@@ -181,8 +183,12 @@ def _group(
             identifier=f"{segment.name} (finding {index})"[:64],
         ),
         referenced_region=region,
+        # highdicom takes no modifier for the Finding (a cerebral hemisphere's
+        # segment has the side in its SEG type modifier); here the side goes
+        # with the Finding Site, as its Laterality
         finding_type=segment_coding(segment).type,
-        finding_sites=[hd.sr.FindingSite(anatomic_location=structure_code(finding.structure))],
+        finding_sites=[hd.sr.FindingSite(anatomic_location=structure_code(finding.structure),
+                                         laterality=structure_laterality(finding.structure))],
         measurements=[
             hd.sr.Measurement(name=LONG_AXIS, value=round(size, 1), unit=MILLIMETER),
             hd.sr.Measurement(name=AREA, value=round(area, 1), unit=SQUARE_MILLIMETER),

@@ -11,6 +11,14 @@ out.
 :func:`build_answer_seg` writes the masks that answer referring questions
 ("segment the liver .") as a second SEG, a series of its own.
 
+Laterality: where a segment's coding has one (a head structure whose code
+does not say its side, :data:`~tomoscribe.writers.codes.STRUCTURE_LATERALITY`),
+an organ segment gets it as the Segmented Property Type Modifier Code Sequence
+(0062,0011) of its type, a lesion segment as the Anatomic Region Modifier
+Sequence (0008,2220) of its anatomic region. highdicom's SegmentDescription
+has no parameter for either; they are added to the built description, which
+the Segmentation constructor keeps as the item of its SegmentSequence.
+
 Decision: a report whose label map holds no voxel of any segment gets no SEG
 (:func:`build_seg` returns ``None``): an empty segmentation says nothing a
 viewer can show, and a SEG needs at least one frame.
@@ -28,7 +36,7 @@ from tomoscribe.errors import ReportError
 from tomoscribe.report import Report
 from tomoscribe.volume import Volume
 from tomoscribe.writers import identity
-from tomoscribe.writers.codes import answer_coding, segment_coding
+from tomoscribe.writers.codes import SegmentCoding, answer_coding, segment_coding
 from tomoscribe.writers.common import check_segments, source_headers, study_uid_of
 
 
@@ -89,6 +97,40 @@ def _source_images(volume: Volume, headers: list[Dataset]) -> list[Dataset]:
     return images
 
 
+def _description(number: int, label: str, coding: SegmentCoding,
+                 algorithm: hd.AlgorithmIdentificationSequence,
+                 tracking_uid: str) -> hd.seg.SegmentDescription:
+    """The SegmentDescription of one segment, its label also its Tracking ID.
+
+    A coding's laterality becomes a modifier of its anatomic region (a lesion)
+    or of its property type (an organ). Both sequences are type 3 in the
+    Segment Description macro; highdicom's SegmentDescription takes neither,
+    so they are set on the items it built. The Segmentation constructor
+    stores the description objects themselves as its SegmentSequence items
+    (``_add_segment_descriptions``, highdicom 0.28), so they survive.
+    """
+    description = hd.seg.SegmentDescription(
+        segment_number=number,
+        segment_label=label,
+        segmented_property_category=coding.category,
+        segmented_property_type=coding.type,
+        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+        algorithm_identification=algorithm,
+        tracking_uid=tracking_uid,
+        tracking_id=label,
+        anatomic_regions=None if coding.anatomic_region is None
+        else [coding.anatomic_region],
+    )
+    if coding.laterality is not None:
+        modifier = [hd.sr.CodedConcept.from_code(coding.laterality)]
+        if coding.anatomic_region is not None:
+            description.AnatomicRegionSequence[0].AnatomicRegionModifierSequence = modifier
+        else:
+            description.SegmentedPropertyTypeCodeSequence[0] \
+                .SegmentedPropertyTypeModifierCodeSequence = modifier
+    return description
+
+
 def build_seg(report: Report, volume: Volume) -> hd.seg.Segmentation | None:
     """Build the SEG of ``report``'s label map on ``volume``'s source series.
 
@@ -124,21 +166,9 @@ def build_seg(report: Report, volume: Volume) -> hd.seg.Segmentation | None:
             continue
         number = numbers[segment.label]
         lut[segment.label] = number
-        coding = segment_coding(segment)
-        descriptions.append(
-            hd.seg.SegmentDescription(
-                segment_number=number,
-                segment_label=segment.name,
-                segmented_property_category=coding.category,
-                segmented_property_type=coding.type,
-                algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
-                algorithm_identification=algorithm,
-                tracking_uid=segment_tracking_uid(study_uid, report.model_version, segment.label),
-                tracking_id=segment.name,
-                anatomic_regions=None if coding.anatomic_region is None
-                else [coding.anatomic_region],
-            )
-        )
+        descriptions.append(_description(
+            number, segment.name, segment_coding(segment), algorithm,
+            segment_tracking_uid(study_uid, report.model_version, segment.label)))
     pixel_array = lut[label_map]  # (D, H, W) segment numbers 0..N
     return _segmentation(report, volume, source_images, pixel_array, descriptions, "seg")
 
@@ -242,21 +272,11 @@ def build_answer_seg(report: Report, volume: Volume) -> hd.seg.Segmentation | No
     descriptions: list[hd.seg.SegmentDescription] = []
     for i, number in numbers.items():
         question = report.answers[i].question
-        coding = answer_coding(question)
         label = answer_label(i + 1, question)
-        descriptions.append(hd.seg.SegmentDescription(
-            segment_number=number,
-            segment_label=label,
-            segmented_property_category=coding.category,
-            segmented_property_type=coding.type,
-            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
-            algorithm_identification=algorithm,
-            tracking_uid=str(generate_uid(entropy_srcs=[
-                SOFTWARE_NAME, study_uid, report.model_version, "answer", str(i), question])),
-            tracking_id=label,
-            anatomic_regions=None if coding.anatomic_region is None
-            else [coding.anatomic_region],
-        ))
+        descriptions.append(_description(
+            number, label, answer_coding(question), algorithm,
+            str(generate_uid(entropy_srcs=[
+                SOFTWARE_NAME, study_uid, report.model_version, "answer", str(i), question]))))
     stack = np.stack([m[touched] for m in masks], axis=-1)  # (F, H, W, N) bool
     if int(stack.sum(axis=-1, dtype=np.uint8).max()) <= 1:  # no voxel in two masks
         pixel_array = (stack * np.arange(1, len(masks) + 1, dtype=np.uint8)).sum(

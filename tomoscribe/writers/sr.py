@@ -9,6 +9,8 @@ The document tree::
       CONTAINS CONTAINER (DCM 121070) Findings
         CONTAINS TEXT (DCM 121071) Finding = finding.text        (one per finding)
           HAS PROPERTIES CODE (SCT 363698007) Finding Site = organ code
+            HAS CONCEPT MOD CODE (SCT 272741003) Laterality   (a head structure whose
+                                                               code lacks the side)
           INFERRED FROM  IMAGE (DCM 121080) Best illustration of finding  (key slices)
           INFERRED FROM  NUM (SCT 81827009) Diameter [mm]         (if size_mm)
           INFERRED FROM  NUM (SCT 118565006) Volume [ml]          (if volume_ml)
@@ -45,7 +47,7 @@ from tomoscribe.errors import ReportError
 from tomoscribe.report import Finding, Report
 from tomoscribe.volume import Volume
 from tomoscribe.writers import identity
-from tomoscribe.writers.codes import structure_code
+from tomoscribe.writers.codes import structure_code, structure_laterality
 from tomoscribe.writers.common import (
     check_segments,
     check_slice_index,
@@ -136,13 +138,18 @@ def _finding_item(
     item = hd.sr.TextContentItem(
         name=codes.DCM.Finding, value=finding.text.strip(), relationship_type=Rel.CONTAINS
     )
-    children: list[hd.sr.ContentItem] = [
-        hd.sr.CodeContentItem(
-            name=FINDING_SITE,
-            value=structure_code(finding.structure),
-            relationship_type=Rel.HAS_PROPERTIES,
-        )
-    ]
+    site = hd.sr.CodeContentItem(
+        name=FINDING_SITE,
+        value=structure_code(finding.structure),
+        relationship_type=Rel.HAS_PROPERTIES,
+    )
+    laterality = structure_laterality(finding.structure)
+    if laterality is not None:  # "Cerebral hemisphere" needs its side: written as
+        # highdicom's FindingSite writes it in TID 1500 (HAS CONCEPT MOD Laterality)
+        site.ContentSequence = hd.sr.ContentSequence([hd.sr.CodeContentItem(
+            name=codes.SCT.Laterality, value=laterality,
+            relationship_type=Rel.HAS_CONCEPT_MOD)])
+    children: list[hd.sr.ContentItem] = [site]
     children += [
         _image_item(codes.DCM.BestIllustrationOfFinding, volume, int(k), Rel.INFERRED_FROM)
         for k in finding.key_slices
