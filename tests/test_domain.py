@@ -251,3 +251,33 @@ def test_a_joint_training_run_on_head_phantoms(tmp_path: Path) -> None:
     with pytest.raises(SystemExit):
         train_main(["--domain", "mr-head", "--init", str(DEFAULT_MODEL_DIR), "--stage",
                     "language", "--out", str(tmp_path / "x")])
+
+
+def test_the_cli_drafts_a_head_mr_study_with_a_head_model(tmp_path: Path) -> None:
+    """A head model folder reads a head MR series (and writes SR + SEG coded for the head);
+    it skips a chest-abdomen CT, as the chest-abdomen model skips the head."""
+    import pydicom
+
+    from tomoscribe.cli import main as cli_main
+    from tomoscribe.phantom import make_phantom, write_dicom_series
+    from tomoscribe.phantom_head import write_head_series
+
+    torch.manual_seed(0)
+    save_model(ScribeNet(HEAD_SMALL), tmp_path / "model", {"version": "0.0.1-head"})
+    ph = make_head_phantom(SPLITS["test"][3], plane="coronal", shape=(16, 64, 64),
+                           lesion_probability=1.0)
+    write_head_series(ph, tmp_path / "head")
+    out = tmp_path / "out"
+    assert cli_main(["run", "-i", str(tmp_path / "head"), "-o", str(out), "-m",
+                     str(tmp_path / "model"), "-q", "is there a lesion in the cerebellum ?"]) == 0
+    seg = next(out.glob("SEG_*.dcm"))
+    assert next(out.glob("SR_*.dcm")).is_file()
+    types = {str(s.SegmentedPropertyTypeCodeSequence[0].CodeValue)
+             for s in pydicom.dcmread(seg).SegmentSequence}
+    # an untrained model segments whatever it likes, but only as head structures
+    assert types <= {"69536005", "372073000", "113305005", "66720007", "4147007", "367643001",
+                     "52988006"}
+    write_dicom_series(make_phantom(9, shape=(8, 48, 48)), tmp_path / "ct")
+    assert cli_main(["run", "-i", str(tmp_path / "ct"), "-o", str(tmp_path / "out2"), "-m",
+                     str(tmp_path / "model")]) == 3
+    assert not (tmp_path / "out2").exists() or not any((tmp_path / "out2").iterdir())
