@@ -199,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
             found = {f.structure for f in rep.findings}
             rows[name].add(found, truth)
             text[name].add(rep.text, ref, items, [a.answer for a in rep.answers], golds)
-            for pf in parse_findings(rep.text, HEAD_MR):
+            # the report's text is sentence-cased prose: back to the grammar's words
+            for pf in parse_findings(" ".join(WordTokenizer.words(rep.text)), HEAD_MR):
                 if pf.organ in truth:
                     text[name].kind_n += 1
                     want = {k for s, k in lesions if s == pf.organ}
