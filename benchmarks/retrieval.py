@@ -2,7 +2,8 @@
 
     .venv/bin/python benchmarks/retrieval.py [--n 200] [--model-dir DIR] [--json PATH]
 
-Each of ``--n`` phantoms of the ``test`` seed range is encoded; its image
+Each of ``--n`` phantoms of the ``test`` seed range (of the model's domain:
+chest-abdomen CT, or head MR for a head model) is encoded; its image
 embedding ranks the *distinct* ground-truth report texts of those studies
 (phantom reports come from a small grammar: every normal study reads the
 same, so duplicates are merged). Recall@k: the share of studies whose own
@@ -25,7 +26,9 @@ import torch
 
 from tomoscribe.model.scribe import Scribe
 from tomoscribe.model.siglip import recall_at
-from tomoscribe.phantom import SPLITS, make_phantom, render_acquisition, report_text
+from tomoscribe.model.text import findings_to_text
+from tomoscribe.phantom import SPLITS
+from tomoscribe.train import render_study, study_lesions
 from tomoscribe.volume import SliceRef, Volume
 
 KS = (1, 5)
@@ -42,14 +45,16 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     scribe = Scribe.load(args.model_dir)
+    domain = scribe.domain
+    # CT Image Storage, or MR Image Storage for an MR domain
+    storage = "1.2.840.10008.5.1.4.1.1." + ("4" if domain.intensity == "mr" else "2")
     images, texts = [], []
     for i, seed in enumerate(SPLITS[args.split][: args.n]):
-        ph = make_phantom(seed)
-        hu, _labels, aff = render_acquisition(ph)
-        vol = Volume(hu, aff, [SliceRef(f"2.25.{seed}.{k}", "1.2.840.10008.5.1.4.1.1.2")
-                               for k in range(hu.shape[0])])
+        values, _labels, aff, lesions = render_study(seed, domain)
+        vol = Volume(values, aff, [SliceRef(f"2.25.{seed}.{k}", storage)
+                                   for k in range(values.shape[0])])
         images.append(scribe.image_embedding(scribe.encode(vol)))
-        texts.append(report_text(ph))
+        texts.append(findings_to_text(lesions, domain))
         if (i + 1) % 50 == 0:
             print(f"  {i + 1}/{args.n} studies", file=sys.stderr, flush=True)
     gallery = sorted(set(texts))
@@ -58,11 +63,13 @@ def main(argv: list[str] | None = None) -> int:
     text = torch.from_numpy(np.stack([scribe.report_embedding(t) for t in gallery]))
     model = recall_at(image, text, truth, KS)
     # image-blind: the texts ranked by their frequency over 2,000 training phantoms
-    freq = Counter(report_text(make_phantom(s)) for s in SPLITS["train"][:2000])
+    freq = Counter(findings_to_text(study_lesions(s, domain), domain)
+                   for s in SPLITS["train"][:2000])
     rank = sorted(range(len(gallery)), key=lambda j: -freq.get(gallery[j], 0))
     blind = {k: float(np.mean([gallery.index(t) in rank[:k] for t in texts])) for k in KS}
     result = {
-        "model": scribe.name, "version": scribe.version, "split": args.split,
+        "model": scribe.name, "version": scribe.version, "domain": domain.name,
+        "split": args.split,
         "studies": len(texts), "distinct_reports": len(gallery),
         "recall": {"model": model, "frequency baseline": blind},
         "seconds": time.perf_counter() - t0,

@@ -76,3 +76,24 @@ def test_head_benchmark_scores_a_head_model_and_refuses_another(tmp_path: Path) 
                           str(ROOT / "tomoscribe" / "weights"), "--n", "1"],
                          capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert res.returncode == 2 and "not MR of the head" in res.stderr
+
+
+def test_retrieval_benchmark_reads_the_models_domain(tmp_path: Path) -> None:
+    import torch
+
+    from tomoscribe.model.network import NetConfig, ScribeNet
+    from tomoscribe.train import save_model
+
+    cfg = NetConfig.for_domain("mr-head")
+    cfg.model_shape, cfg.channels, cfg.align_dim = (16, 32, 32), (8, 8, 16, 16), 16
+    torch.manual_seed(0)
+    save_model(ScribeNet(cfg), tmp_path / "head", {"version": "0.0.0-test"})
+    out = tmp_path / "retrieval.json"
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "retrieval.py"), "--n", "3",
+                          "--model-dir", str(tmp_path / "head"), "--json", str(out)],
+                         capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert data["domain"] == "mr-head" and data["studies"] == 3
+    assert data["distinct_reports"] >= 1
+    assert set(data["recall"]) == {"model", "frequency baseline"}

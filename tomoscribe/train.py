@@ -79,6 +79,13 @@ def render_study(seed: int, domain: str | Domain = CHEST_ABDOMEN_CT
     return hu, labels, aff, [(les.organ, les.kind) for les in ph.lesions]
 
 
+def study_lesions(seed: int, domain: str | Domain = CHEST_ABDOMEN_CT) -> list[tuple[str, str]]:
+    """The ``(site, kind)`` of every lesion of phantom ``seed`` of ``domain`` (nothing rendered)."""
+    if get_domain(domain) is HEAD_MR:
+        return [(les.site, les.kind) for les in make_head_phantom(seed, modality="MR").lesions]
+    return [(les.organ, les.kind) for les in make_phantom(seed).lesions]
+
+
 def make_sample(seed: int, model_shape: tuple[int, int, int],
                 domain: str | Domain = CHEST_ABDOMEN_CT) -> dict[str, object]:
     """Render phantom ``seed`` of ``domain`` and preprocess it like an inference input.
