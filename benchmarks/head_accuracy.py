@@ -45,19 +45,21 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy import ndimage
 
 from tomoscribe.domain import HEAD_MR
 from tomoscribe.model.scribe import Scribe
-from tomoscribe.model.text import WordTokenizer, answer_for, parse_findings
+from tomoscribe.model.text import WordTokenizer, answer_for, findings_to_text, parse_findings
 from tomoscribe.phantom import SPLITS
 from tomoscribe.phantom_head import (
     LESION_LABEL,
     STRUCTURE_LABELS,
-    HeadLesion,
+    HeadPhantom,
     head_report_text,
     make_head_phantom,
     render_head_acquisition,
 )
+from tomoscribe.train import study_lesions
 from tomoscribe.volume import SliceRef, Volume
 
 try:  # run as a script (benchmarks/ on sys.path) or as benchmarks.head_accuracy
@@ -96,14 +98,13 @@ def gold_answer(template: str, site: str, kind: str, lesions: list[tuple[str, st
     return answer_for(template, site, counts, HEAD_MR, kind or None, Counter(lesions))
 
 
-def study(seed: int) -> tuple[Volume, np.ndarray, np.ndarray, list[tuple[str, str]], str,
-                              list[HeadLesion]]:
-    """A head MR test study: volume, labels, affine, lesions, weighting, the phantom's lesions."""
+def study(seed: int) -> tuple[HeadPhantom, Volume, np.ndarray, np.ndarray]:
+    """A head MR test study: the phantom, its volume (as stored), labels and affine."""
     ph = make_head_phantom(seed, modality="MR")
     values, labels, aff = render_head_acquisition(ph)
     vol = Volume(values * np.float32(ph.scale), aff,
                  [SliceRef(f"2.25.{seed}.{k}", MR_STORAGE) for k in range(values.shape[0])])
-    return vol, labels, aff, [(les.site, les.kind) for les in ph.lesions], ph.sequence, ph.lesions
+    return ph, vol, labels, aff
 
 
 def majority(items: list[tuple[str, str, str, str]], n: int = 1200
@@ -112,9 +113,8 @@ def majority(items: list[tuple[str, str, str, str]], n: int = 1200
     answers: list[Counter[str]] = [Counter() for _ in items]
     reports: Counter[str] = Counter()
     for seed in SPLITS["train"][:n]:
-        ph = make_head_phantom(seed, modality="MR")
-        lesions = [(les.site, les.kind) for les in ph.lesions]
-        reports[head_report_text(ph)] += 1
+        lesions = study_lesions(seed, HEAD_MR)
+        reports[findings_to_text(lesions, HEAD_MR)] += 1
         for i, (t, s, k, _q) in enumerate(items):
             answers[i][gold_answer(t, s, k, lesions)] += 1
     return [c.most_common(1)[0][0] for c in answers], reports.most_common(1)[0][0]
@@ -167,7 +167,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
     wall0 = time.perf_counter()
-    torch.set_num_threads(2)
 
     scribe = Scribe.load(args.model_dir)
     if scribe.domain is not HEAD_MR:
@@ -186,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     seconds: list[float] = []
     seeds = list(SPLITS[args.split][: args.n])
     for i, seed in enumerate(seeds):
-        vol, labels, aff, lesions, sequence, ph_lesions = study(seed)
+        ph, vol, labels, aff = study(seed)
+        lesions = [(les.site, les.kind) for les in ph.lesions]
         truth = {s for s, _k in lesions}
         golds = [gold_answer(t, s, k, lesions) for t, s, k, _q in items]
         t0 = time.perf_counter()
@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         report = scribe.generate(enc, asked)
         seconds.append(time.perf_counter() - t0)
         blind = scribe.generate(enc, asked, blind=True)
-        ref = head_report_text(make_head_phantom(seed, modality="MR"))
+        ref = head_report_text(ph)
         for name, rep in (("model", report), ("image-blind", blind)):
             found = {f.structure for f in rep.findings}
             rows[name].add(found, truth)
@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
                     text[name].kind_n += 1
                     want = {k for s, k in lesions if s == pf.organ}
                     text[name].kind_right += int(set(pf.kinds) == want)
-        by_sequence.setdefault(sequence, Tally()).add({f.structure for f in report.findings},
+        by_sequence.setdefault(ph.sequence, Tally()).add({f.structure for f in report.findings},
                                                        truth)
         rows["majority"].add({f.organ for f in parse_findings(majority_text, HEAD_MR)}, truth)
         text["majority"].add(majority_text, ref, items, majority_answers, golds)
@@ -214,13 +214,11 @@ def main(argv: list[str] | None = None) -> int:
             if (labels == lab).any():
                 dice[s].append(_dice(report.label_map == lab, labels == lab))
         # lesions, segmentation alone: the head's lesion class on the source grid
-        from scipy import ndimage
-
         grid = enc.extra["grid"]
         seg = grid.to_source_labels(enc.seg_logits.argmax(dim=1)[0].to(torch.uint8).numpy())
         seg_les = seg == scribe.cfg.lesion_class
         comps, _n = ndimage.label(labels == LESION_LABEL)
-        for les in ph_lesions:
+        for les in ph.lesions:
             centre = np.linalg.solve(aff, np.array([*les.centre, 1.0]))[:3]
             k, r, c = (int(np.clip(round(v), 0, n - 1)) for v, n in zip(centre, labels.shape,
                                                                         strict=True))

@@ -23,7 +23,7 @@ on: a model folder without ``net.domain`` is read as that domain.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 __all__ = ["CHEST_ABDOMEN_CT", "DOMAINS", "HEAD_MR", "Domain", "get_domain"]
 
@@ -57,7 +57,6 @@ class Domain:
     short: dict[str, str]
     short_plural: dict[str, str]
     intensity: str
-    modalities: tuple[str, ...] = field(default=("CT",))
 
     def __post_init__(self) -> None:
         if self.intensity not in ("ct", "mr"):
@@ -84,7 +83,7 @@ class Domain:
     @property
     def num_classes(self) -> int:
         """Segmentation classes: background, the structures, lesion."""
-        return len(self.structures) + 2
+        return self.lesion_label + 1
 
     def single_kind(self, site: str) -> str | None:
         """The one kind of lesion ``site`` can hold, or ``None`` where it can hold several."""
@@ -107,7 +106,6 @@ CHEST_ABDOMEN_CT = Domain(
     short={"hypodense lesion": "lesion", "nodule": "nodule", "cyst": "cyst"},
     short_plural={"hypodense lesion": "lesions", "nodule": "nodules", "cyst": "cysts"},
     intensity="ct",
-    modalities=("CT",),
 )
 
 #: MR of the head (the phantoms of :mod:`tomoscribe.phantom_head`): no model is
@@ -124,7 +122,6 @@ HEAD_MR = Domain(
     short={"mass": "mass", "cyst": "cyst"},
     short_plural={"mass": "masses", "cyst": "cysts"},
     intensity="mr",
-    modalities=("MR",),
 )
 
 DOMAINS: dict[str, Domain] = {d.name: d for d in (CHEST_ABDOMEN_CT, HEAD_MR)}

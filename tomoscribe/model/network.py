@@ -121,9 +121,8 @@ class NetConfig:
         """The default configuration for ``domain``: its classes (background,
         structures, lesion) and its vocabulary."""
         dom = get_domain(domain)
-        n = len(dom.structures)
         return cls(domain=dom.name, num_classes=dom.num_classes,
-                   organ_classes=tuple(range(1, n + 1)), lesion_class=n + 1,
+                   organ_classes=tuple(range(1, dom.lesion_label)), lesion_class=dom.lesion_label,
                    vocab=vocabulary(dom))
 
     @property

@@ -173,11 +173,10 @@ def mr_levels(voxels: np.ndarray) -> tuple[float, float, float, float]:
     sample = np.asarray(voxels[::2, ::2, ::2], dtype=np.float32)
     if sample.size == 0:
         return 0.0, 1.0, 0.0, 1.0
-    sample_all = sample.ravel()
     threshold = MR_BODY_FRACTION * float(np.percentile(sample, 99.0))
     body = sample[ndimage.uniform_filter(sample, 3) > threshold]
     if body.size < 16:
-        body = sample_all
+        body = sample.ravel()
     bright, low, high = (float(v) for v in np.percentile(body, (99.0, 5.0, 95.0)))
     bright = max(bright, 1e-6)
     high = max(high, low + 1e-6)

@@ -452,10 +452,11 @@ class Scribe:
                 for _c, m in masks:
                     union |= m
                 label_map[union] = seg_label
+                # a finding naming two kinds (a mass and a cyst) has one segment
+                # of "lesions", coded as a lesion of no stated kind
                 one_kind = pf.kinds[0] if len(pf.kinds) == 1 else None
-                segments.append(Segment(seg_label, f"{pf.organ} {one_kind or pf.kind}"
-                                        if len(pf.kinds) <= 1 else f"{pf.organ} lesions",
-                                        pf.organ, "lesion", one_kind))
+                name = f"{pf.organ} {pf.kind}" if len(pf.kinds) <= 1 else f"{pf.organ} lesions"
+                segments.append(Segment(seg_label, name, pf.organ, "lesion", one_kind))
                 key = _key_slices(union)
                 size_mm = _longest_diameter(masks[0][1], key[0], volume.spacing)
                 volume_ml = round(float(union.sum()) * voxel_ml, 2)

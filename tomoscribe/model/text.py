@@ -44,10 +44,6 @@ REPORT, QUESTION, ANSWER = "<report>", "<question>", "<answer>"
 SPECIAL = (PAD, BOS, EOS, UNK, REPORT, QUESTION, ANSWER)
 
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five")
-#: the chest-abdomen kinds' words (every domain's are in :class:`~tomoscribe.domain.Domain`)
-PLURAL = CHEST_ABDOMEN_CT.plural
-SHORT = CHEST_ABDOMEN_CT.short
-SHORT_PLURAL = CHEST_ABDOMEN_CT.short_plural
 
 _BASE_WORDS = (
     ". , : ? no focal abnormality impression normal study yes "

@@ -38,7 +38,7 @@ from pydicom.sr.coding import Code
 
 from tomoscribe.domain import DOMAINS
 from tomoscribe.errors import ReportError
-from tomoscribe.report import LESION_KINDS, Segment, named_organ
+from tomoscribe.report import Segment, named_organ
 
 #: Segmentation property categories (CID 7150).
 ANATOMICAL_STRUCTURE: Code = codes.SCT.AnatomicalStructure  # 91723000
@@ -103,7 +103,6 @@ assert all(set(d.lesion_kinds) <= set(LESION_CODES) for d in DOMAINS.values()), 
 assert all(SITE_KINDS[site] == kinds for d in DOMAINS.values()
            for site, kinds in d.kinds.items()), "a site holds the same kinds in every domain"
 assert set(STRUCTURE_LATERALITY) <= set(STRUCTURE_CODES)
-assert set(LESION_KINDS.values()) <= set(LESION_CODES), "every lesion kind needs a code"
 
 
 @dataclass(frozen=True)
@@ -171,9 +170,9 @@ def lesion_code(structure: str, kind: str | None = None) -> Code:
             raise ReportError(f"the {structure} holds no lesion of kind {kind!r}; expected "
                               f"one of {', '.join(site_kinds)}")
         return LESION_CODES[kind]
-    if site_kinds is not None and len(site_kinds) > 1:
-        return GENERIC_LESION
-    return LESION_CODES[LESION_KINDS.get(structure, DEFAULT_LESION_KIND)]
+    if site_kinds is None:
+        return LESION_CODES[DEFAULT_LESION_KIND]
+    return LESION_CODES[site_kinds[0]] if len(site_kinds) == 1 else GENERIC_LESION
 
 
 def named_structure(text: str) -> str | None:
