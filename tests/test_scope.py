@@ -15,6 +15,7 @@ from tomoscribe.scope import (
     CHEST_ABDOMEN_CT,
     DEFAULT_MODEL_DIR,
     DEFINED_BODY_PARTS,
+    HEAD_MR,
     ModelScope,
     normalize_body_part,
     read_scope,
@@ -185,6 +186,8 @@ def test_small_structures_are_not_judged_and_nothing_found_is_refused() -> None:
         ({"median": {"liver": [250, -20]}}, "'scope.anatomy.median.liver' must be"),
         ({"median": {"liver": ["a", 1]}}, "'scope.anatomy.median.liver' must be"),
         ({"min_ml": -1, "median": {}}, "'scope.anatomy.min_ml'"),
+        ({"volume_ml": [1]}, "'scope.anatomy' must be a mapping with 'median' and 'volume_ml'"),
+        ({"volume_ml": {"cerebellum": [300, 15]}}, "'scope.anatomy.volume_ml.cerebellum' must"),
     ],
 )
 def test_malformed_anatomy(anatomy: object, message: str) -> None:
@@ -215,3 +218,36 @@ def test_the_shipped_model_refuses_a_head_ct_without_body_part(tmp_path: Path) -
             verdicts[name] = str(err)
     assert verdicts["chest"] == "read"
     assert verdicts["head"].startswith("the image does not look like CT of the chest and abdomen")
+
+
+#: what the head model segmented on head MR test phantom 2000000 (ml, median signal)
+HEAD_FOUND = {"right cerebral hemisphere": (454.0, 310.0),
+              "left cerebral hemisphere": (449.0, 300.0),
+              "cerebellum": (79.0, 280.0), "lateral ventricles": (18.0, 900.0)}
+
+
+def test_a_head_mr_scope_checks_sizes_not_values() -> None:
+    assert HEAD_MR.anatomy_refusal(HEAD_FOUND) is None
+    # the head model on a torso (test chest-abdomen phantom 2000000 scaled as an MR)
+    torso = {"right cerebral hemisphere": (3216.0, 900.0),
+             "left cerebral hemisphere": (5314.0, 800.0),
+             "cerebellum": (28.0, 500.0), "lateral ventricles": (17.0, 100.0)}
+    why = HEAD_MR.anatomy_refusal(torso)
+    assert why == ("the image does not look like MR of the head: what the model took for the "
+                   "right cerebral hemisphere is 3216 ml, not 100 to 1100 ml")
+    # a slab that misses the posterior fossa: what is not found is not judged
+    slab = {k: v for k, v in HEAD_FOUND.items() if k != "cerebellum"}
+    assert HEAD_MR.anatomy_refusal(slab) is None
+    assert HEAD_MR.anatomy_refusal({**HEAD_FOUND, "cerebellum": (400.0, 1.0)}) is not None
+    why = HEAD_MR.anatomy_refusal({"lateral ventricles": (30.0, 1.0)})
+    assert why is not None and "found none of right cerebral hemisphere, left cerebral" in why
+
+
+def test_volume_ranges_round_trip_through_config() -> None:
+    conf = HEAD_MR.to_dict()
+    assert conf["anatomy"] == {"min_ml": 20.0, "volume_ml": {
+        "right cerebral hemisphere": [100.0, 1100.0], "left cerebral hemisphere": [100.0, 1100.0],
+        "cerebellum": [15.0, 300.0]}}
+    assert ModelScope.from_dict(json.loads(json.dumps(conf))) == HEAD_MR
+    assert "volume_ml" not in CHEST_ABDOMEN_CT.to_dict()["anatomy"]
+    assert ModelScope.from_dict(CHEST_ABDOMEN_CT.to_dict()) == CHEST_ABDOMEN_CT

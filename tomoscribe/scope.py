@@ -34,12 +34,23 @@ segmentation once it has run::
                 "median": {"right lung": [-980, -400], "liver": [-20, 250], ...}}
 
 At least one listed structure must be found (``min_ml`` or more), and each
-one found must have a median value in its range. The ranges are physics, not
+one found must have a median value in its range (``median``) and a volume
+in its range (``volume_ml``). The ranges are physics, not
 fitted to phantoms: an aerated lung is between air (-1000 HU) and water, a
 liver, spleen or kidney is soft tissue. Run on a head CT, the chest-abdomen
 model labels the air around the head "lung" (median -1000 HU) and fat or
 bone "liver" or "spleen"; the check turns that into a refusal
 (:meth:`ModelScope.anatomy_refusal`) instead of a report.
+
+MR values have no unit, so an MR scope checks sizes instead::
+
+    "anatomy": {"min_ml": 20,
+                "volume_ml": {"right cerebral hemisphere": [100, 1100], ...}}
+
+An adult cerebral hemisphere holds about 450-650 ml, a newborn's about 200;
+the cerebellum 120-170 ml in an adult, about 30 ml at birth. Run on a torso,
+the head model calls 2.6 to 8.2 litres "cerebral hemisphere" (six test
+phantoms, values shifted and scaled as an MR's): refused.
 
 This module is light (standard library only): the Orthanc plugin imports it.
 """
@@ -90,8 +101,9 @@ class ModelScope:
         modalities: Modality values, upper case; empty: any.
         body_parts: Body Part Examined values it reads, normalised; empty: any.
         anatomy: ``(structure, low, high)``: the range of the median value of
-            each structure the model segments, where it finds one; empty: no
-            image check.
+            each structure the model segments, where it finds one.
+        volumes: ``(structure, low ml, high ml)``: the range of the volume of
+            each structure, where it finds one. Both empty: no image check.
         min_ml: structures smaller than this (ml) are not checked.
     """
 
@@ -99,6 +111,7 @@ class ModelScope:
     modalities: tuple[str, ...] = ()
     body_parts: tuple[str, ...] = ()
     anatomy: tuple[tuple[str, float, float], ...] = ()
+    volumes: tuple[tuple[str, float, float], ...] = ()
     min_ml: float = 20.0
 
     @property
@@ -125,14 +138,21 @@ class ModelScope:
             return tuple(v for v in value if v.strip())
 
         anatomy = data.get("anatomy") or {}
-        if not isinstance(anatomy, Mapping) or not isinstance(anatomy.get("median", {}), Mapping):
-            raise ValueError("'scope.anatomy' must be a mapping with a 'median' mapping")
-        ranges = []
-        for name, bounds in (anatomy.get("median") or {}).items():
-            numbers = isinstance(bounds, list) and all(isinstance(b, int | float) for b in bounds)
-            if not numbers or len(bounds) != 2 or bounds[0] > bounds[1]:
-                raise ValueError(f"'scope.anatomy.median.{name}' must be [low, high]")
-            ranges.append((str(name), float(bounds[0]), float(bounds[1])))
+        if not isinstance(anatomy, Mapping) or not all(
+                isinstance(anatomy.get(k, {}), Mapping) for k in ("median", "volume_ml")):
+            raise ValueError("'scope.anatomy' must be a mapping with 'median' and 'volume_ml' "
+                             "mappings")
+
+        def ranges(key: str) -> tuple[tuple[str, float, float], ...]:
+            out = []
+            for name, bounds in (anatomy.get(key) or {}).items():
+                numbers = isinstance(bounds, list) and all(
+                    isinstance(b, int | float) for b in bounds)
+                if not numbers or len(bounds) != 2 or bounds[0] > bounds[1]:
+                    raise ValueError(f"'scope.anatomy.{key}.{name}' must be [low, high]")
+                out.append((str(name), float(bounds[0]), float(bounds[1])))
+            return tuple(out)
+
         min_ml = anatomy.get("min_ml", 20.0)
         if not isinstance(min_ml, int | float) or min_ml < 0:
             raise ValueError("'scope.anatomy.min_ml' must be a number >= 0")
@@ -140,7 +160,8 @@ class ModelScope:
             description=str(data.get("description", "") or ""),
             modalities=tuple(m.strip().upper() for m in words("modalities")),
             body_parts=tuple(normalize_body_part(b) for b in words("body_parts")),
-            anatomy=tuple(ranges),
+            anatomy=ranges("median"),
+            volumes=ranges("volume_ml"),
             min_ml=float(min_ml),
         )
 
@@ -151,9 +172,12 @@ class ModelScope:
             "modalities": list(self.modalities),
             "body_parts": list(self.body_parts),
         }
-        if self.anatomy:
-            out["anatomy"] = {"min_ml": self.min_ml,
-                              "median": {n: [lo, hi] for n, lo, hi in self.anatomy}}
+        if self.anatomy or self.volumes:
+            out["anatomy"] = {"min_ml": self.min_ml}
+            if self.anatomy:
+                out["anatomy"]["median"] = {n: [lo, hi] for n, lo, hi in self.anatomy}
+            if self.volumes:
+                out["anatomy"]["volume_ml"] = {n: [lo, hi] for n, lo, hi in self.volumes}
         return out
 
     def what(self) -> str:
@@ -182,14 +206,18 @@ class ModelScope:
             found: structure -> ``(volume in ml, median voxel value)`` of each
                 structure the model segmented.
         """
-        if not self.anatomy:
+        if not (self.anatomy or self.volumes):
             return None
         unit = " HU" if self.modalities == ("CT",) else ""
         present = {name: v for name, v in found.items() if v[0] >= self.min_ml}
-        names = [name for name, _lo, _hi in self.anatomy]
+        names = list(dict.fromkeys(name for name, _lo, _hi in (*self.anatomy, *self.volumes)))
         if not any(name in present for name in names):
             return (f"the image does not look like {self.what()}: the model found none of "
                     f"{', '.join(names)}")
+        for name, lo, hi in self.volumes:
+            if name in present and not lo <= present[name][0] <= hi:
+                return (f"the image does not look like {self.what()}: what the model took "
+                        f"for the {name} is {present[name][0]:.0f} ml, not {lo:g} to {hi:g} ml")
         for name, lo, hi in self.anatomy:
             if name in present:
                 ml, median = present[name]
@@ -255,13 +283,19 @@ CHEST_ABDOMEN_CT = ModelScope(
     ),
 )
 
-#: a head model's scope: MR of the head. No image check yet: MR values have no
-#: unit, so the physical ranges of :data:`CHEST_ABDOMEN_CT` have no MR
-#: counterpart (the headers decide)
+#: a head model's scope: MR of the head. MR values have no unit, so the image
+#: check is on sizes: a cerebral hemisphere from a newborn's (about 200 ml) to
+#: a large adult's (about 950), a cerebellum from about 30 to 170 ml, each
+#: with room to spare (a segmentation is not exact)
 HEAD_MR = ModelScope(
     description="MR of the head",
     modalities=("MR",),
     body_parts=("HEAD", "BRAIN", "SKULL", "CEREBELLUM", "HEADNECK"),
+    volumes=(
+        ("right cerebral hemisphere", 100.0, 1100.0),
+        ("left cerebral hemisphere", 100.0, 1100.0),
+        ("cerebellum", 15.0, 300.0),
+    ),
 )
 
 #: the scope training writes for each domain (:mod:`tomoscribe.domain`, by name)
