@@ -29,7 +29,9 @@ Scored:
 * report text: BLEU-4 and ROUGE-L against the ground-truth report;
 * Dice of each structure on the source grid (the report's label map), and of
   the lesions by size band, with the share of lesions the segmentation
-  touches at all (detection);
+  touches at all (detection), from the segmentation alone (the refiner's
+  labels where the model has a refiner, the head's otherwise), before the
+  report decides which lesions to keep;
 * findings F1 per MR weighting; CPU seconds per study (median) and peak memory.
 """
 
@@ -213,9 +215,11 @@ def main(argv: list[str] | None = None) -> int:
             lab = STRUCTURE_LABELS[s]
             if (labels == lab).any():
                 dice[s].append(_dice(report.label_map == lab, labels == lab))
-        # lesions, segmentation alone: the head's lesion class on the source grid
-        grid = enc.extra["grid"]
-        seg = grid.to_source_labels(enc.seg_logits.argmax(dim=1)[0].to(torch.uint8).numpy())
+        # lesions, segmentation alone: the refiner's labels, or the head's on the source grid
+        seg = enc.extra.get("refined")
+        if seg is None:  # a model without a refiner
+            seg = enc.extra["grid"].to_source_labels(
+                enc.seg_logits.argmax(dim=1)[0].to(torch.uint8).numpy())
         seg_les = seg == scribe.cfg.lesion_class
         comps, _n = ndimage.label(labels == LESION_LABEL)
         for les in ph.lesions:

@@ -16,8 +16,10 @@ from tomoscribe.model.refine import (
     LESION,
     MIN_LESION_ML,
     ORGAN,
+    OTHER,
     OrganRefiner,
     box_input,
+    box_labels,
     box_shape,
     canonical_spacing,
     coarse_in_box,
@@ -29,9 +31,9 @@ from tomoscribe.model.refine import (
 )
 from tomoscribe.model.scribe import DEFAULT_MODEL_DIR, Scribe, _lesion_components
 from tomoscribe.phantom import make_phantom, render_acquisition
-from tomoscribe.train import local_version, save_model
+from tomoscribe.train import local_version, render_study, save_model
 from tomoscribe.train import main as train_main
-from tomoscribe.train_refine import boxes_of, main, patch
+from tomoscribe.train_refine import box_target, boxes_of, main, patch
 from tomoscribe.volume import SliceRef, Volume
 
 SMALL = NetConfig(model_shape=(16, 32, 32), channels=(8, 16, 24, 32), depths=(1, 1, 1, 1),
@@ -400,3 +402,79 @@ def test_flipped_passes_are_flipped_back_and_averaged() -> None:
             p = box_softmax(net, x, n)
             assert p.shape == (3, 9, 13, 11)
             assert torch.allclose(p.sum(dim=0), torch.ones(9, 13, 11), atol=1e-5)
+
+
+# ------------------------------------------------- sources finer than the floor (head MR)
+def _ball(shape: tuple[int, int, int], centre: tuple[float, ...], radius: tuple[float, ...]
+          ) -> np.ndarray:
+    grids = np.meshgrid(*[np.arange(n) + 0.5 for n in shape], indexing="ij")
+    return sum(((g - c) / r) ** 2 for g, c, r in zip(grids, centre, radius, strict=True)) <= 1.0
+
+
+def test_box_labels_draw_a_fine_sources_edge_between_refinement_voxels() -> None:
+    # a 10 mm lesion in 0.9 mm pixels and 4 mm slices, refined at 2.5 mm in-plane
+    fine = _ball((10, 44, 44), (5.0, 22.3, 21.7), (1.25, 5.55, 5.55))
+    y = np.where(fine, LESION, ORGAN).astype(np.uint8)
+    coarse_shape = (10, 16, 16)
+    onehot = torch.nn.functional.one_hot(torch.from_numpy(y.astype(np.int64)), 3)
+    prob = torch.nn.functional.adaptive_avg_pool3d(
+        onehot.permute(3, 0, 1, 2)[None].float(), coarse_shape)[0]
+    box = ((3, 5, 7), (13, 49, 51))
+    got = box_labels(prob, box) == LESION
+    assert got.shape == fine.shape
+    nearest_idx = [np.minimum((np.arange(n) * c) // n, c - 1)
+                   for n, c in zip(fine.shape, coarse_shape, strict=True)]
+    nearest = prob.argmax(0).numpy()[np.ix_(*nearest_idx)] == LESION
+    assert _dice(got, fine) > 0.9
+    assert _dice(got, fine) > _dice(nearest, fine) + 0.03
+    # where the box grid is the source: the argmax itself, in chunks or not
+    same = torch.rand(3, 7, 9, 11)
+    box2 = ((0, 0, 0), (7, 9, 11))
+    assert np.array_equal(box_labels(same, box2), same.argmax(0).numpy())
+
+
+def test_box_labels_chunks_give_the_whole_volume_result(monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(1)
+    prob = torch.rand(3, 5, 6, 7).softmax(0)
+    box = ((0, 0, 0), (13, 17, 19))
+    whole = box_labels(prob, box)
+    monkeypatch.setattr("tomoscribe.model.refine.CHUNK_VOXELS", 17 * 19 * 2)
+    assert np.array_equal(box_labels(prob, box), whole)
+
+
+def test_box_target_takes_the_class_covering_most_of_each_voxel() -> None:
+    y = np.zeros((2, 6, 6), dtype=np.uint8)
+    y[:, :4, :4] = ORGAN  # refinement voxel (0, 0) is all organ, (0, 1) 3/9 organ
+    y[:, 3:6, 3:6] = LESION  # (1, 1) is all lesion
+    got = box_target(y, (2, 2, 2))
+    assert got.dtype == np.uint8 and got.shape == (2, 2, 2)
+    assert (got[:, 0, 0] == ORGAN).all() and (got[:, 1, 1] == LESION).all()
+    assert (got[:, 0, 1] == OTHER).all()
+    assert box_target(y, y.shape) is y
+
+
+HEAD_SMALL = NetConfig.for_domain("mr-head")
+HEAD_SMALL.model_shape, HEAD_SMALL.channels = (16, 32, 32), (8, 8, 16, 16)
+
+
+def test_head_boxes_are_read_at_the_studys_own_mr_levels() -> None:
+    torch.manual_seed(0)
+    net = ScribeNet(HEAD_SMALL).eval()
+    values, labels, aff, _lesions = render_study(6, "mr-head")
+    boxes = boxes_of(net, 6)
+    for b in boxes:  # 0.9 mm pixels: the target is on the refinement grid too
+        assert b["x"].shape[1:] == b["y"].shape  # type: ignore[union-attr]
+    sp = canonical_spacing(np.linalg.norm(aff[:3, :3], axis=0), prepare(values, aff, (16, 32, 32),
+                                                                        "mr")[1])
+    inputs = []
+    for scale in (1.0, 7.5):  # an MR's values have no unit: the input must not depend on it
+        _x, grid = prepare(values * np.float32(scale), aff, HEAD_SMALL.model_shape, "mr")
+        assert grid.windows != prepare(values, aff, HEAD_SMALL.model_shape)[1].windows
+        prob = torch.rand(1, 7, *HEAD_SMALL.model_shape, generator=torch.Generator().manual_seed(3))
+        box = organ_box(to_canonical(labels, grid) == 2, sp)
+        assert box is not None
+        inputs.append(box_input(to_canonical(values * np.float32(scale), grid), prob, grid, box,
+                                sp, 2, 6))
+    assert inputs[0].shape[2:] == box_shape(box, sp)
+    assert torch.allclose(inputs[0], inputs[1], atol=1e-5)
+    assert 0.1 < float(inputs[0][:, :2].mean()) < 0.9  # scaled into range, not saturated

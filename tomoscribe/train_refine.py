@@ -1,7 +1,8 @@
 """Train the organ-box refiner: ``python -m tomoscribe.train_refine --init MODEL``.
 
 The cascade's second stage (:mod:`tomoscribe.model.refine`) learns from the
-first stage as it is: every training phantom is rendered on its acquisition
+first stage as it is: every training phantom (of the model's domain,
+``net.domain``: chest-abdomen CT or head MR) is rendered on its acquisition
 grid, passed through the frozen model of ``--init`` exactly as at inference,
 and each organ box the coarse segmentation gives becomes one sample (input
 ``(4, d, h, w)``, target other / organ / lesion on the source voxels). The
@@ -49,6 +50,7 @@ from tomoscribe.model.refine import (
     ORGAN,
     OTHER,
     box_input,
+    box_shape,
     canonical_spacing,
     organ_box,
     refine,
@@ -56,8 +58,14 @@ from tomoscribe.model.refine import (
     to_canonical,
 )
 from tomoscribe.model.scribe import Scribe
-from tomoscribe.phantom import SPLITS, make_phantom, render_acquisition
-from tomoscribe.train import VERSION_HELP, load_overlapping, save_model, warmup_cosine
+from tomoscribe.phantom import SPLITS
+from tomoscribe.train import (
+    VERSION_HELP,
+    load_overlapping,
+    render_study,
+    save_model,
+    warmup_cosine,
+)
 
 #: the training seeds start here, away from the first stage's 1,200
 FIRST_SEED = 500_000
@@ -74,11 +82,15 @@ def load_net(folder: Path) -> ScribeNet:
 
 @torch.no_grad()
 def boxes_of(net: ScribeNet, seed: int) -> list[Box]:
-    """The refiner's training samples of phantom ``seed``: one per coarse organ box."""
+    """The refiner's training samples of phantom ``seed``: one per coarse organ box.
+
+    The phantom is of the model's domain (``cfg.domain``): chest-abdomen CT or
+    head MR, preprocessed with that domain's intensity.
+    """
     cfg = net.cfg
-    ph = make_phantom(seed)
-    hu, labels, aff = render_acquisition(ph)
-    x, grid = prepare(hu, aff, cfg.model_shape)
+    dom = cfg.the_domain
+    hu, labels, aff, _lesions = render_study(seed, dom)
+    x, grid = prepare(hu, aff, cfg.model_shape, dom.intensity)
     feats = net.encoder(x)
     logits, _dec = net.seg(feats, x)
     prob = logits.softmax(dim=1)
@@ -98,11 +110,26 @@ def boxes_of(net: ScribeNet, seed: int) -> list[Box]:
         y = np.full(t.shape, OTHER, dtype=np.uint8)
         y[t == organ] = ORGAN
         y[t == cfg.lesion_class] = LESION
-        if tuple(inp.shape[2:]) != y.shape:  # only for sources finer than the floor
-            continue
+        y = box_target(y, box_shape(box, sp))
         out.append({"x": inp[0].numpy().astype(np.float16), "y": y, "seed": seed,
                     "organ": organ, "lesion": bool((y == LESION).any())})
     return out
+
+
+def box_target(y: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
+    """A box's target ``(d, h, w)`` on the refinement grid ``shape``.
+
+    Unchanged where the source is the grid (every chest-abdomen phantom);
+    where the source is finer than the floor (a head MR's 0.9 mm pixels),
+    the class covering most of each refinement voxel, the area average the
+    input went through (:func:`~tomoscribe.model.refine.box_input`) taken
+    per class.
+    """
+    if y.shape == shape:
+        return y
+    onehot = F.one_hot(torch.from_numpy(y.astype(np.int64)), 3).permute(3, 0, 1, 2)
+    share = F.adaptive_avg_pool3d(onehot[None].float(), shape)[0]
+    return share.argmax(dim=0).to(torch.uint8).numpy()
 
 
 def _render(args: tuple[Path, list[int]]) -> list[Box]:
@@ -156,8 +183,8 @@ def _stats_chunk(args: tuple[Path, list[int], str]) -> list[list[tuple[float, fl
     rows = []
     with torch.no_grad():
         for seed in seeds:
-            hu, _labels, aff = render_acquisition(make_phantom(seed))
-            x, grid = prepare(hu, aff, net.cfg.model_shape)
+            hu, _labels, aff, _lesions = render_study(seed, net.cfg.the_domain)
+            x, grid = prepare(hu, aff, net.cfg.model_shape, net.cfg.the_domain.intensity)
             logits, _dec = net.seg(net.encoder(x), x)
             res = refine(net.refine, hu, tuple(np.linalg.norm(aff[:3, :3], axis=0)), grid,
                          logits, organs, net.cfg.lesion_class, net.cfg.refine_flips, mode)

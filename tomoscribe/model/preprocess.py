@@ -52,6 +52,9 @@ class GridMap:
         start, stop: the crop along each canonical axis (source voxels).
         model_shape: the model grid ``(D, H, W)``.
         source_shape: the source array shape ``(D, H, W)``.
+        windows: the ``(low, high)`` levels each input channel was scaled by
+            (source values: CT the fixed :data:`WINDOWS`, MR the study's own
+            :func:`mr_levels`); the refiner scales its boxes by the same.
     """
 
     perm: tuple[int, int, int]
@@ -60,6 +63,7 @@ class GridMap:
     stop: tuple[int, int, int]
     model_shape: tuple[int, int, int]
     source_shape: tuple[int, int, int]
+    windows: tuple[tuple[float, float], ...] = WINDOWS
 
     def canonical_shape(self) -> tuple[int, int, int]:
         s = self.source_shape
@@ -226,6 +230,7 @@ def prepare(
         stop=stop,
         model_shape=model_shape,
         source_shape=(int(voxels.shape[0]), int(voxels.shape[1]), int(voxels.shape[2])),
+        windows=windows,
     )
     return x, grid
 
