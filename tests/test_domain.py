@@ -263,7 +263,6 @@ def test_the_cli_drafts_a_head_mr_study_with_a_head_model(tmp_path: Path) -> Non
     from tomoscribe.cli import main as cli_main
     from tomoscribe.phantom import make_phantom, write_dicom_series
     from tomoscribe.phantom_head import write_head_series
-
     from tomoscribe.scope import HEAD_MR as HEAD_SCOPE
 
     torch.manual_seed(0)

@@ -179,3 +179,32 @@ def test_segtoken_stage_trains_and_a_seg_answer_gives_a_source_grid_mask(
     assert not liver.mask[(refined != 4) & (refined != 8)].any()  # nothing but it and lesions
     assert plain.mask is None and SEG not in plain.answer  # not a referring question
     assert "snap_components" in enc.extra  # labelled once for every later question
+
+
+def test_a_head_model_learns_to_refer_to_head_structures(tmp_path: Path) -> None:
+    """The <seg> stage reads the model's domain: head phantoms, head structures, head words."""
+    from tomoscribe.domain import HEAD_MR
+    from tomoscribe.model.network import NetConfig, ScribeNet
+    from tomoscribe.model.text import vocabulary
+    from tomoscribe.train import save_model
+    from tomoscribe.train_segtoken import draw_refer, refer_organs
+
+    assert refer_organs(HEAD_MR) == HEAD_MR.structures[1:]
+    labels = {o: i + 2 for i, o in enumerate(refer_organs(HEAD_MR))}
+    sample = {"y": np.full((4, 4, 4), 2, dtype=np.uint8), "lesions": [("cerebellum", "cyst")]}
+    rng = np.random.default_rng(0)
+    named = {draw_refer(sample, labels, rng)[1] for _ in range(60)}
+    assert named - {None} and named - {None} <= set(HEAD_MR.structures[1:])
+
+    cfg = NetConfig.for_domain(HEAD_MR)
+    cfg.model_shape, cfg.channels = (16, 32, 32), (8, 8, 16, 16)
+    torch.manual_seed(0)
+    save_model(ScribeNet(cfg), tmp_path / "head", {"version": "0.0.1-head"})
+    out = tmp_path / "seg"
+    assert main(["--init", str(tmp_path / "head"), "--out", str(out), "--checkpoint",
+                 str(tmp_path / "ck"), "--samples", "2", "--steps", "2", "--batch", "2",
+                 "--refer", "1", "--workers", "1"]) == 0
+    conf = json.loads((out / "config.json").read_text())
+    assert conf["net"]["seg_token"] and conf["net"]["domain"] == "mr-head"
+    assert tuple(conf["net"]["vocab"]) == vocabulary(HEAD_MR)
+    assert (tmp_path / "ck" / "cache-mr-head-2-16x32x32.pt").is_file()

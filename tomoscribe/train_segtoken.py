@@ -17,6 +17,9 @@ Dice). The mask decoder reads the frozen segmentation's features, which are
 too large to cache (25 x 48 x 96 x 96 per sample), so the encoder runs for
 those samples in each step: most of a step's time.
 
+The phantoms and the structures asked about are those of the model's domain
+(``net.domain``: chest-abdomen CT or head MR).
+
 Trained: projectors, region tokens, language model and mask decoder; the
 encoder, segmentation head and refiner stay as they are. A model with a
 brought language model (:mod:`tomoscribe.model.lm`) keeps its own tokenizer,
@@ -36,6 +39,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from tomoscribe.domain import CHEST_ABDOMEN_CT, Domain
 from tomoscribe.model.lm import LMTokenizer
 from tomoscribe.model.network import NetConfig, ScribeNet
 from tomoscribe.model.segtoken import SEG, mask_loss, refer_target
@@ -43,12 +47,11 @@ from tomoscribe.model.text import (
     ANSWER,
     QUESTION,
     REFER_TEMPLATES,
-    VOCAB,
     WordTokenizer,
     refer_answer,
+    vocabulary,
 )
 from tomoscribe.phantom import SPLITS
-from tomoscribe.report import ORGANS
 from tomoscribe.train import (
     VERSION_HELP,
     build_cache,
@@ -62,8 +65,10 @@ from tomoscribe.train import (
     warmup_cosine,
 )
 
-#: organs a referring question names (the body is not one)
-REFER_ORGANS = tuple(o for o in ORGANS if o != "body")
+
+def refer_organs(domain: Domain = CHEST_ABDOMEN_CT) -> tuple[str, ...]:
+    """The structures a referring question names: all but the first (the body, the head)."""
+    return domain.structures[1:]
 
 
 def draw_refer(sample: dict[str, object], organ_labels: dict[str, int],
@@ -72,17 +77,19 @@ def draw_refer(sample: dict[str, object], organ_labels: dict[str, int],
     """A referring question about a sample: ``(template, organ or None, question, answer)``.
 
     With probability ``positive`` the question is one whose answer is
-    ``<seg>`` (an organ present, an organ with lesions, or any lesion).
+    ``<seg>`` (an organ present, an organ with lesions, or any lesion). The
+    structures named are the keys of ``organ_labels`` (the model's domain).
     """
+    names = tuple(organ_labels)
     lesions = sample["lesions"]
     y = sample["y"]
     assert isinstance(lesions, list) and isinstance(y, np.ndarray)
     counts = Counter(o for o, _k in lesions)
-    present = {o for o in REFER_ORGANS if bool((y == organ_labels[o]).any())}
+    present = {o for o in names if bool((y == organ_labels[o]).any())}
     want_seg = rng.random() < positive
     for _ in range(20):
         template = REFER_TEMPLATES[int(rng.integers(len(REFER_TEMPLATES)))]
-        organ = str(rng.choice(REFER_ORGANS)) if "{organ}" in template else None
+        organ = str(rng.choice(names)) if "{organ}" in template else None
         if organ is not None and template.startswith("segment the lesions") and counts \
                 and want_seg:
             organ = str(rng.choice(sorted(counts)))
@@ -103,7 +110,9 @@ def refer_step_loss(net: ScribeNet, tok: WordTokenizer | LMTokenizer, tokens: to
     """
     assert net.segtoken is not None
     cfg = net.cfg
-    organ_labels = {o: cfg.organ_classes[i] for i, o in enumerate(ORGANS)}
+    structures = cfg.the_domain.structures
+    organ_labels = {o: cfg.organ_classes[i] for i, o in enumerate(structures)
+                    if o in refer_organs(cfg.the_domain)}
     seg_id = tok.index[SEG]
     drawn = [draw_refer(s, organ_labels, rng) for s in chosen]
     ids = pad_rows([tok.encode(f"{QUESTION} {q} {ANSWER} {a}") + [tok.eos_id]
@@ -166,17 +175,18 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.lm:  # a brought language model: its tokenizer already has <seg>
         if not Path(cfg.lm).is_absolute():
             cfg.lm = str((args.init / cfg.lm).resolve())
-    elif VOCAB[: len(cfg.vocab)] != cfg.vocab:
+    elif (vocab := vocabulary(cfg.the_domain))[: len(cfg.vocab)] != cfg.vocab:
         print(f"error: the vocabulary of {args.init} is not a prefix of this version's; "
               "word ids would change", flush=True)
         return 1
     else:
-        cfg.vocab = VOCAB
+        cfg.vocab = vocab
     cfg.seg_token = True
     seeds = list(SPLITS["train"][: args.samples])
+    tag = "" if cfg.domain == CHEST_ABDOMEN_CT.name else f"{cfg.domain}-"
     cache = args.cache or (
-        args.checkpoint / f"cache-{args.samples}-{'x'.join(map(str, cfg.model_shape))}.pt")
-    samples = build_cache(seeds, cfg.model_shape, cache, args.workers)
+        args.checkpoint / f"cache-{tag}{args.samples}-{'x'.join(map(str, cfg.model_shape))}.pt")
+    samples = build_cache(seeds, cfg.model_shape, cache, args.workers, cfg.the_domain)
     net = ScribeNet(cfg)
     tok: WordTokenizer | LMTokenizer = (net.lm_tokenizer if net.lm_tokenizer is not None
                                         else WordTokenizer(cfg.vocab))
