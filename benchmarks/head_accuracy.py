@@ -51,7 +51,14 @@ from scipy import ndimage
 
 from tomoscribe.domain import HEAD_MR
 from tomoscribe.model.scribe import Scribe
-from tomoscribe.model.text import WordTokenizer, answer_for, findings_to_text, parse_findings
+from tomoscribe.model.segtoken import refer_target
+from tomoscribe.model.text import (
+    REFER_TEMPLATES,
+    WordTokenizer,
+    answer_for,
+    findings_to_text,
+    parse_findings,
+)
 from tomoscribe.phantom import SPLITS
 from tomoscribe.phantom_head import (
     LESION_LABEL,
@@ -65,10 +72,17 @@ from tomoscribe.train import study_lesions
 from tomoscribe.volume import SliceRef, Volume
 
 try:  # run as a script (benchmarks/ on sys.path) or as benchmarks.head_accuracy
-    from accuracy import BANDS, Tally, _dice, _prf, _yes_no  # type: ignore[import-not-found]
+    from accuracy import (  # type: ignore[import-not-found]
+        BANDS,
+        Refer,
+        Tally,
+        _dice,
+        _prf,
+        _yes_no,
+    )
     from textmetrics import corpus_bleu, rouge_l, token_f1  # type: ignore[import-not-found]
 except ImportError:  # pragma: no cover
-    from benchmarks.accuracy import BANDS, Tally, _dice, _prf, _yes_no
+    from benchmarks.accuracy import BANDS, Refer, Tally, _dice, _prf, _yes_no
     from benchmarks.textmetrics import corpus_bleu, rouge_l, token_f1
 
 MR_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
@@ -122,6 +136,17 @@ def majority(items: list[tuple[str, str, str, str]], n: int = 1200
     return [c.most_common(1)[0][0] for c in answers], reports.most_common(1)[0][0]
 
 
+def refer_items() -> list[tuple[str, str, str | None]]:
+    """Every referring question asked per study: ``(template, kind, structure or None)``."""
+    out: list[tuple[str, str, str | None]] = []
+    for t in REFER_TEMPLATES:
+        kind = ("every lesion" if "{organ}" not in t else
+                "organ lesions" if t.startswith("segment the lesions") else "organ")
+        names: list[str | None] = list(STRUCTURES_SCORED) if "{organ}" in t else [None]
+        out += [(t, kind, o) for o in names]
+    return out
+
+
 class Text:
     """Report text and VQA scores of one row."""
 
@@ -134,6 +159,8 @@ class Text:
         self.f1: list[float] = []
         self.kind_right = 0
         self.kind_n = 0
+        self.point_hit = 0
+        self.point_n = 0
 
     def add(self, text: str, ref: str, items: list[tuple[str, str, str, str]],
             answers: list[str], golds: list[str]) -> None:
@@ -158,6 +185,8 @@ class Text:
             "open_vqa_token_f1": float(np.mean(self.f1)),
             "kinds_right_of_sites_found": (self.kind_right / self.kind_n) if self.kind_n
             else None,
+            "key_slice_pointing": (self.point_hit / self.point_n) if self.point_n else None,
+            "key_slice_findings": self.point_n,
         }
 
 
@@ -185,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     band_dice: dict[str, list[float]] = {f"{lo:.0f}-{hi:.0f} mm": [] for lo, hi in BANDS}
     band_found: dict[str, list[bool]] = {b: [] for b in band_dice}
     seconds: list[float] = []
+    refer = ({"model": Refer(), "image-blind": Refer()} if scribe.net.segtoken is not None
+             else {})
     seeds = list(SPLITS[args.split][: args.n])
     for i, seed in enumerate(seeds):
         ph, vol, labels, aff = study(seed)
@@ -222,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
                 enc.seg_logits.argmax(dim=1)[0].to(torch.uint8).numpy())
         seg_les = seg == scribe.cfg.lesion_class
         comps, _n = ndimage.label(labels == LESION_LABEL)
+        site_slices: dict[str, set[int]] = {}  # source slices holding each site's lesions
         for les in ph.lesions:
             centre = np.linalg.solve(aff, np.array([*les.centre, 1.0]))[:3]
             k, r, c = (int(np.clip(round(v), 0, n - 1)) for v, n in zip(centre, labels.shape,
@@ -230,12 +262,33 @@ def main(argv: list[str] | None = None) -> int:
             if cid == 0:
                 continue
             t_mask = comps == cid
+            site_slices.setdefault(les.site, set()).update(
+                int(z) for z in np.nonzero(t_mask.any(axis=(1, 2)))[0])
             near = ndimage.binary_dilation(t_mask, iterations=3)
             for lo, hi in BANDS:
                 if lo <= les.diameter_mm < hi:
                     band = f"{lo:.0f}-{hi:.0f} mm"
                     band_dice[band].append(_dice(seg_les & near, t_mask))
                     band_found[band].append(bool((seg_les & t_mask).any()))
+        # key-slice pointing: a finding's first key image holds a lesion of its site
+        for name, rep in (("model", report), ("image-blind", blind)):
+            for f in rep.findings:
+                if f.structure in site_slices and f.key_slices:
+                    text[name].point_n += 1
+                    text[name].point_hit += int(f.key_slices[0] in site_slices[f.structure])
+        if refer:  # referring segmentation: the <seg> answers and their masks
+            asks = refer_items()
+            qs = [t.format(organ=o) if o else t for t, _k, o in asks]
+            truths = [refer_target(labels, t, STRUCTURE_LABELS[o] if o else None, LESION_LABEL,
+                                   tuple(STRUCTURE_LABELS.values())) for t, _k, o in asks]
+            for name, blind_row in (("model", False), ("image-blind", True)):
+                got = scribe.generate(enc, qs, blind=blind_row).answers
+                for (_t, kind, _o), q, ans, want in zip(asks, qs, got, truths, strict=True):
+                    refer[name].add(kind, ans, want)
+                    if ans.mask is not None and want.any() and not blind_row:
+                        _a, raw = scribe.refer(enc, q, snap=False)
+                        if raw is not None:
+                            refer[name].raw[kind].append(_dice(raw, want))
         if (i + 1) % 10 == 0:
             print(f"  {i + 1}/{len(seeds)} studies", file=sys.stderr, flush=True)
 
@@ -254,6 +307,7 @@ def main(argv: list[str] | None = None) -> int:
         "lesion_dice_by_size": {b: {"dice": float(np.mean(v)) if v else None,
                                     "detected": float(np.mean(band_found[b])) if v else None,
                                     "n": len(v)} for b, v in band_dice.items()},
+        "referring_segmentation": {name: r.row() for name, r in refer.items()},
         "questions_per_study": len(items),
         "majority_report_text": majority_text,
         "seconds_per_study_cpu": float(np.median(seconds)),
@@ -279,6 +333,16 @@ def main(argv: list[str] | None = None) -> int:
     print("lesions, segmentation alone (detected / Dice): " + ", ".join(
         f"{b}: n/a" if not v["n"] else f"{b}: {v['detected']:.3f} / {v['dice']:.3f} (n={v['n']})"
         for b, v in result["lesion_dice_by_size"].items()))
+    pointing = {name: ("n/a" if r["key_slice_pointing"] is None
+                       else f"{r['key_slice_pointing']:.3f}", r["key_slice_findings"])
+                for name, r in table.items() if name != "majority"}
+    print("key-slice pointing (a finding's first key image holds a lesion of its site): "
+          + ", ".join(f"{name} {v} (n={n})" for name, (v, n) in pointing.items()))
+    for name, r in result["referring_segmentation"].items():
+        dice = ", ".join(f"{k} {'n/a' if v is None else f'{v:.3f}'} (n={r['masks'][k]})"
+                         for k, v in r["dice"].items())
+        print(f"referring segmentation ({name}): <seg>/none right {r['answer_accuracy']:.3f} "
+              f"of {r['questions']}; mask Dice {dice}; missing masks {r['no_mask_given']}")
     print(f"inference: {result['seconds_per_study_cpu']:.2f} s per study (median, CPU); "
           f"{result['parameters'] / 1e6:.2f} M parameters; peak RSS "
           f"{result['peak_rss_mib']:.0f} MiB; whole benchmark "

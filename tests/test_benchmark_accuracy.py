@@ -56,6 +56,7 @@ def test_head_benchmark_scores_a_head_model_and_refuses_another(tmp_path: Path) 
 
     cfg = NetConfig.for_domain("mr-head")
     cfg.model_shape, cfg.channels = (16, 32, 32), (8, 8, 16, 16)
+    cfg.refine_width, cfg.seg_token = 4, True  # a refiner on MR, and referring questions
     torch.manual_seed(0)
     save_model(ScribeNet(cfg), tmp_path / "head", {"version": "0.0.0-test"})
     out = tmp_path / "head.json"
@@ -69,6 +70,11 @@ def test_head_benchmark_scores_a_head_model_and_refuses_another(tmp_path: Path) 
     assert set(data["rows"]) == {"model", "image-blind", "majority"}
     assert data["studies"] == 2 and data["domain"] == "mr-head"
     assert data["questions_per_study"] == 17
+    assert "key-slice pointing" in res.stdout
+    assert set(data["rows"]["model"]) >= {"key_slice_pointing", "key_slice_findings"}
+    # every referring question: 4 structures x 2 templates + "segment the lesions ."
+    assert {k: v["questions"] for k, v in data["referring_segmentation"].items()} == {
+        "model": 2 * 9, "image-blind": 2 * 9}
     # the majority row answers from the training phantoms' answers: better than chance
     assert data["rows"]["majority"]["closed_vqa_accuracy"] > 0.5
     # the chest-abdomen model is not a head model: one line, exit 2
