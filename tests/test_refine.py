@@ -433,13 +433,25 @@ def test_box_labels_draw_a_fine_sources_edge_between_refinement_voxels() -> None
     assert np.array_equal(box_labels(same, box2), same.argmax(0).numpy())
 
 
-def test_box_labels_chunks_give_the_whole_volume_result(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_box_labels_resample_only_edges_and_match_resampling_everything(
+        monkeypatch: pytest.MonkeyPatch) -> None:
     torch.manual_seed(1)
-    prob = torch.rand(3, 5, 6, 7).softmax(0)
     box = ((0, 0, 0), (13, 17, 19))
-    whole = box_labels(prob, box)
-    monkeypatch.setattr("tomoscribe.model.refine.CHUNK_VOXELS", 17 * 19 * 2)
-    assert np.array_equal(box_labels(prob, box), whole)
+    zs, ys, xs = ((torch.arange(n, dtype=torch.float32) + 0.5) * 2.0 / n - 1.0
+                  for n in (13, 17, 19))
+    gz, gy, gx = torch.meshgrid(zs, ys, xs, indexing="ij")
+    grid = torch.stack([gx, gy, gz], dim=-1)[None]
+    blob = torch.zeros(3, 5, 6, 7)
+    blob[1, 1:4, 1:5, 2:6] = 4.0  # an organ with a lesion: large uniform regions
+    blob[2, 2, 2:4, 3:5] = 8.0
+    for prob in (torch.rand(3, 5, 6, 7).softmax(0), blob.softmax(0)):
+        every = torch.nn.functional.grid_sample(prob[None], grid, mode="bilinear",
+                                                padding_mode="border", align_corners=False)
+        whole = box_labels(prob, box)
+        assert np.array_equal(whole, every[0].argmax(0).numpy())
+        monkeypatch.setattr("tomoscribe.model.refine.CHUNK_VOXELS", 37)  # many chunks
+        assert np.array_equal(box_labels(prob, box), whole)
+        monkeypatch.undo()
 
 
 def test_box_target_takes_the_class_covering_most_of_each_voxel() -> None:

@@ -255,8 +255,8 @@ def box_input(canon_hu: np.ndarray, prob: torch.Tensor, grid: GridMap, box: Box,
     return torch.cat([*chans, region, maps[:, 1:]], dim=1)
 
 
-#: output voxels resampled per chunk by :func:`box_labels` (bounds its memory)
-CHUNK_VOXELS = 4_000_000
+#: source voxels resampled per chunk by :func:`box_labels` (bounds its memory)
+CHUNK_VOXELS = 2_000_000
 
 
 def box_labels(prob: torch.Tensor, box: Box) -> np.ndarray:
@@ -264,27 +264,42 @@ def box_labels(prob: torch.Tensor, box: Box) -> np.ndarray:
 
     ``prob`` is the box grid's ``(3, d, h, w)`` softmax. Where the box grid is
     the source (the chest-abdomen phantoms' 2.5-5 mm grids) this is the
-    argmax; where the source is finer than :data:`FLOOR_MM` (a head MR's
-    0.9 mm pixels, a 0.7 mm CT), the probabilities are resampled trilinearly
-    at each source voxel's centre before the argmax, so a lesion's edge is
+    argmax. Where the source is finer than :data:`FLOOR_MM` (a head MR's
+    0.9 mm pixels, a 0.7 mm CT), each source voxel gets the argmax of the
+    probabilities resampled trilinearly at its centre, so a lesion's edge is
     drawn between the refinement voxels, not along their blocks (nearest
     labels put the edge of a 10 mm lesion up to 1.25 mm off, in 2.5 mm
-    steps). Done a chunk of slices at a time (:data:`CHUNK_VOXELS`).
+    steps).
+
+    Only voxels near an edge are resampled: a convex mix of probability
+    vectors that share their argmax keeps it, so where the 3 x 3 x 3
+    neighbourhood of a voxel's nearest box voxel holds one label, that label
+    is the resampled argmax. (Resampling a whole 18 M-voxel liver box took
+    4.4 s on one core.) Edge voxels are done :data:`CHUNK_VOXELS` at a time.
     """
     size = tuple(box[1][a] - box[0][a] for a in range(3))
+    coarse = prob.argmax(dim=0).to(torch.uint8)
     if tuple(prob.shape[1:]) == size:
-        return prob.argmax(dim=0).to(torch.uint8).numpy()
-    # normalised input coordinates (align_corners=False) of each output voxel's
+        return coarse.numpy()
+    shape = tuple(int(v) for v in prob.shape[1:])
+    idx = [np.minimum((np.arange(size[a]) * shape[a]) // size[a], shape[a] - 1)
+           for a in range(3)]
+    out = coarse.numpy()[np.ix_(idx[0], idx[1], idx[2])]
+    lab = coarse[None, None].float()
+    uneven = (F.max_pool3d(lab, 3, stride=1, padding=1)
+              != -F.max_pool3d(-lab, 3, stride=1, padding=1))[0, 0].numpy()
+    edge = np.nonzero(uneven[np.ix_(idx[0], idx[1], idx[2])])
+    # normalised input coordinates (align_corners=False) of each source voxel's
     # centre: the box grid and the source voxels span the same extent
-    zs, ys, xs = ((torch.arange(n, dtype=torch.float32) + 0.5) * 2.0 / n - 1.0 for n in size)
-    out = np.empty(size, dtype=np.uint8)
-    step = max(1, CHUNK_VOXELS // max(size[1] * size[2], 1))
-    for z0 in range(0, size[0], step):
-        gz, gy, gx = torch.meshgrid(zs[z0 : z0 + step], ys, xs, indexing="ij")
-        g = torch.stack([gx, gy, gz], dim=-1)[None]  # (x, y, z) = (W, H, D)
-        part = F.grid_sample(prob[None], g, mode="bilinear", padding_mode="border",
-                             align_corners=False)
-        out[z0 : z0 + step] = part[0].argmax(dim=0).to(torch.uint8).numpy()
+    norm = [torch.from_numpy((e.astype(np.float32) + 0.5) * 2.0 / n - 1.0)
+            for e, n in zip(edge, size, strict=True)]
+    for i in range(0, len(edge[0]), CHUNK_VOXELS):
+        g = torch.stack([norm[2][i : i + CHUNK_VOXELS], norm[1][i : i + CHUNK_VOXELS],
+                         norm[0][i : i + CHUNK_VOXELS]], dim=-1)  # (x, y, z) = (W, H, D)
+        part = F.grid_sample(prob[None], g[None, None, None], mode="bilinear",
+                             padding_mode="border", align_corners=False)
+        out[tuple(e[i : i + CHUNK_VOXELS] for e in edge)] = (
+            part[0, :, 0, 0].argmax(dim=0).to(torch.uint8).numpy())
     return out
 
 
