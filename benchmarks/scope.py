@@ -2,14 +2,23 @@
 
     .venv/bin/python benchmarks/scope.py [--n 60] [--split test] [--model-dir DIR] [--json PATH]
 
-Four sets of ``--n`` studies each, written as DICOM and run the way a job
-runs them (scan, select under the model's scope, load, encode, generate,
-the anatomy check):
+Six sets of ``--n`` studies each (``--sets`` picks some), written as DICOM
+and run the way a job runs them (scan, select under the model's scope, load,
+encode, generate, the anatomy check):
 
-- chest-abdomen CT phantoms (what the model reads): every refusal is a false one;
-- chest-abdomen CT phantoms without Body Part Examined: the same, on the image check alone;
-- head CT phantoms without Body Part Examined: only the image check can refuse them;
-- head MR phantoms (Body Part Examined HEAD): the headers refuse them.
+- chest-abdomen CT phantoms (what the shipped model reads);
+- chest-abdomen CT phantoms without Body Part Examined: the image check alone;
+- head CT phantoms without Body Part Examined: only the image check can
+  refuse them (for the chest-abdomen model);
+- head MR phantoms (Body Part Examined HEAD): what a head MR model reads;
+- head MR phantoms without Body Part Examined: a head model's image check alone;
+- a torso "MR" without Body Part Examined: the chest-abdomen phantoms
+  written as MR (stored value = HU + 1024, so air is dark and every tissue
+  bright; not an MR contrast, but a body that is not a head, which is what
+  a head model's check must refuse when the headers are silent).
+
+For the chest-abdomen model every refusal of the first two sets is a false
+one; for a head model (``--model-dir``), of the head MR sets.
 
 A study is *refused by the headers* when the series selection finds nothing
 in scope (no model run), *refused by the image* when the anatomy check turns
@@ -21,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import tempfile
 import time
@@ -29,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import pydicom
+from pydicom.uid import MRImageStorage
 
 from tomoscribe.dicomio import load_series, scan_folder, select_series
 from tomoscribe.errors import OutOfScopeError
@@ -37,19 +48,25 @@ from tomoscribe.phantom import SPLITS, make_phantom, write_dicom_series
 from tomoscribe.phantom_head import make_head_phantom, write_head_series
 
 SETS = ("chest-abdomen CT", "chest-abdomen CT, no body part", "head CT, no body part",
-        "head MR")
+        "head MR", "head MR, no body part", "torso as MR, no body part")
 
 
 def _write(kind: str, seed: int, folder: Path) -> None:
-    if kind.startswith("chest"):
+    if kind.startswith(("chest", "torso")):
         paths = write_dicom_series(make_phantom(seed), folder)
         if "no body part" in kind:
             for path in paths:
                 ds = pydicom.dcmread(path)
                 del ds.BodyPartExamined
+                if kind.startswith("torso"):  # the same voxels, stored as an MR's
+                    ds.Modality = "MR"
+                    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = MRImageStorage
+                    ds.RescaleIntercept, ds.RescaleSlope = 0, 1
                 ds.save_as(path)
     elif kind.startswith("head CT"):
         write_head_series(make_head_phantom(seed, modality="CT"), folder, body_part="")
+    elif "no body part" in kind:
+        write_head_series(make_head_phantom(seed, modality="MR"), folder, body_part="")
     else:
         write_head_series(make_head_phantom(seed, modality="MR"), folder)
 
@@ -67,8 +84,11 @@ def run_one(scribe: Scribe, folder: Path) -> tuple[str, str, int, int]:
     report = scribe.generate(scribe.encode(volume), [])
     found = scribe.anatomy_found(report, volume)
     scope = scribe.scope
-    wrong = sum(1 for name, lo, hi in scope.anatomy if name in found
-                and found[name][0] >= scope.min_ml and not lo <= found[name][1] <= hi)
+    present = {name: v for name, v in found.items() if v[0] >= scope.min_ml}
+    wrong = (sum(1 for name, lo, hi in scope.anatomy
+                 if name in present and not lo <= present[name][1] <= hi)
+             + sum(1 for name, lo, hi in scope.volumes
+                   if name in present and not lo <= present[name][0] <= hi))
     try:
         scribe.check_anatomy(report, volume)
     except OutOfScopeError as err:
@@ -82,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n", type=int, default=60, help="studies per set")
     ap.add_argument("--split", choices=("test", "val"), default="test")
     ap.add_argument("--model-dir", type=Path, default=None)
+    ap.add_argument("--sets", nargs="+", choices=SETS, default=list(SETS), metavar="SET",
+                    help=f"which sets (default: all): {'; '.join(SETS)}")
     ap.add_argument("--json", type=Path, default=Path("benchmarks/results/scope.json"))
     args = ap.parse_args(argv)
 
@@ -91,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     seeds = list(SPLITS[args.split][: args.n])
     rows: dict[str, dict[str, Any]] = {}
     t0 = time.time()
-    for kind in SETS:
+    for kind in args.sets:
         outcomes: Counter[str] = Counter()
         giveaways: Counter[str] = Counter()
         wrongs: Counter[int] = Counter()
@@ -106,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
                 wrongs[wrong] += 1
             if outcome == "refused by the image":
                 hallucinated += findings > 0
-                cue = reason.split("took for the ", 1)[-1].split(" (", 1)[0]
+                cue = re.split(r" \(| is ", reason.split("took for the ", 1)[-1], maxsplit=1)[0]
                 giveaways["none found" if "found none" in reason else cue] += 1
             if reason and len(examples) < 2:
                 examples.append(reason)
