@@ -2,13 +2,15 @@
 
 ::
 
-    python -m operators -i INPUT -o OUTPUT [-m MODEL] [-c CONFIG] [-q QUESTION ...] [-v]
+    python -m operators -i INPUT -o OUTPUT [-m MODEL ...] [-c CONFIG] [-q QUESTION ...] [-v]
 
 As in MONAI Deploy apps, ``-i``/``-o``/``-m`` default to the environment
 variables ``HOLOSCAN_INPUT_PATH`` / ``HOLOSCAN_OUTPUT_PATH`` /
 ``HOLOSCAN_MODEL_PATH`` (then ``input`` / ``output``; the model defaults to the
-settings' model). Errors print one line and exit with status 2; a study the
-model does not read prints ``tomoscribe: skipped: <reason>`` and exits 3.
+settings' model). ``-m`` takes a model name or folder and may be repeated
+(several models, each on the series in its own scope). Errors print one line
+and exit with status 2; a study no model reads prints
+``tomoscribe: skipped: <reason>`` and exits 3.
 """
 
 from __future__ import annotations
@@ -35,8 +37,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         default=Path(os.environ.get("HOLOSCAN_OUTPUT_PATH") or "output"),
                         help="output folder (default: $HOLOSCAN_OUTPUT_PATH or 'output')")
     model_env = os.environ.get("HOLOSCAN_MODEL_PATH")
-    parser.add_argument("-m", "--model", type=Path, default=Path(model_env) if model_env else None,
-                        help="model folder (default: $HOLOSCAN_MODEL_PATH or the settings' model)")
+    parser.add_argument("-m", "--model", action="append",
+                        help="model name or folder, repeatable (default: $HOLOSCAN_MODEL_PATH "
+                        "or the settings' model)")
     parser.add_argument("-c", "--config", type=Path,
                         help="settings file in app.yaml format (default: built-in settings)")
     parser.add_argument("-q", "--question", action="append",
@@ -44,7 +47,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="also print why the series was chosen, and timings")
     args = parser.parse_args(argv)
-    return execute_run(args.input, args.output, args.model, args.question or (), args.config,
+    models = args.model or ([Path(model_env)] if model_env else None)
+    return execute_run(args.input, args.output, models, args.question or (), args.config,
                        args.verbose)
 
 

@@ -20,6 +20,16 @@ process). Writers write into a hidden staging folder inside the output folder;
 only when every operator succeeded are the files moved into place, so a failed
 run leaves no output file, and the operator's original
 :class:`~tomoscribe.errors.TomoscribeError` is raised.
+
+Several models (the settings' ``model: [default, head-mr]``, the CLI's
+repeated ``-m``) each run the graph in turn, in the order listed, on the
+series in their own scope. A model with nothing to read in the study
+(:class:`~tomoscribe.errors.NoSeriesError`, which includes
+:class:`~tomoscribe.errors.OutOfScopeError`: from its series selection or its
+image check) is skipped and says why in the explanation; the outputs of the
+others are published together. Any other error of any model fails the whole
+run and publishes nothing, as with one model. Each model stays loaded
+(:func:`tomoscribe.model.scribe.load_cached` keeps one per folder).
 """
 
 from __future__ import annotations
@@ -48,11 +58,28 @@ from operators.series_selector import SeriesSelectorOperator
 from operators.sr_writer import MeasurementsWriterOperator, PDFWriterOperator, SRWriterOperator
 from operators.volume_loader import VolumeLoaderOperator
 from tomoscribe.config import Settings, load_settings
-from tomoscribe.errors import InputError, OutputError
+from tomoscribe.errors import (
+    InputError,
+    ModelError,
+    NoSeriesError,
+    OutOfScopeError,
+    OutputError,
+)
+from tomoscribe.scope import (
+    DEFAULT_MODEL_DIR,
+    model_label,
+    model_labels,
+    read_model_version,
+    resolve_model,
+)
 
 log = logging.getLogger("tomoscribe.app")
 
 STAGING_PREFIX = ".tomoscribe-staging-"
+
+#: what :func:`run_app` takes as its model: one name or folder (``None``: the
+#: settings' models), or a list of them
+ModelArg = str | Path | Sequence[str | Path | None] | None
 
 
 class TomoscribeApp(Application):
@@ -155,6 +182,14 @@ class RunResult:
         answer_slices: per answer, its key images (indices into the series'
             slices in position order, most relevant first).
         timings: seconds per operator, plus ``"total"``.
+        models: the label of each model whose outputs were written
+            (:func:`tomoscribe.scope.model_label`), in the order they ran.
+        skipped: ``(model label, one-line reason)`` of each model that had
+            nothing to read in the study (several models only).
+
+    With several models, the explanation lines, report texts, questions and
+    timings of each model are marked with its label (``"head-mr: ..."``,
+    ``"[head-mr]"``, ``"head-mr/language_model"``) and put one after another.
     """
 
     written: list[Path]
@@ -163,6 +198,8 @@ class RunResult:
     answers: list[tuple[str, str]] = field(default_factory=list)
     answer_slices: list[tuple[int, ...]] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    models: list[str] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
 
 
 #: order in which outputs are listed (and moved into place): SR first
@@ -214,25 +251,124 @@ def _python_signal_handlers() -> Iterator[None]:
                 signal.signal(sig, handler)
 
 
+def _resolve_models(model_dir: ModelArg, settings: Settings) -> tuple[Path | None, ...]:
+    """The model folders to run (``None``: the default model), in order.
+
+    Raises:
+        ModelError: an unknown model name, or a model listed twice.
+    """
+    if model_dir is None:
+        return settings.models
+    items = [model_dir] if isinstance(model_dir, str | Path) else list(model_dir)
+    if not items:
+        return settings.models
+    models = tuple(resolve_model(item) for item in items)
+    seen: set[Path] = set()
+    for folder in models:
+        key = (folder if folder is not None else DEFAULT_MODEL_DIR).resolve()
+        if key in seen:
+            raise ModelError(f"model {model_label(folder)} ({key}) is listed twice; "
+                             "list each model once")
+        seen.add(key)
+    return models
+
+
+def _check_versions(models: Sequence[Path | None], labels: Sequence[str]) -> None:
+    """Refuse two models of the same version: their outputs would get the same UIDs.
+
+    Output UIDs (and so file names) derive from the study and the model
+    version (:func:`tomoscribe.writers.identity.output_uids`).
+    """
+    seen: dict[str, str] = {}
+    for folder, label in zip(models, labels, strict=True):
+        version = read_model_version(folder)
+        if version is None:  # loading the model reports the broken folder
+            continue
+        if version.strip() in seen:
+            raise ModelError(
+                f"models {seen[version.strip()]} and {label} both have version {version}: "
+                "their outputs would get the same UIDs; give each model its own version "
+                "(config.json 'version')"
+            )
+        seen[version.strip()] = label
+
+
+def _run_graph(
+    input_dir: Path,
+    staging: Path,
+    settings: Settings,
+    model_dir: Path | None,
+    questions: tuple[str, ...],
+) -> RunState:
+    """Run the graph of one model; its outputs go into ``staging``.
+
+    Returns:
+        The run's state; ``state.error`` holds the first operator error, if any.
+    """
+    state = RunState(staging=staging)
+    app = TomoscribeApp(
+        input_folder=input_dir,
+        state=state,
+        settings=settings,
+        model_dir=model_dir,
+        questions=questions,
+    )
+    with _python_signal_handlers():
+        app.run()
+    if state.error is None and not state.written:
+        # holoscan stopped the graph early (interrupted by a signal)
+        state.error = RuntimeError("the application graph stopped before writing any output")
+    return state
+
+
+def _nobody_reads(skipped: Sequence[tuple[str, NoSeriesError]]) -> NoSeriesError:
+    """The error when no model reads the study: each model's reason, on one line.
+
+    :class:`OutOfScopeError` (a skip, CLI exit 3) when any model was turned
+    away by its scope; otherwise no series qualifies under the rules at all
+    and the :class:`NoSeriesError` (an error, exit 2) is the same as with one model.
+    """
+    reasons = [str(exc) for _label, exc in skipped]
+    if len(set(reasons)) == 1:
+        line = reasons[0]
+    else:
+        line = "no model reads this study: " + "; ".join(
+            f"{label}: {reason}" for (label, _exc), reason in zip(skipped, reasons, strict=True))
+    if any(isinstance(exc, OutOfScopeError) for _label, exc in skipped):
+        return OutOfScopeError(line)
+    return NoSeriesError(line)
+
+
 def run_app(
     input_dir: Path,
     output_dir: Path,
-    model_dir: Path | None = None,
+    model_dir: ModelArg = None,
     questions: Sequence[str] = (),
     config_path: Path | None = None,
     verbose: bool = False,
     settings: Settings | None = None,
 ) -> RunResult:
-    """Run the application graph on one study folder.
+    """Run the application graph on one study folder, with one model or several.
 
-    Safe to call many times in one process (the model is loaded once).
+    Safe to call many times in one process (each model is loaded once).
+
+    With one model, its error is raised as it is. With several, each runs in
+    the order given on the series in its own scope; one that has nothing to
+    read in the study (:class:`~tomoscribe.errors.NoSeriesError`, including
+    :class:`~tomoscribe.errors.OutOfScopeError`) is skipped, with its reason in
+    :attr:`RunResult.skipped` and the explanation, and the outputs of all the
+    others are published together.
 
     Args:
         input_dir: folder (searched recursively) or file holding the study.
         output_dir: folder for the SR / SEG files (created if missing).
-        model_dir: the model folder; ``None``: the settings' model (by default
-            the model shipped with tomoscribe).
+        model_dir: the model, or a list of models, each a
+            :class:`~pathlib.Path` (a folder), or a string: a packaged model's
+            name (``"default"``, ``"head-mr"``) or a folder
+            (:func:`tomoscribe.scope.resolve_model`). ``None`` or empty: the
+            settings' models (by default the model shipped with tomoscribe).
         questions: questions to answer; empty: the settings' standing questions.
+            Every model is asked all of them.
         config_path: an ``app.yaml``-style settings file; ``None``: built-in defaults.
         verbose: log the selection explanation and timings (logger ``tomoscribe.app``).
         settings: already loaded settings (overrides ``config_path``).
@@ -241,11 +377,19 @@ def run_app(
         The written files, the selection explanation and the report text.
 
     Raises:
+        OutOfScopeError: no model reads the study (one line: each model's reason).
+        ModelError: an unknown model name, a model listed twice, or two models
+            of the same version (their outputs would share UIDs).
         TomoscribeError: the original one-line error of the step that failed
             (no output file is left behind).
     """
     start = time.perf_counter()
     settings = settings if settings is not None else load_settings(config_path)
+    models = _resolve_models(model_dir, settings)
+    labels = model_labels(models)
+    if len(models) > 1:
+        _check_versions(models, labels)
+    asked = tuple(questions) or settings.questions
     input_dir, output_dir = Path(input_dir), Path(output_dir)
     if not input_dir.exists():
         raise InputError(f"input {input_dir} does not exist")
@@ -257,36 +401,63 @@ def run_app(
     except OSError as exc:
         raise OutputError(f"cannot write into {output_dir}: {exc.strerror or exc}") from exc
 
-    state = RunState(staging=staging)
+    several = len(models) > 1
+    ran: list[tuple[int, str, RunState]] = []
+    skipped: list[tuple[str, NoSeriesError]] = []
+    explanation: list[str] = []
+    timings: dict[str, float] = {}
     try:
-        app = TomoscribeApp(
-            input_folder=input_dir,
-            state=state,
-            settings=settings,
-            model_dir=model_dir if model_dir is not None else settings.model,
-            questions=tuple(questions) or settings.questions,
-        )
-        with _python_signal_handlers():
-            app.run()
-        if state.error is not None:
-            raise state.error
-        if not state.written:  # holoscan stopped the graph early (interrupted by a signal)
-            raise RuntimeError("the application graph stopped before writing any output")
-        staged = sorted(state.written, key=_publish_order)
-        written = _publish(staged, output_dir)
+        for number, (folder, label) in enumerate(zip(models, labels, strict=True)):
+            where = staging / str(number) if several else staging
+            state = _run_graph(input_dir, where, settings, folder, asked)
+            mark = f"{label}: " if several else ""
+            explanation.extend(f"{mark}{line}" for line in state.explanation)
+            timings.update({(f"{label}/{k}" if several else k): v
+                            for k, v in state.timings.items()})
+            if several and isinstance(state.error, NoSeriesError):
+                explanation.append(f"{label}: skipped: {state.error}")
+                skipped.append((label, state.error))
+                continue
+            if state.error is not None:
+                raise state.error
+            ran.append((number, label, state))
+        if not ran:
+            raise _nobody_reads(skipped)
+        staged = [(number, path) for number, _label, state in ran for path in state.written]
+        names: dict[str, str] = {}
+        for number, path in staged:
+            if path.name in names:
+                raise OutputError(f"models {names[path.name]} and {labels[number]} both wrote "
+                                  f"{path.name}")
+            names[path.name] = labels[number]
+        staged.sort(key=lambda item: (_publish_order(item[1])[0], item[0], item[1].name))
+        written = _publish([path for _number, path in staged], output_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
-    state.timings["total"] = time.perf_counter() - start
+    timings["total"] = time.perf_counter() - start
     if verbose:
-        for line in state.explanation:
+        for line in explanation:
             log.info("%s", line)
-        log.info("timings: %s", ", ".join(f"{k} {v:.2f} s" for k, v in state.timings.items()))
+        log.info("timings: %s", ", ".join(f"{k} {v:.2f} s" for k, v in timings.items()))
+    if not several:
+        state = ran[0][2]
+        return RunResult(
+            written=written,
+            explanation=explanation,
+            report_text=state.report_text,
+            answers=list(state.answers),
+            answer_slices=list(state.answer_slices),
+            timings=timings,
+            models=[labels[0]],
+        )
     return RunResult(
         written=written,
-        explanation=list(state.explanation),
-        report_text=state.report_text,
-        answers=list(state.answers),
-        answer_slices=list(state.answer_slices),
-        timings=dict(state.timings),
+        explanation=explanation,
+        report_text="\n\n".join(f"[{label}]\n{state.report_text}" for _n, label, state in ran),
+        answers=[(f"[{label}] {q}", a) for _n, label, state in ran for q, a in state.answers],
+        answer_slices=[keys for _n, _label, state in ran for keys in state.answer_slices],
+        timings=timings,
+        models=[label for _n, label, _state in ran],
+        skipped=[(label, str(exc)) for label, exc in skipped],
     )

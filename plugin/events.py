@@ -50,7 +50,8 @@ def scope_refusal(series: Mapping[str, Any], scope: Any) -> str | None:
 
     Args:
         series: One element of Orthanc's ``/studies/{id}/series`` answer.
-        scope: A ``tomoscribe.scope.ModelScope`` (anything with its ``refusal``), or ``None``.
+        scope: A ``tomoscribe.scope.ModelScope``, or several models'
+            ``tomoscribe.scope.CombinedScope`` (anything with a ``refusal``), or ``None``.
     """
     if scope is None:
         return None
@@ -67,9 +68,10 @@ def input_series(series_list: Iterable[Mapping[str, Any]],
     Args:
         series_list: Orthanc's ``/studies/{id}/series`` answer.
         modalities: Enabled modalities (upper case, e.g. ``("CT", "MR")``).
-        scope: The model's ``tomoscribe.scope.ModelScope``: series outside it
-            (another modality, a Body Part Examined it was not trained on) are
-            left out. ``None``: no such filter.
+        scope: The model's ``tomoscribe.scope.ModelScope`` (several models:
+            their ``CombinedScope``): series outside it (another modality, a
+            Body Part Examined no model was trained on) are left out. ``None``:
+            no such filter.
 
     Returns:
         The qualifying series, in Orthanc's order.
@@ -84,7 +86,9 @@ def study_qualifies(series_list: Sequence[Mapping[str, Any]],
     Args:
         series_list: Orthanc's ``/studies/{id}/series`` answer.
         modalities: Enabled modalities.
-        scope: The model's ``tomoscribe.scope.ModelScope``, or ``None``.
+        scope: The model's ``tomoscribe.scope.ModelScope``, several models'
+            ``CombinedScope`` (the study qualifies when any model reads one of
+            its series), or ``None``.
 
     Returns:
         ``(True, "")`` or ``(False, one-line reason)``.
@@ -95,7 +99,9 @@ def study_qualifies(series_list: Sequence[Mapping[str, Any]],
     if any(why is None for why in refusals):
         return True, ""
     if refusals:  # image series there are, but the model was not trained on them
-        return False, f"outside the model's scope: {refusals[0]}"
+        whose = "every model's scope" if len(getattr(scope, "members", ())) > 1 else \
+            "the model's scope"
+        return False, f"outside {whose}: {refusals[0]}"
     found = sorted({str((s.get("MainDicomTags", {}) or {}).get("Modality", "?"))
                     for s in series_list})
     return False, (f"no {'/'.join(modalities)} image series that is not tomoscribe's own"

@@ -9,8 +9,8 @@ Every key is optional::
       "StorageDirectory": "/var/lib/orthanc/tomoscribe", // job DB, worker log, scratch
       "OrthancUrl": "http://127.0.0.1:8042", // how the worker reaches Orthanc's REST API
       "WorkerUsername": "", "WorkerPassword": "",     // else a plugin-generated token
-      "ModelDirectory": "/opt/tomoscribe/model",      // null: the app's default model
-      "ModelVersion": "0.1.0",               // job key; default tomoscribe.__version__
+      "ModelDirectory": "/opt/tomoscribe/model",      // a folder, a model name, or a list
+      "ModelVersion": "0.1.0",               // job key; default: see default_model_version
       "Questions": ["Is there a lesion?"],
       "Modalities": ["CT", "MR"],           // and only what the model reads (its scope)
       "JobFunction": "operators.app:run_app", // or "/abs/file.py:function"
@@ -21,14 +21,24 @@ Every key is optional::
       "OhifDirectory": "/opt/ohif/dist"      // OHIF build served at /ohif/; default var/ohif/dist
     }
 
+``ModelDirectory`` names the model jobs run: a folder, the name of a model
+packaged with tomoscribe (``"default"``, ``"head-mr"`` for
+``tomoscribe/weights-head-mr/``), or a list of them (a JSON array, or a
+string holding one, as an environment variable gives it), such as
+``["default", "head-mr"]``: each model reads the series in its own scope, and
+a study gets a job when any model's scope admits it (:func:`model_scope`).
+``null`` or ``[]``: ``AppConfig``'s ``model``, else the default model.
+
 Standard library only: imported inside Orthanc's process.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from collections.abc import Mapping
+import re
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,11 +46,19 @@ from typing import Any
 #: Repository root (plugin/ lives directly under it).
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_JOB_FUNCTION = "operators.app:run_app"
+#: the form of a model name: the same rule as ``tomoscribe.scope.is_model_name``
+#: (repeated here: the first reading of the settings happens before the venv,
+#: and so tomoscribe, is importable)
+_MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
 @dataclass(frozen=True)
 class Settings:
-    """Resolved plugin settings (see the module docstring for the JSON keys)."""
+    """Resolved plugin settings (see the module docstring for the JSON keys).
+
+    ``models`` holds ``ModelDirectory``: packaged model names and absolute
+    folders, in order; empty: ``AppConfig``'s model, else the default one.
+    """
 
     enabled: bool
     python: str
@@ -48,7 +66,7 @@ class Settings:
     orthanc_url: str
     worker_username: str | None
     worker_password: str | None
-    model_dir: Path | None
+    models: tuple[str, ...]
     model_version: str
     questions: tuple[str, ...]
     modalities: tuple[str, ...]
@@ -94,7 +112,8 @@ class Settings:
             orthanc_url=str(data["orthanc_url"]),
             worker_username=data.get("worker_username"),
             worker_password=None,
-            model_dir=Path(data["model_dir"]) if data.get("model_dir") else None,
+            models=tuple(str(m) for m in data.get("models") or ()) or (
+                (str(data["model_dir"]),) if data.get("model_dir") else ()),
             model_version=str(data["model_version"]),
             questions=tuple(data.get("questions", ())),
             modalities=tuple(data.get("modalities", ("CT", "MR"))),
@@ -110,37 +129,147 @@ class Settings:
         )
 
 
-def model_scope(settings: Settings) -> tuple[Any, str]:
-    """The declared scope of the model jobs will run (``tomoscribe.scope.ModelScope``).
+def job_models(settings: Settings) -> str | Path | list[str | Path] | None:
+    """The ``model_dir`` argument of the job function: ``ModelDirectory`` as it names the models.
 
-    The model is ``ModelDirectory``, else the ``AppConfig`` file's ``model``,
-    else the default model, as the job function resolves it.
+    ``None`` when it is not set (the app takes ``AppConfig``'s model, else the
+    default); one model as a :class:`~pathlib.Path` (a folder) or a string (a
+    packaged model's name), as job functions took it before; several as a list.
+    """
+    items: list[str | Path] = [Path(m) if os.path.isabs(m) else m for m in settings.models]
+    if not items:
+        return None
+    return items[0] if len(items) == 1 else items
+
+
+def _configured(models: Sequence[str], app_config: Path | None) -> tuple[Path | None, ...]:
+    """The model folders jobs run (``None``: the default model), as the job function finds them.
+
+    ``ModelDirectory``, else the ``AppConfig`` file's ``model``, else the
+    default model. Imports tomoscribe (light: no torch).
+
+    Raises:
+        Exception: tomoscribe is not importable, a name is unknown, the
+            ``AppConfig`` file is bad.
+    """
+    from tomoscribe.scope import resolve_model
+
+    if models:
+        return tuple(resolve_model(m) for m in models)
+    if app_config is not None:
+        from tomoscribe.config import load_settings as load_app_settings
+
+        return load_app_settings(app_config).models
+    return (None,)
+
+
+def configured_models(settings: Settings) -> tuple[Path | None, ...]:
+    """The model folders jobs run; see :func:`_configured` (raises where it does)."""
+    return _configured(settings.models, settings.app_config)
+
+
+def model_scope(settings: Settings) -> tuple[Any, str]:
+    """What the models jobs run read together (:func:`configured_models`).
+
+    One model: its declared ``tomoscribe.scope.ModelScope``, as before.
+    Several: a ``tomoscribe.scope.CombinedScope``, which admits a series when
+    any model's scope admits it, and otherwise gives each model's reason.
 
     Returns:
         ``(scope, "")``, or ``(None, one-line reason)`` when it cannot be read
         here (the job itself then reports what is wrong with the model).
     """
     try:
-        from tomoscribe.scope import read_scope
+        from tomoscribe.scope import CombinedScope, model_labels, read_scope
 
-        model_dir = settings.model_dir
-        if model_dir is None and settings.app_config is not None:
-            from tomoscribe.config import load_settings as load_app_settings
-
-            model_dir = load_app_settings(settings.app_config).model
-        return read_scope(model_dir), ""
+        folders = configured_models(settings)
+        if len(folders) == 1:
+            return read_scope(folders[0]), ""
+        labels = model_labels(folders)
+        members = tuple((label, read_scope(folder))
+                        for label, folder in zip(labels, folders, strict=True))
+        return CombinedScope(members), ""
     except Exception as exc:  # tomoscribe missing, a broken config: never break Orthanc
         return None, " ".join(f"{type(exc).__name__}: {exc}".split())
 
 
-def default_model_version() -> str:
-    """``tomoscribe.__version__`` if the package is importable (it is light), else 'unknown'."""
+def default_model_version(models: Sequence[Path | None] = ()) -> str:
+    """The default ``ModelVersion``, the second half of a job's key.
+
+    With one model (or none named): ``tomoscribe.__version__``, as before, so
+    an installation that keeps one model keeps its job keys. With several:
+    the versions of the models (``config.json``'s ``version``, which their
+    output UIDs derive from), sorted and joined with ``", "``. Sorted: the
+    order of the list decides only the order the models run in, not what
+    they write, so reordering it leaves the key alone. Changing the set of
+    models changes the key: a study none of them read (a job ``skipped``) gets
+    a new job when it is sent again after a model that reads it is added.
+
+    Args:
+        models: the model folders (:func:`configured_models`).
+
+    Returns:
+        The version text; ``"unknown"`` when tomoscribe is not importable.
+    """
     try:
         import tomoscribe
 
-        return str(tomoscribe.__version__)
+        package = str(tomoscribe.__version__)
+        if len(models) <= 1:
+            return package
+        from tomoscribe.scope import model_label, read_model_version
+
+        return ", ".join(sorted(read_model_version(m) or f"{model_label(m)} (no version)"
+                                for m in models))
     except Exception:
         return "unknown"
+
+
+def _model_entries(value: Any) -> tuple[str, ...]:
+    """``ModelDirectory``: names kept as names, folders made absolute, in order.
+
+    Raises:
+        ValueError: not a name, folder or list of them; an unknown name; a
+            model listed twice (one-line message).
+    """
+    key = '"Tomoscribe.ModelDirectory"'
+    if isinstance(value, str) and value.strip().startswith("["):
+        try:
+            value = json.loads(value)
+        except ValueError as exc:
+            raise ValueError(f"{key} is not a JSON list: {exc}") from exc
+    if value is None or value == "":
+        return ()
+    items = value if isinstance(value, list) else [value]
+    try:  # the packaged models; None before the venv is on sys.path (read again after)
+        from tomoscribe.scope import packaged_models
+
+        names: dict[str, Path] | None = packaged_models()
+    except Exception:
+        names = None
+    out: list[str] = []
+    seen: dict[str, str] = {}
+    for item in items:
+        if not isinstance(item, str) or not item.strip():
+            raise ValueError(f"{key} must be a model name, a folder, or a list of them")
+        text = item.strip()
+        word = _MODEL_NAME.fullmatch(text) is not None
+        if word and names is None:  # checked when read again, with the venv
+            entry = folder = text
+        elif word and names is not None and text in names:
+            entry, folder = text, str(names[text])
+        elif word and names is not None and not os.path.isdir(text):
+            raise ValueError(f"{key}: no model named {text!r}: the packaged models are "
+                             f"{', '.join(names)}, and there is no folder {os.path.abspath(text)}")
+        else:
+            entry = folder = os.path.abspath(os.path.expanduser(text))
+        where = os.path.realpath(folder)
+        if where in seen:
+            raise ValueError(f"{key}: {text!r} is the same model as {seen[where]!r}; "
+                             "list each model once")
+        seen[where] = text
+        out.append(entry)
+    return tuple(out)
 
 
 def load_settings(config: Mapping[str, Any]) -> Settings:
@@ -178,6 +307,16 @@ def load_settings(config: Mapping[str, Any]) -> Settings:
     extra_env = section.get("WorkerEnvironment", {}) or {}
     if not isinstance(extra_env, Mapping):
         raise ValueError('"Tomoscribe.WorkerEnvironment" must be a JSON object')
+    models = _model_entries(section.get("ModelDirectory"))
+    app_config = opt_path("AppConfig")
+    model_version = section.get("ModelVersion")
+    if not model_version:
+        folders: Sequence[Path | None] = ()
+        if len(models) > 1 or (not models and app_config is not None):
+            # tomoscribe not yet importable, a bad AppConfig: the job reports it
+            with contextlib.suppress(Exception):
+                folders = _configured(models, app_config)
+        model_version = default_model_version(folders)
 
     return Settings(
         enabled=bool(section.get("Enabled", True)),
@@ -186,12 +325,12 @@ def load_settings(config: Mapping[str, Any]) -> Settings:
         orthanc_url=str(section.get("OrthancUrl") or f"http://127.0.0.1:{port}").rstrip("/"),
         worker_username=section.get("WorkerUsername") or None,
         worker_password=section.get("WorkerPassword") or None,
-        model_dir=opt_path("ModelDirectory"),
-        model_version=str(section.get("ModelVersion") or default_model_version()),
+        models=models,
+        model_version=str(model_version),
         questions=tuple(questions),
         modalities=tuple(m.upper() for m in modalities),
         job_function=str(section.get("JobFunction") or DEFAULT_JOB_FUNCTION),
-        app_config=opt_path("AppConfig"),
+        app_config=app_config,
         lease_s=float(section.get("LeaseSeconds", 60)),
         max_attempts=int(section.get("MaxAttempts", 3)),
         job_timeout_s=float(section.get("JobTimeoutSeconds", 1800)),

@@ -78,7 +78,9 @@ class TomoscribePlugin:
             _log(f"tomoscribe: cannot read the model's scope ({why}); "
                  "studies are filtered by Modalities only")
         elif self.scope.declared:
-            _log(f"tomoscribe: the model reads {self.scope.what()}; other studies are skipped")
+            models = "the models read" if getattr(self.scope, "members", None) else \
+                "the model reads"
+            _log(f"tomoscribe: {models} {self.scope.what()}; other studies are skipped")
         self.store = JobStore(settings.db_path, max_attempts=settings.max_attempts)
         self.supervisor = Supervisor(settings, authorization, _log)
         self.routes = Routes(self.store, self.enqueue_study, self.health)

@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from events import input_series
 from jobs import Job, JobStore, one_line
-from settings import Settings, model_scope
+from settings import Settings, job_models, model_scope
 
 from tomoscribe.errors import OutOfScopeError, OutputError, TomoscribeError
 
@@ -236,20 +236,22 @@ def run_job(job: Job, settings: Settings, client: OrthancClient, job_function: J
 
     Args:
         job: The claimed job.
-        settings: Plugin settings (modalities, model folder, questions, scratch folder).
+        settings: Plugin settings (modalities, models, questions, scratch folder).
         client: Orthanc REST client.
         job_function: ``run_app(input_dir, output_dir, model_dir, questions, config_path)``
             returning the output DICOM files, or an object whose ``written`` holds them
-            (``operators.app.RunResult``).
+            (``operators.app.RunResult``). ``model_dir`` is :func:`settings.job_models`:
+            ``None``, one model (a folder or a name), or the list of models.
         before_store: Called just before storing; raises (e.g. :class:`LeaseLostError`) to abort.
-        scope: The model's ``tomoscribe.scope.ModelScope`` (:func:`settings.model_scope`):
-            only series it admits are fetched. ``None``: fetch by Modalities; the app decides.
+        scope: What the models read (:func:`settings.model_scope`: one model's
+            ``tomoscribe.scope.ModelScope`` or several models' ``CombinedScope``): only
+            series it admits are fetched. ``None``: fetch by Modalities; the app decides.
 
     Returns:
         Orthanc instance ids of the stored outputs.
 
     Raises:
-        OutOfScopeError: From the job function: the model does not read this study.
+        OutOfScopeError: From the job function: no model reads this study.
         TomoscribeError: From the job function, for bad input.
         OrthancError: Talking to Orthanc failed.
     """
@@ -261,7 +263,7 @@ def run_job(job: Job, settings: Settings, client: OrthancClient, job_function: J
         out_dir.mkdir()
         files = fetch_study(client, job.orthanc_study_id, settings.modalities, in_dir, scope)
         LOG.info("job %d: fetched %d instances of study %s", job.id, len(files), job.study_uid)
-        result = job_function(in_dir, out_dir, model_dir=settings.model_dir,
+        result = job_function(in_dir, out_dir, model_dir=job_models(settings),
                               questions=list(settings.questions),
                               config_path=settings.app_config)
         # operators.app.run_app returns a RunResult (.written, .explanation, ...);

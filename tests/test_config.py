@@ -25,6 +25,7 @@ def test_shipped_app_yaml_equals_builtin_defaults() -> None:
     builtin = default_settings()
     assert shipped.selection == builtin.selection == DEFAULT_RULES
     assert shipped.model == builtin.model is None
+    assert shipped.models == builtin.models == (None,)
     assert shipped.questions == builtin.questions
     assert shipped.outputs == builtin.outputs == Outputs(sr=True, seg=True)
     assert shipped.source == APP_YAML and builtin.source is None
@@ -61,6 +62,7 @@ def test_settings_from_file(tmp_path: Path) -> None:
     s = load_settings(path)
     assert s.selection["selections"][0]["conditions"]["Modality"] == "MR"
     assert s.model == tmp_path.resolve() / "weights" / "v2"  # relative to the file
+    assert s.models == (s.model,)
     assert s.questions == ("is there a lesion in the liver ?", "any nodule ?")
     assert s.outputs == Outputs(sr=True, seg=False)
 
@@ -82,6 +84,10 @@ def test_manifest_without_tomoscribe_section_gets_defaults(tmp_path: Path) -> No
          r"unknown key\(s\) prefered"),
         ({"selection": {"selections": [{"prefer": ["biggest"]}]}}, r"biggest"),
         ({"model": 3}, r"tomoscribe\.model must be"),
+        ({"model": []}, r"tomoscribe\.model: the list names no model"),
+        ({"model": ["default", 3]}, r"tomoscribe\.model item 2 must be a model name"),
+        ({"model": ["default", "/opt/m", "default"]},
+         r"item 3: 'default' is the same model as 'default'; list each model once"),
         ({"questions": "why?"}, r"questions must be a list"),
         ({"questions": ["ok", ""]}, r"questions item 2"),
         ({"outputs": {"sr": "yes"}}, r"outputs\.sr must be true or false"),
@@ -108,3 +114,52 @@ def test_unreadable_files(tmp_path: Path) -> None:
     top.write_text("- a\n- b\n")
     with pytest.raises(ConfigError, match="mapping at the top level"):
         load_settings(top)
+
+
+@pytest.fixture
+def package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A stand-in package folder holding a packaged model ``head-mr``."""
+    folder = tmp_path / "package"
+    (folder / "weights-head-mr").mkdir(parents=True)
+    monkeypatch.setattr("tomoscribe.scope.PACKAGE_DIR", folder)
+    return folder
+
+
+def _model(value: object, source: Path) -> tuple[Path | None, ...]:
+    return parse_settings({"tomoscribe": {"model": value}}, source).models
+
+
+def test_model_by_name_folder_or_list(package: Path, tmp_path: Path) -> None:
+    source = tmp_path / "site" / "app.yaml"
+    head = package / "weights-head-mr"
+    assert _model("default", source) == (None,)
+    assert _model("head-mr", source) == (head,)
+    assert _model("models/ct", source) == (tmp_path / "site" / "models" / "ct",)
+    assert _model("/abs/ct", source) == (Path("/abs/ct"),)
+    assert _model(["default", "head-mr"], source) == (None, head)
+    assert _model(["head-mr", "default", "./head-mr"], source) == (  # order kept
+        head, None, tmp_path / "site" / "head-mr")
+    (tmp_path / "site" / "mine").mkdir(parents=True)  # a folder named by one word, as before
+    assert _model(["mine"], source) == (tmp_path / "site" / "mine",)
+    s = parse_settings({"tomoscribe": {"model": ["head-mr", "default"]}}, source)
+    assert s.model == head  # the first one, for code that reads one model
+
+
+def test_an_unknown_model_name_is_one_line_listing_the_names(package: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_settings({"tomoscribe": {"model": ["default", "head-ct"]}}, Path("/etc/site.yaml"))
+    assert str(info.value) == (
+        "/etc/site.yaml: tomoscribe.model item 2: no model named 'head-ct': the packaged "
+        "models are default, head-mr, and there is no folder /etc/head-ct")
+
+
+def test_a_model_named_twice_is_refused(package: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="'head-mr' is the same model as 'weights-head-mr'"):
+        parse_settings({"tomoscribe": {"model": ["weights-head-mr", "head-mr"]}},
+                       package / "app.yaml")
+
+
+def test_model_list_in_a_file(package: Path, tmp_path: Path) -> None:
+    path = tmp_path / "app.yaml"
+    path.write_text("tomoscribe:\n  model:\n    - default\n    - head-mr\n")
+    assert load_settings(path).models == (None, package / "weights-head-mr")

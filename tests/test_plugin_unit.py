@@ -96,11 +96,12 @@ class FakeOutput:
         return json.loads(self.body)
 
 
-@pytest.fixture
-def fake(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[FakeOrthanc, Any]]:
+def _start_plugin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                  **section: Any) -> tuple[FakeOrthanc, Any]:
+    """Load the entry script against a fake ``orthanc``; ``section``: more Tomoscribe keys."""
     config = {"StorageDirectory": str(tmp_path / "storage"), "HttpPort": 8999,
               "AuthenticationEnabled": True,
-              "Tomoscribe": {"Python": sys.executable, "Questions": ["Any lesion?"]}}
+              "Tomoscribe": {"Python": sys.executable, "Questions": ["Any lesion?"], **section}}
     orthanc = FakeOrthanc(config)
     monkeypatch.setitem(sys.modules, "orthanc", orthanc.module)
     monkeypatch.setattr(sys, "path", list(sys.path))  # the entry script edits sys.path
@@ -108,8 +109,14 @@ def fake(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Fake
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    yield orthanc, module.PLUGIN
-    module.PLUGIN.supervisor.stop()
+    return orthanc, module.PLUGIN
+
+
+@pytest.fixture
+def fake(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[FakeOrthanc, Any]]:
+    orthanc, plugin = _start_plugin(tmp_path, monkeypatch)
+    yield orthanc, plugin
+    plugin.supervisor.stop()
 
 
 def _stable(orthanc: FakeOrthanc, study_id: str) -> float:
@@ -377,6 +384,133 @@ def test_bad_settings_give_one_line_errors() -> None:
         load_settings({"Tomoscribe": {"Questions": "not a list"}})
     with pytest.raises(ValueError, match="JSON object"):
         load_settings({"Tomoscribe": [1]})
+
+
+# ---------------------------------------------------------------- several models
+
+
+def _model_folder(folder: Path, version: str, scope: Any) -> Path:
+    """A model folder as far as the plugin reads one: config.json's version and scope."""
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({"version": version,
+                                                    "scope": scope.to_dict()}))
+    return folder
+
+
+@pytest.fixture
+def package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A stand-in package folder holding the packaged model ``head-mr`` (version 0.2.0-head)."""
+    from tomoscribe.scope import HEAD_MR
+
+    folder = tmp_path / "package"
+    _model_folder(folder / "weights-head-mr", "0.2.0-head", HEAD_MR)
+    monkeypatch.setattr("tomoscribe.scope.PACKAGE_DIR", folder)
+    return folder
+
+
+def _settings(tmp_path: Path, **section: Any) -> Settings:
+    return load_settings({"StorageDirectory": str(tmp_path), "Tomoscribe": section})
+
+
+def test_model_directory_takes_a_name_a_folder_or_a_list(
+    package: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from settings import default_model_version, job_models
+
+    from tomoscribe.scope import read_model_version
+
+    monkeypatch.chdir(tmp_path)
+    folder = str(tmp_path / "site" / "ct")
+    cases: list[tuple[Any, tuple[str, ...], Any]] = [
+        (None, (), None),
+        ([], (), None),
+        ("default", ("default",), "default"),
+        ("head-mr", ("head-mr",), "head-mr"),
+        ("site/ct", (folder,), Path(folder)),  # relative to Orthanc's folder, as before
+        (["head-mr", "default"], ("head-mr", "default"), ["head-mr", "default"]),
+        ('["default", "site/ct"]', ("default", folder), ["default", Path(folder)]),
+    ]
+    for value, models, job_arg in cases:
+        settings = _settings(tmp_path, ModelDirectory=value)
+        assert settings.models == models, value
+        assert job_models(settings) == job_arg, value
+        assert Settings.from_json(settings.to_json()).models == models
+    # the job key: one model keeps tomoscribe's version; several, their versions sorted
+    assert _settings(tmp_path, ModelDirectory="head-mr").model_version == tomoscribe.__version__
+    two = _settings(tmp_path, ModelDirectory=["default", "head-mr"])
+    key = ", ".join(sorted([str(read_model_version(None)), "0.2.0-head"]))
+    assert two.model_version == key == default_model_version([None, package / "weights-head-mr"])
+    assert _settings(tmp_path, ModelDirectory=["head-mr", "default"]).model_version == key
+    assert _settings(tmp_path, ModelDirectory=["head-mr", "default"],
+                     ModelVersion="site-1").model_version == "site-1"
+
+
+def test_a_bad_model_directory_is_one_line(package: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError) as info:
+        _settings(tmp_path, ModelDirectory=["default", "head-ct"])
+    assert str(info.value) == (
+        "\"Tomoscribe.ModelDirectory\": no model named 'head-ct': the packaged models are "
+        f"default, head-mr, and there is no folder {Path.cwd() / 'head-ct'}")
+    with pytest.raises(ValueError, match="'head-mr' is the same model as 'head-mr'"):
+        _settings(tmp_path, ModelDirectory=["head-mr", "default", "head-mr"])
+    with pytest.raises(ValueError, match="must be a model name, a folder, or a list of them"):
+        _settings(tmp_path, ModelDirectory=["default", 3])
+    with pytest.raises(ValueError, match="is not a JSON list"):
+        _settings(tmp_path, ModelDirectory='["default",')
+
+
+def test_two_models_admit_a_study_either_reads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ModelDirectory [ct, head]: chest CT and head MR studies get a job, a head CT none."""
+    from events import input_series
+
+    from tomoscribe.scope import CHEST_ABDOMEN_CT, HEAD_MR
+
+    ct = _model_folder(tmp_path / "ct", "1.0-ct", CHEST_ABDOMEN_CT)
+    head = _model_folder(tmp_path / "head", "1.0-head", HEAD_MR)
+    orthanc, plugin = _start_plugin(tmp_path, monkeypatch, ModelDirectory=[str(ct), str(head)])
+    try:
+        assert plugin.settings.models == (str(ct), str(head))
+        assert plugin.settings.model_version == "1.0-ct, 1.0-head"
+        assert any("the models read CT of the chest and abdomen (ct) or MR of the head (head)"
+                   in line for line in orthanc.logs), orthanc.logs
+        orthanc.studies["s1"] = ("1.2.840.1", [_with_body_part(_series("a", "CT"), "CHEST")])
+        orthanc.studies["s2"] = ("1.2.840.2", [_with_body_part(_series("b", "MR"), "HEAD")])
+        orthanc.studies["s3"] = ("1.2.840.3", [_with_body_part(_series("c", "CT"), "HEAD")])
+        for study in ("s1", "s2", "s3"):
+            _stable(orthanc, study)
+        jobs = plugin.store.list()
+        assert sorted((j.study_uid, j.model_version) for j in jobs) == [
+            ("1.2.840.1", "1.0-ct, 1.0-head"), ("1.2.840.2", "1.0-ct, 1.0-head")]
+        _job, _created, why = plugin.enqueue_study("s3", True)
+        assert why == ("outside every model's scope: ct: the model reads CT of the chest and "
+                       "abdomen, not Body Part Examined HEAD; head: the model reads MR of the "
+                       "head, not CT")
+        mixed = [_with_body_part(_series("m", "MR"), "BRAIN"), _series("k", "CT"),
+                 _with_body_part(_series("h", "CT"), "HEAD"), _series("u", "US")]
+        assert [x["ID"] for x in input_series(mixed, ("CT", "MR"), plugin.scope)] == ["m", "k"]
+    finally:
+        plugin.supervisor.stop()
+
+
+def test_the_worker_hands_every_model_to_the_job_function(package: Path, tmp_path: Path) -> None:
+    import worker
+    from jobs import JobStore
+
+    folder = str(tmp_path / "ct")
+    settings = _settings(tmp_path, ModelDirectory=[folder, "head-mr"])
+    store = JobStore(settings.db_path)
+    store.enqueue("1.2.840.1", "s1", settings.model_version)
+    seen: list[Any] = []
+
+    def job_function(*args: Any, **kwargs: Any) -> list[Path]:
+        seen.append(kwargs["model_dir"])
+        return []
+
+    assert worker.process_one(store, settings, _EmptyStudyClient(),  # type: ignore[arg-type]
+                              job_function, "w1")
+    assert seen == [[Path(folder), "head-mr"]]
 
 
 def test_supervisor_restarts_a_dying_worker_with_backoff(tmp_path: Path) -> None:

@@ -16,9 +16,15 @@ from tomoscribe.scope import (
     DEFAULT_MODEL_DIR,
     DEFINED_BODY_PARTS,
     HEAD_MR,
+    CombinedScope,
     ModelScope,
+    model_label,
+    model_labels,
     normalize_body_part,
+    packaged_models,
+    read_model_version,
     read_scope,
+    resolve_model,
 )
 
 
@@ -251,3 +257,66 @@ def test_volume_ranges_round_trip_through_config() -> None:
     assert ModelScope.from_dict(json.loads(json.dumps(conf))) == HEAD_MR
     assert "volume_ml" not in CHEST_ABDOMEN_CT.to_dict()["anatomy"]
     assert ModelScope.from_dict(CHEST_ABDOMEN_CT.to_dict()) == CHEST_ABDOMEN_CT
+
+
+# ---------------------------------------------------------------- models by name
+
+
+@pytest.fixture
+def package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A stand-in package folder with a packaged model ``head-mr`` (and a stray file)."""
+    folder = tmp_path / "package"
+    (folder / "weights-head-mr").mkdir(parents=True)
+    (folder / "weights-notes.txt").write_text("not a folder: no model")
+    monkeypatch.setattr("tomoscribe.scope.PACKAGE_DIR", folder)
+    return folder
+
+
+def test_packaged_models_are_default_and_each_weights_folder(package: Path) -> None:
+    assert packaged_models() == {"default": DEFAULT_MODEL_DIR,
+                                 "head-mr": package / "weights-head-mr"}
+
+
+def test_the_installed_package_names_its_default_model() -> None:
+    assert next(iter(packaged_models().items())) == ("default", DEFAULT_MODEL_DIR)
+
+
+def test_names_and_folders_resolve(package: Path, tmp_path: Path) -> None:
+    assert resolve_model(None) is None and resolve_model("default") is None
+    assert resolve_model(" head-mr ") == package / "weights-head-mr"
+    assert resolve_model("sub/model", tmp_path) == tmp_path / "sub" / "model"  # unchecked
+    assert resolve_model(Path("head-mr")) == Path("head-mr")  # a Path is always a folder
+    (tmp_path / "mine").mkdir()
+    assert resolve_model("mine", tmp_path) == tmp_path / "mine"  # a folder given as one word
+    with pytest.raises(ModelError) as info:
+        resolve_model("head-ct", tmp_path)
+    assert str(info.value) == (f"no model named 'head-ct': the packaged models are default, "
+                               f"head-mr, and there is no folder {tmp_path / 'head-ct'}")
+
+
+def test_labels_and_versions(package: Path, tmp_path: Path) -> None:
+    assert model_label(None) == "default" and model_label(DEFAULT_MODEL_DIR) == "default"
+    assert model_label(package / "weights-head-mr") == "head-mr"
+    assert model_label(tmp_path / "a" / "model") == "model"
+    a, b = tmp_path / "a" / "model", tmp_path / "b" / "model"
+    assert model_labels([None, a, b]) == ["default", str(a), str(b)]
+    assert read_model_version(None) == json.loads(
+        (DEFAULT_MODEL_DIR / "config.json").read_text())["version"]
+    assert read_model_version(a) is None  # no config.json
+    a.mkdir(parents=True)
+    (a / "config.json").write_text("{}")
+    assert read_model_version(a) == "0"  # as Scribe.load reads it
+
+
+def test_a_combined_scope_reads_what_any_model_reads() -> None:
+    both = CombinedScope((("default", CHEST_ABDOMEN_CT), ("head-mr", HEAD_MR)))
+    assert both.declared and both.modalities == ("CT", "MR")
+    assert both.refusal("CT", "CHEST") is None and both.refusal("MR", "HEAD") is None
+    assert both.refusal("MR", "") is None  # the head model reads an MR without Body Part
+    assert both.refusal("CT", "HEAD") == (
+        "default: the model reads CT of the chest and abdomen, not Body Part Examined HEAD; "
+        "head-mr: the model reads MR of the head, not CT")
+    assert both.what() == "CT of the chest and abdomen (default) or MR of the head (head-mr)"
+    anything = CombinedScope((("default", CHEST_ABDOMEN_CT), ("theirs", ModelScope())))
+    assert not anything.declared and anything.modalities == ()
+    assert anything.refusal("US") is None

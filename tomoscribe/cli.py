@@ -2,8 +2,13 @@
 
 ::
 
-    tomoscribe run -i INPUT_DIR -o OUTPUT_DIR [-m MODEL_DIR] [-q QUESTION ...] [-c CONFIG] [-v]
+    tomoscribe run -i INPUT_DIR -o OUTPUT_DIR [-m MODEL ...] [-q QUESTION ...] [-c CONFIG] [-v]
     tomoscribe version
+
+``-m`` takes a packaged model's name (``default``, ``head-mr``) or a model
+folder; repeated, it runs several models, each on the series in its own scope
+(:func:`operators.app.run_app`), and the study is skipped only when none of
+them reads it.
 
 ``run`` prints the written files and the report, and exits with status 0. On a
 :class:`~tomoscribe.errors.TomoscribeError` it prints exactly one line,
@@ -29,6 +34,9 @@ from typing import TextIO
 
 from tomoscribe import __version__
 
+#: a model, or several, as :func:`execute_run` takes them: names or folders
+ModelArg = str | Path | Sequence[str | Path | None] | None
+
 PROG = "tomoscribe"
 #: exit status for a user-facing error (bad input, bad settings, no model...)
 EXIT_ERROR = 2
@@ -47,7 +55,7 @@ def error_line(reason: object, stream: TextIO | None = None, kind: str = "error"
 def execute_run(
     input_dir: Path,
     output_dir: Path,
-    model_dir: Path | None = None,
+    model_dir: ModelArg = None,
     questions: Sequence[str] = (),
     config: Path | None = None,
     verbose: bool = False,
@@ -55,6 +63,15 @@ def execute_run(
     """Run the application on one study and report like the CLI; returns the exit status.
 
     Shared by ``tomoscribe run`` and ``python -m operators``.
+
+    Args:
+        input_dir: the study's folder or file.
+        output_dir: folder for the outputs.
+        model_dir: a model name or folder, or a list of them (``None`` or
+            empty: the settings' models); see :func:`operators.app.run_app`.
+        questions: questions to answer (empty: the settings' standing questions).
+        config: a settings file in ``app.yaml`` format.
+        verbose: also print the selection explanation and timings.
 
     Returns:
         0, :data:`EXIT_ERROR`, :data:`EXIT_SKIPPED`, :data:`EXIT_INTERNAL` or 130
@@ -92,6 +109,8 @@ def execute_run(
             print(f"  {line}", file=out)
         timings = ", ".join(f"{k} {v:.2f} s" for k, v in result.timings.items())
         print(f"timings: {timings}", file=out)
+    for label, reason in result.skipped:  # several models: one had nothing to read
+        print(f"{label}: skipped: {reason}", file=out)
     for path in result.written:
         print(f"wrote {path}", file=out)
     print(file=out)
@@ -109,7 +128,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return execute_run(
         args.input,
         args.output,
-        model_dir=args.model,
+        model_dir=args.model or None,
         questions=args.question or (),
         config=args.config,
         verbose=args.verbose,
@@ -136,8 +155,10 @@ def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="study folder (searched recursively) or DICOM file")
     p.add_argument("-o", "--output", type=Path, required=True, metavar="OUTPUT_DIR",
                    help="folder for the SR and SEG files (created if missing)")
-    p.add_argument("-m", "--model", type=Path, metavar="MODEL_DIR",
-                   help="model folder (config.json + model.pt); default: the settings' model")
+    p.add_argument("-m", "--model", action="append", metavar="MODEL",
+                   help="a packaged model's name (default, or another tomoscribe/weights-<name>)"
+                   " or a model folder (config.json + model.pt); repeat it to run several "
+                   "models, each on the series in its own scope; default: the settings' model")
     p.add_argument("-q", "--question", action="append", metavar="QUESTION",
                    help="a question the report must answer (repeatable); replaces the "
                    "settings' standing questions")

@@ -5,7 +5,7 @@
 
     tomoscribe:
       selection: {selections: [...]}     # rules for tomoscribe.dicomio.select_series
-      model: default                     # or a folder (relative to this file)
+      model: default                     # a name, a folder (relative to this file), or a list
       questions: []                      # standing questions, answered in every report
       outputs: {sr: true, seg: true, measurements: true, pdf: true}
 
@@ -13,6 +13,14 @@
 :func:`default_settings`, which equal the ``app.yaml`` at the top of the
 repository (a test keeps the two in step), so an installed package needs no
 data file.
+
+``model:`` names the model: ``default`` (shipped in ``tomoscribe/weights/``),
+the name of another packaged model (``head-mr`` for
+``tomoscribe/weights-head-mr/``, once installed), or a folder. A list names
+several models, each run on the series in its own scope
+(:func:`operators.app.run_app`)::
+
+    model: [default, head-mr]            # CT of the chest-abdomen, MR of the head
 """
 
 from __future__ import annotations
@@ -58,17 +66,23 @@ class Settings:
 
     Attributes:
         selection: series selection rules (the dict :func:`select_series` takes).
-        model: the model folder; ``None`` means the default model.
+        models: the model folders, in the order they run (at least one, no
+            folder twice); ``None`` means the default model.
         questions: standing questions answered in every report.
         outputs: which objects to write.
         source: the file they came from (``None``: built-in defaults).
     """
 
     selection: dict[str, Any]
-    model: Path | None = None
+    models: tuple[Path | None, ...] = (None,)
     questions: tuple[str, ...] = ()
     outputs: Outputs = field(default_factory=Outputs)
     source: Path | None = None
+
+    @property
+    def model(self) -> Path | None:
+        """The first model's folder (the only one, with one model); ``None``: the default."""
+        return self.models[0]
 
 
 def default_settings() -> Settings:
@@ -98,15 +112,36 @@ def _check_selection(value: Any, where: str) -> dict[str, Any]:
     return copy.deepcopy(value)
 
 
-def _check_model(value: Any, source: Path | None, where: str) -> Path | None:
-    if value is None or value == "default":
-        return None
-    if not isinstance(value, str) or not value.strip():
-        raise ConfigError(f"{where}tomoscribe.model must be 'default' or a folder path")
-    path = Path(value).expanduser()
-    if not path.is_absolute() and source is not None:
-        path = source.parent / path
-    return path
+def _check_model(value: Any, source: Path | None, where: str) -> tuple[Path | None, ...]:
+    """``model:``: a name, a folder, or a non-empty list of them (no model twice)."""
+    from tomoscribe.errors import ModelError
+    from tomoscribe.scope import DEFAULT_MODEL_DIR, resolve_model
+
+    if value is None:
+        return (None,)
+    shape = "a model name ('default'), a folder path, or a list of them"
+    if isinstance(value, list):
+        if not value:
+            raise ConfigError(f"{where}tomoscribe.model: the list names no model")
+        items, labels = value, [f"tomoscribe.model item {i}" for i in range(1, len(value) + 1)]
+    else:
+        items, labels = [value], ["tomoscribe.model"]
+    out: list[Path | None] = []
+    seen: dict[Path, str] = {}
+    for item, label in zip(items, labels, strict=True):
+        if not isinstance(item, str) or not item.strip():
+            raise ConfigError(f"{where}{label} must be {shape}")
+        try:
+            folder = resolve_model(item, source.parent if source is not None else None)
+        except ModelError as exc:
+            raise ConfigError(f"{where}{label}: {exc}") from exc
+        key = (folder if folder is not None else DEFAULT_MODEL_DIR).resolve()
+        if key in seen:
+            raise ConfigError(f"{where}{label}: {item.strip()!r} is the same model as "
+                              f"{seen[key]!r}; list each model once")
+        seen[key] = item.strip()
+        out.append(folder)
+    return tuple(out)
 
 
 def _check_questions(value: Any, where: str) -> tuple[str, ...]:
@@ -177,7 +212,7 @@ def parse_settings(data: Any, source: Path | None = None) -> Settings:
     )
     return Settings(
         selection=selection,
-        model=_check_model(section.get("model"), source, where),
+        models=_check_model(section.get("model"), source, where),
         questions=_check_questions(section.get("questions"), where),
         outputs=_check_outputs(section.get("outputs"), where),
         source=source,

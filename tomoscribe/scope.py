@@ -52,22 +52,37 @@ the cerebellum 120-170 ml in an adult, about 30 ml at birth. Run on a torso,
 the head model calls 2.6 to 8.2 litres "cerebral hemisphere" (six test
 phantoms, values shifted and scaled as an MR's): refused.
 
+Models are named where they are configured (the settings' ``model:``, the
+CLI's ``-m``, the plugin's ``ModelDirectory``): ``default`` is the model
+shipped in ``tomoscribe/weights/``, and each packaged folder
+``tomoscribe/weights-<name>/`` is the model ``<name>`` (:func:`packaged_models`,
+:func:`resolve_model`). Several models can serve one installation, each on the
+studies in its own scope; :class:`CombinedScope` is what they read together.
+
 This module is light (standard library only): the Orthanc plugin imports it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tomoscribe.errors import ModelError
 
+#: the installed package's folder, where packaged models live
+PACKAGE_DIR = Path(__file__).resolve().parent
 #: the default model's folder, shipped inside the package
-DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "weights"
+DEFAULT_MODEL_DIR = PACKAGE_DIR / "weights"
+#: the name of the default model (``model: default``)
+DEFAULT_MODEL_NAME = "default"
+#: a packaged model ``<name>`` lives in the package folder ``weights-<name>/``
+PACKAGED_PREFIX = "weights-"
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 _DEFINED_TERMS = """
     ABDOMEN ABDOMENPELVIS ADRENAL ANKLE AORTA ARM AXILLA BACK BLADDER BRAIN BREAST
@@ -252,6 +267,160 @@ def read_scope(model_dir: Path | str | None = None) -> ModelScope:
         return ModelScope.from_dict(conf.get("scope"))
     except ValueError as exc:
         raise ModelError(f"{path}: {exc}") from exc
+
+
+def packaged_models() -> dict[str, Path]:
+    """The models shipped inside the installed package, by name.
+
+    ``"default"`` is ``weights/`` (:data:`DEFAULT_MODEL_DIR`); each folder
+    ``weights-<name>/`` beside it is the model ``<name>`` (``weights-head-mr/``
+    is ``"head-mr"``). Only folders that exist are listed, so a name can be
+    used once its folder is installed.
+
+    Returns:
+        name -> folder, ``"default"`` first, then the others sorted by name.
+    """
+    found = {DEFAULT_MODEL_NAME: DEFAULT_MODEL_DIR}
+    for folder in sorted(PACKAGE_DIR.glob(f"{PACKAGED_PREFIX}*")):
+        name = folder.name[len(PACKAGED_PREFIX):]
+        if folder.is_dir() and _NAME.fullmatch(name) and name != DEFAULT_MODEL_NAME:
+            found[name] = folder
+    return found
+
+
+def is_model_name(text: str) -> bool:
+    """Whether ``text`` has the form of a model name: one word of letters, digits, ``-_.``.
+
+    A name has no ``/`` and does not start with ``.`` or ``~``; anything else
+    is a folder path.
+    """
+    return bool(_NAME.fullmatch(text))
+
+
+def resolve_model(value: str | Path | None, base: Path | None = None) -> Path | None:
+    """The folder of a model given by name or by folder; ``None`` is the default model.
+
+    - ``None`` and ``"default"``: ``None`` (the default model, as everywhere).
+    - A :class:`~pathlib.Path`: that folder, unchanged and unchecked (loading
+      the model reports a missing or broken folder).
+    - Another string that is a packaged model's name (:func:`packaged_models`):
+      its folder. Names come first: write ``./head-mr`` for a folder of that name.
+    - Any other string: a folder, ``~`` expanded, relative to ``base`` (else
+      to the working directory). A single word (:func:`is_model_name`) must
+      then be an existing folder: anything else is taken for a mistyped name.
+
+    Args:
+        value: a name, a folder, or ``None``.
+        base: the folder relative paths are relative to (the settings file's);
+            ``None``: the working directory (left relative).
+
+    Raises:
+        ModelError: a single word that is neither a packaged model nor a
+            folder; the one-line message lists the names that exist.
+    """
+    if value is None or isinstance(value, Path):
+        return value
+    text = value.strip()
+    if text == DEFAULT_MODEL_NAME:
+        return None
+    names = packaged_models()
+    if text in names:
+        return names[text]
+    path = Path(text).expanduser()
+    if not path.is_absolute() and base is not None:
+        path = base / path
+    if is_model_name(text) and not path.is_dir():
+        raise ModelError(f"no model named {text!r}: the packaged models are "
+                         f"{', '.join(names)}, and there is no folder {path.absolute()}")
+    return path
+
+
+def model_label(model_dir: Path | None) -> str:
+    """A short name of a model for people: its packaged name, else its folder's name.
+
+    Args:
+        model_dir: the folder as :func:`resolve_model` gives it (``None``: the default).
+    """
+    if model_dir is None:
+        return DEFAULT_MODEL_NAME
+    with contextlib.suppress(OSError):
+        here = model_dir.resolve()
+        for name, folder in packaged_models().items():
+            if folder.resolve() == here:
+                return name
+    return model_dir.name or str(model_dir)
+
+
+def model_labels(models: Sequence[Path | None]) -> list[str]:
+    """:func:`model_label` of each model, or its whole folder path where two labels collide."""
+    labels = [model_label(m) for m in models]
+    return [str(m) if m is not None and labels.count(label) > 1 else label
+            for m, label in zip(models, labels, strict=True)]
+
+
+def read_model_version(model_dir: Path | None) -> str | None:
+    """The version a model folder's ``config.json`` declares, as the model takes it.
+
+    Output UIDs derive from (study, model version); a folder without a
+    ``version`` is version ``"0"``, as :meth:`tomoscribe.model.scribe.Scribe.load`
+    reads it.
+
+    Returns:
+        The version, or ``None`` when ``config.json`` is missing or unreadable
+        (loading the model reports that).
+    """
+    folder = model_dir if model_dir is not None else DEFAULT_MODEL_DIR
+    try:
+        conf = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return str(conf.get("version", "0")) if isinstance(conf, dict) else None
+
+
+@dataclass(frozen=True)
+class CombinedScope:
+    """What several models read together: a series is read when any one of them reads it.
+
+    It answers like a :class:`ModelScope` (``declared``, ``modalities``,
+    ``what()``, ``refusal()``), so the Orthanc plugin's event filter and the
+    worker's fetch take it in place of one model's scope.
+
+    Attributes:
+        members: ``(model label, scope)`` of each model, in the order listed.
+    """
+
+    members: tuple[tuple[str, ModelScope], ...]
+
+    @property
+    def declared(self) -> bool:
+        """Whether the models restrict anything (a model without a scope reads any series)."""
+        return all(scope.declared for _label, scope in self.members)
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        """The modalities any of the models reads; empty: any."""
+        if any(not scope.modalities for _label, scope in self.members):
+            return ()
+        return tuple(dict.fromkeys(m for _label, s in self.members for m in s.modalities))
+
+    def what(self) -> str:
+        """One phrase: each model's, with its label."""
+        return " or ".join(f"{scope.what()} ({label})" for label, scope in self.members)
+
+    def refusal(self, modality: str, body_part: str = "") -> str | None:
+        """``None`` when any model reads such a series; else each model's reason, on one line.
+
+        Args:
+            modality: the series' Modality.
+            body_part: its Body Part Examined ("" when absent).
+        """
+        reasons = []
+        for label, scope in self.members:
+            why = scope.refusal(modality, body_part)
+            if why is None:
+                return None
+            reasons.append(f"{label}: {why}")
+        return "; ".join(reasons)
 
 
 #: the default model's scope (written into its config.json by training)
