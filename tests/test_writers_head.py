@@ -398,3 +398,27 @@ def test_tid1500reader_reads_the_head_measurements(case: tuple[Report, Volume],
     assert [(g["Finding"]["CodeValue"], g["FindingSite"]["CodeValue"],
              g.get("Laterality", {}).get("CodeValue")) for g in groups] == [
         expected[f.structure] for f in measured]
+
+
+def test_a_head_models_series_say_what_it_reads(case: tuple[Report, Volume]) -> None:
+    """Two models in one study write two segmentations: their descriptions tell them apart."""
+    import dataclasses
+
+    from tomoscribe.writers import identity
+    from tomoscribe.writers.pdf import build_pdf_report
+
+    report, volume = case
+    for reads, suffix in (("", ""), ("MR of the head", " (MR of the head)")):
+        rep = dataclasses.replace(report, reads=reads)
+        seg, answer_seg = build_seg(rep, volume), build_answer_seg(rep, volume)
+        assert seg is not None and answer_seg is not None
+        built = {identity.SEG_SERIES_DESCRIPTION: seg,
+                 identity.ANSWERS_SERIES_DESCRIPTION: answer_seg,
+                 identity.SR_SERIES_DESCRIPTION: build_sr(rep, volume, seg=seg,
+                                                          answer_seg=answer_seg),
+                 identity.MEASUREMENTS_SERIES_DESCRIPTION: build_measurement_sr(rep, volume, seg),
+                 identity.PDF_SERIES_DESCRIPTION: build_pdf_report(rep, volume)}
+        for base, ds in built.items():
+            assert ds is not None
+            assert ds.SeriesDescription == base + suffix
+            assert identity.is_tomoscribe_output(ds)

@@ -104,6 +104,11 @@ class Report:
             background, other values are :attr:`Segment.label`.
         segments: the segments present in ``label_map``.
         model_name, model_version: identity of the model that wrote it.
+        reads: what a model of another domain than the default's reads, for
+            people ("MR of the head"); empty for the chest-abdomen CT models.
+            The writers add it to their series descriptions, so that a study
+            read by two models lists two segmentations a radiologist can
+            tell apart.
     """
 
     findings: list[Finding]
@@ -115,6 +120,7 @@ class Report:
     segments: list[Segment] = field(default_factory=list)
     model_name: str = "tomoscribe-tiny"
     model_version: str = "0.1.0"
+    reads: str = ""
 
     def segment(self, label: int) -> Segment:
         """Return the segment with this label (``KeyError`` if absent)."""

@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tomoscribe.domain import CHEST_ABDOMEN_CT
 from tomoscribe.errors import ModelError, OutOfScopeError
 from tomoscribe.model.api import Encoded
 from tomoscribe.model.lm import LMTokenizer
@@ -510,6 +511,7 @@ class Scribe:
             segments=sorted(segments, key=lambda s: s.label),
             model_name=self.name,
             model_version=self.version,
+            reads="" if self.domain is CHEST_ABDOMEN_CT else self.domain.description,
         )
 
 

@@ -149,6 +149,20 @@ def device_observer(report: Report) -> hd.sr.ObserverContext:
     )
 
 
+def describe_series(base: str, report: Report) -> str:
+    """One of our series descriptions for ``report``'s outputs.
+
+    ``base`` (e.g. :data:`SEG_SERIES_DESCRIPTION`) as it is for the
+    chest-abdomen CT models, so viewers' hanging protocols and filters keyed
+    on it keep working; followed by what the model reads for any other
+    (``"tomoscribe segmentation (MR of the head)"``), within the 64
+    characters of a Long String.
+    """
+    if not report.reads:
+        return base
+    return f"{base} ({report.reads})"[:64]
+
+
 def draft_sr_attributes(
     report: Report, *, series_number: int, series_description: str
 ) -> dict[str, Any]:
@@ -164,7 +178,7 @@ def draft_sr_attributes(
         "is_complete": False,
         "is_final": False,
         "is_verified": False,
-        "series_description": series_description,
+        "series_description": describe_series(series_description, report),
         "manufacturer_model_name": report.model_name,
         "software_versions": software_versions(report),
         "device_serial_number": device_serial_number(report),

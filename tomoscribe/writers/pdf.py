@@ -211,7 +211,7 @@ def build_pdf_report(report: Report, volume: Volume) -> Dataset:
     ds.Modality = "DOC"
     ds.SeriesInstanceUID = series_uid
     ds.SeriesNumber = identity.PDF_SERIES_NUMBER
-    ds.SeriesDescription = identity.PDF_SERIES_DESCRIPTION
+    ds.SeriesDescription = identity.describe_series(identity.PDF_SERIES_DESCRIPTION, report)
     ds.InstanceNumber = 1
     ds.Manufacturer = MANUFACTURER
     ds.ManufacturerModelName = report.model_name

@@ -206,7 +206,7 @@ def _segmentation(report: Report, volume: Volume, source_images: list[Dataset],
             content_description=content_description,
             content_creator_name=None,
             omit_empty_frames=True,
-            series_description=series_description,
+            series_description=identity.describe_series(series_description, report),
             contributing_equipment=[identity.contributing_equipment(report)],
             specific_character_set="ISO_IR 192",  # UTF-8: model text is free Unicode
         )
