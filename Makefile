@@ -69,9 +69,12 @@ train: setup
 	$(TRAIN) --stage align --init checkpoints/stage6b-weights --checkpoint checkpoints/stage6 \
 		--out tomoscribe/weights --steps 1500 --batch 128 --lr 1e-3 --version $(VERSION)
 
-## train-head: a head MR model (tomoscribe/domain.py HEAD_MR) on 1,200 head phantoms, the first
-## stages of the chest-abdomen recipe: joint (70 min on 2 CPU cores), two language runs, align.
-## Not shipped; written to checkpoints/head-weights (see the README's "A head MR model").
+## train-head: retrain the packaged head MR model (tomoscribe/weights-head-mr, named head-mr;
+## tomoscribe/domain.py HEAD_MR) on 1,200 head phantoms, the chest-abdomen recipe's stages:
+## joint (70 min on 2 CPU cores), two language runs, align, the organ-box refiner (40 min), a
+## language run on the refiner's statistics (17 min), the <seg> token (14 min), align again;
+## about 3 h on 2 CPU cores (README "A head MR model").
+HEAD_VERSION := head-mr-0.1.0
 TRAIN_HEAD := $(PY) -m tomoscribe.train --domain mr-head --samples 1200 \
 	--cache checkpoints/cache-mr-head-1200-48x96x96.pt
 train-head: setup
@@ -82,7 +85,17 @@ train-head: setup
 	$(TRAIN_HEAD) --stage language --init checkpoints/head2a-weights --checkpoint checkpoints/head2 \
 		--out checkpoints/head2b-weights --steps 1500 --batch 32 --lr 5e-4
 	$(TRAIN_HEAD) --stage align --init checkpoints/head2b-weights --checkpoint checkpoints/head2 \
-		--out checkpoints/head-weights --align-dim 64 --steps 1500 --batch 128 --lr 1e-3
+		--out checkpoints/head2c-weights --align-dim 64 --steps 1500 --batch 128 --lr 1e-3
+	$(PY) -m tomoscribe.train_refine --init checkpoints/head2c-weights --checkpoint checkpoints/head3 \
+		--out checkpoints/head3-weights --phantoms 400 --steps 6000 --minutes 40 --threads 2 \
+		--lr 2e-3 --hint-jitter 0.7 --fresh
+	$(TRAIN_HEAD) --stage language --init checkpoints/head3-weights --checkpoint checkpoints/head4 \
+		--out checkpoints/head4-weights --refine-stats --refine-stats-mode owned --steps 1500 --batch 32 --lr 5e-4
+	$(PY) -m tomoscribe.train_segtoken --init checkpoints/head4-weights --checkpoint checkpoints/head4 \
+		--cache checkpoints/cache-mr-head-1200-48x96x96.pt --out checkpoints/head4b-weights \
+		--steps 800 --batch 32 --refer 4 --threads 2
+	$(TRAIN_HEAD) --stage align --init checkpoints/head4b-weights --checkpoint checkpoints/head4 \
+		--out tomoscribe/weights-head-mr --steps 1500 --batch 128 --lr 1e-3 --version $(HEAD_VERSION)
 
 ## ablation: the README's ablation rows: from the shipped weights, 1,000 more language steps
 ## each for 3D-only, 3D + TG-IS and 3D + TG-IS + PSAT, then each scored on the test phantoms
@@ -122,7 +135,8 @@ bench: setup
 	$(PY) benchmarks/accuracy.py
 
 ## scope: which studies the shipped model refuses (chest-abdomen CT, with and without Body Part
-## Examined; head CT without it; head MR), 60 test phantoms each (about 12 min on 2 CPU cores)
+## Examined; head CT without it; head MR with and without it; a torso written as MR), 60 test
+## phantoms each (about 12 min on 2 CPU cores)
 scope: setup
 	$(PY) benchmarks/scope.py
 
