@@ -15,8 +15,8 @@ repository (a test keeps the two in step), so an installed package needs no
 data file.
 
 ``model:`` names the model: ``default`` (shipped in ``tomoscribe/weights/``),
-the name of another packaged model (``head-mr`` for
-``tomoscribe/weights-head-mr/``, once installed), or a folder. A list names
+the name of another packaged model (``head-mr``: the head MR model in
+``tomoscribe/weights-head-mr/``), or a folder. A list names
 several models, each run on the series in its own scope
 (:func:`operators.app.run_app`)::
 
