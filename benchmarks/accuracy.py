@@ -69,11 +69,13 @@ import resource
 import sys
 import time
 from collections import Counter
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from tomoscribe.model.api import Encoded
 from tomoscribe.model.scribe import LESION_LABEL_BASE, Scribe, relevant_source_slices
 from tomoscribe.model.segtoken import refer_target
 from tomoscribe.model.text import QUESTION_TEMPLATES, REFER_TEMPLATES, WordTokenizer, answer_for
@@ -419,15 +421,38 @@ class Refer:
                 "no_mask_given": self.missing}
 
 
-def refer_items() -> list[tuple[str, str, str | None]]:
+def refer_items(organs_scored: Sequence[str] = ORGANS_SCORED
+                ) -> list[tuple[str, str, str | None]]:
     """Every referring question asked per study: ``(template, kind, organ or None)``."""
     out: list[tuple[str, str, str | None]] = []
     for t in REFER_TEMPLATES:
         kind = ("every lesion" if "{organ}" not in t else
                 "organ lesions" if t.startswith("segment the lesions") else "organ")
-        organs: list[str | None] = list(ORGANS_SCORED) if "{organ}" in t else [None]
+        organs: list[str | None] = list(organs_scored) if "{organ}" in t else [None]
         out += [(t, kind, o) for o in organs]
     return out
+
+
+def score_referring(scribe: Scribe, enc: Encoded, labels: np.ndarray, refer: dict[str, Refer],
+                    asks: list[tuple[str, str, str | None]], organ_labels: Mapping[str, int],
+                    lesion_label: int) -> None:
+    """Ask every referring question of ``asks`` (model and image-blind rows) and score it.
+
+    The truth is :func:`~tomoscribe.model.segtoken.refer_target` on the source
+    ``labels``; for the model row, the decoder's own mask (before snapping) is
+    scored too.
+    """
+    qs = [t.format(organ=o) if o else t for t, _k, o in asks]
+    truths = [refer_target(labels, t, organ_labels[o] if o else None, lesion_label,
+                           tuple(organ_labels.values())) for t, _k, o in asks]
+    for name, blind_row in (("model", False), ("image-blind", True)):
+        got = scribe.generate(enc, qs, blind=blind_row).answers
+        for (_t, kind, _o), q, ans, truth in zip(asks, qs, got, truths, strict=True):
+            refer[name].add(kind, ans, truth)
+            if ans.mask is not None and truth.any() and not blind_row:
+                _a, raw = scribe.refer(enc, q, snap=False)
+                if raw is not None:
+                    refer[name].raw[kind].append(_dice(raw, truth))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -566,18 +591,8 @@ def main(argv: list[str] | None = None) -> int:
                     seg_dice[band].append(_dice(seg_les & near, t_mask))
                     seg_found[band].append(bool((seg_les & t_mask).any()))
         if refer:  # referring segmentation: the <seg> answers and their masks
-            asks = refer_items()
-            qs = [t.format(organ=o) if o else t for t, _k, o in asks]
-            truths = [refer_target(labels, t, ORGAN_LABELS[o] if o else None, LESION_LABEL,
-                                   tuple(ORGAN_LABELS.values())) for t, _k, o in asks]
-            for name, blind_row in (("model", False), ("image-blind", True)):
-                got = scribe.generate(enc, qs, blind=blind_row).answers
-                for (_t, kind, _o), q, ans, truth in zip(asks, qs, got, truths, strict=True):
-                    refer[name].add(kind, ans, truth)
-                    if ans.mask is not None and truth.any() and not blind_row:
-                        _a, raw = scribe.refer(enc, q, snap=False)
-                        if raw is not None:
-                            refer[name].raw[kind].append(_dice(raw, truth))
+            score_referring(scribe, enc, labels, refer, refer_items(), ORGAN_LABELS,
+                            LESION_LABEL)
         if (i + 1) % 10 == 0:
             print(f"  {i + 1}/{len(seeds)} studies", file=sys.stderr, flush=True)
 

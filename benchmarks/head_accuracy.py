@@ -51,9 +51,7 @@ from scipy import ndimage
 
 from tomoscribe.domain import HEAD_MR
 from tomoscribe.model.scribe import Scribe
-from tomoscribe.model.segtoken import refer_target
 from tomoscribe.model.text import (
-    REFER_TEMPLATES,
     WordTokenizer,
     answer_for,
     findings_to_text,
@@ -79,10 +77,21 @@ try:  # run as a script (benchmarks/ on sys.path) or as benchmarks.head_accuracy
         _dice,
         _prf,
         _yes_no,
+        refer_items,
+        score_referring,
     )
     from textmetrics import corpus_bleu, rouge_l, token_f1  # type: ignore[import-not-found]
 except ImportError:  # pragma: no cover
-    from benchmarks.accuracy import BANDS, Refer, Tally, _dice, _prf, _yes_no
+    from benchmarks.accuracy import (
+        BANDS,
+        Refer,
+        Tally,
+        _dice,
+        _prf,
+        _yes_no,
+        refer_items,
+        score_referring,
+    )
     from benchmarks.textmetrics import corpus_bleu, rouge_l, token_f1
 
 MR_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
@@ -134,17 +143,6 @@ def majority(items: list[tuple[str, str, str, str]], n: int = 1200
         for i, (t, s, k, _q) in enumerate(items):
             answers[i][gold_answer(t, s, k, lesions)] += 1
     return [c.most_common(1)[0][0] for c in answers], reports.most_common(1)[0][0]
-
-
-def refer_items() -> list[tuple[str, str, str | None]]:
-    """Every referring question asked per study: ``(template, kind, structure or None)``."""
-    out: list[tuple[str, str, str | None]] = []
-    for t in REFER_TEMPLATES:
-        kind = ("every lesion" if "{organ}" not in t else
-                "organ lesions" if t.startswith("segment the lesions") else "organ")
-        names: list[str | None] = list(STRUCTURES_SCORED) if "{organ}" in t else [None]
-        out += [(t, kind, o) for o in names]
-    return out
 
 
 class Text:
@@ -277,18 +275,8 @@ def main(argv: list[str] | None = None) -> int:
                     text[name].point_n += 1
                     text[name].point_hit += int(f.key_slices[0] in site_slices[f.structure])
         if refer:  # referring segmentation: the <seg> answers and their masks
-            asks = refer_items()
-            qs = [t.format(organ=o) if o else t for t, _k, o in asks]
-            truths = [refer_target(labels, t, STRUCTURE_LABELS[o] if o else None, LESION_LABEL,
-                                   tuple(STRUCTURE_LABELS.values())) for t, _k, o in asks]
-            for name, blind_row in (("model", False), ("image-blind", True)):
-                got = scribe.generate(enc, qs, blind=blind_row).answers
-                for (_t, kind, _o), q, ans, want in zip(asks, qs, got, truths, strict=True):
-                    refer[name].add(kind, ans, want)
-                    if ans.mask is not None and want.any() and not blind_row:
-                        _a, raw = scribe.refer(enc, q, snap=False)
-                        if raw is not None:
-                            refer[name].raw[kind].append(_dice(raw, want))
+            score_referring(scribe, enc, labels, refer, refer_items(STRUCTURES_SCORED),
+                            STRUCTURE_LABELS, LESION_LABEL)
         if (i + 1) % 10 == 0:
             print(f"  {i + 1}/{len(seeds)} studies", file=sys.stderr, flush=True)
 
