@@ -66,7 +66,8 @@ from tomoscribe.errors import (
     OutputError,
 )
 from tomoscribe.scope import (
-    DEFAULT_MODEL_DIR,
+    ModelArg,
+    first_repeat,
     model_label,
     model_labels,
     read_model_version,
@@ -76,10 +77,6 @@ from tomoscribe.scope import (
 log = logging.getLogger("tomoscribe.app")
 
 STAGING_PREFIX = ".tomoscribe-staging-"
-
-#: what :func:`run_app` takes as its model: one name or folder (``None``: the
-#: settings' models), or a list of them
-ModelArg = str | Path | Sequence[str | Path | None] | None
 
 
 class TomoscribeApp(Application):
@@ -263,13 +260,9 @@ def _resolve_models(model_dir: ModelArg, settings: Settings) -> tuple[Path | Non
     if not items:
         return settings.models
     models = tuple(resolve_model(item) for item in items)
-    seen: set[Path] = set()
-    for folder in models:
-        key = (folder if folder is not None else DEFAULT_MODEL_DIR).resolve()
-        if key in seen:
-            raise ModelError(f"model {model_label(folder)} ({key}) is listed twice; "
-                             "list each model once")
-        seen.add(key)
+    if (repeat := first_repeat(models)) is not None:
+        raise ModelError(f"model {model_label(models[repeat[1]])} is listed twice; "
+                         "list each model once")
     return models
 
 
@@ -423,13 +416,8 @@ def run_app(
             ran.append((number, label, state))
         if not ran:
             raise _nobody_reads(skipped)
+        # file names are UIDs of (study, model version): distinct per model (_check_versions)
         staged = [(number, path) for number, _label, state in ran for path in state.written]
-        names: dict[str, str] = {}
-        for number, path in staged:
-            if path.name in names:
-                raise OutputError(f"models {names[path.name]} and {labels[number]} both wrote "
-                                  f"{path.name}")
-            names[path.name] = labels[number]
         staged.sort(key=lambda item: (_publish_order(item[1])[0], item[0], item[1].name))
         written = _publish([path for _number, path in staged], output_dir)
     finally:

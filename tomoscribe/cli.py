@@ -33,9 +33,7 @@ from pathlib import Path
 from typing import TextIO
 
 from tomoscribe import __version__
-
-#: a model, or several, as :func:`execute_run` takes them: names or folders
-ModelArg = str | Path | Sequence[str | Path | None] | None
+from tomoscribe.scope import ModelArg
 
 PROG = "tomoscribe"
 #: exit status for a user-facing error (bad input, bad settings, no model...)

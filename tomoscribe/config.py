@@ -115,7 +115,7 @@ def _check_selection(value: Any, where: str) -> dict[str, Any]:
 def _check_model(value: Any, source: Path | None, where: str) -> tuple[Path | None, ...]:
     """``model:``: a name, a folder, or a non-empty list of them (no model twice)."""
     from tomoscribe.errors import ModelError
-    from tomoscribe.scope import DEFAULT_MODEL_DIR, resolve_model
+    from tomoscribe.scope import first_repeat, resolve_model
 
     if value is None:
         return (None,)
@@ -127,20 +127,17 @@ def _check_model(value: Any, source: Path | None, where: str) -> tuple[Path | No
     else:
         items, labels = [value], ["tomoscribe.model"]
     out: list[Path | None] = []
-    seen: dict[Path, str] = {}
     for item, label in zip(items, labels, strict=True):
         if not isinstance(item, str) or not item.strip():
             raise ConfigError(f"{where}{label} must be {shape}")
         try:
-            folder = resolve_model(item, source.parent if source is not None else None)
+            out.append(resolve_model(item, source.parent if source is not None else None))
         except ModelError as exc:
             raise ConfigError(f"{where}{label}: {exc}") from exc
-        key = (folder if folder is not None else DEFAULT_MODEL_DIR).resolve()
-        if key in seen:
-            raise ConfigError(f"{where}{label}: {item.strip()!r} is the same model as "
-                              f"{seen[key]!r}; list each model once")
-        seen[key] = item.strip()
-        out.append(folder)
+    if (repeat := first_repeat(out)) is not None:
+        i, j = repeat
+        raise ConfigError(f"{where}{labels[j]}: {items[j].strip()!r} is the same model as "
+                          f"{items[i].strip()!r}; list each model once")
     return tuple(out)
 
 

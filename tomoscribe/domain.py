@@ -46,6 +46,10 @@ class Domain:
             hypodense lesions") and in the impression ("liver lesions").
         intensity: ``"ct"`` (Hounsfield units, fixed windows) or ``"mr"``
             (no unit: scaled by percentiles of the study's own signal).
+        series_label: added to the descriptions of the series a model of this
+            domain writes (:attr:`tomoscribe.report.Report.reads`); empty for
+            the chest-abdomen CT, whose descriptions stay as viewers' hanging
+            protocols know them.
     """
 
     name: str
@@ -57,6 +61,7 @@ class Domain:
     short: dict[str, str]
     short_plural: dict[str, str]
     intensity: str
+    series_label: str = ""
 
     def __post_init__(self) -> None:
         if self.intensity not in ("ct", "mr"):
@@ -122,6 +127,7 @@ HEAD_MR = Domain(
     short={"mass": "mass", "cyst": "cyst"},
     short_plural={"mass": "masses", "cyst": "cysts"},
     intensity="mr",
+    series_label="MR of the head",
 )
 
 DOMAINS: dict[str, Domain] = {d.name: d for d in (CHEST_ABDOMEN_CT, HEAD_MR)}

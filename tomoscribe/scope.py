@@ -335,6 +335,26 @@ def resolve_model(value: str | Path | None, base: Path | None = None) -> Path | 
     return path
 
 
+#: a model, or several, as the CLI and ``run_app`` take them: names or folders
+#: (``None``: the settings' models)
+ModelArg = str | Path | Sequence[str | Path | None] | None
+
+
+def first_repeat(models: Sequence[Path | None]) -> tuple[int, int] | None:
+    """Indices ``(i, j)``, ``i < j``, of the first model listed twice, or ``None``.
+
+    Two entries are the same model when they resolve to the same folder
+    (``None`` is the default model's).
+    """
+    seen: dict[Path, int] = {}
+    for j, folder in enumerate(models):
+        key = (folder if folder is not None else DEFAULT_MODEL_DIR).resolve()
+        if key in seen:
+            return seen[key], j
+        seen[key] = j
+    return None
+
+
 def model_label(model_dir: Path | None) -> str:
     """A short name of a model for people: its packaged name, else its folder's name.
 

@@ -86,6 +86,18 @@ def study_lesions(seed: int, domain: str | Domain = CHEST_ABDOMEN_CT) -> list[tu
     return [(les.organ, les.kind) for les in make_phantom(seed).lesions]
 
 
+def cache_path(folder: Path, samples: int, model_shape: tuple[int, int, int],
+               domain: str | Domain = CHEST_ABDOMEN_CT) -> Path:
+    """The default cache of rendered training samples in ``folder``.
+
+    ``cache-<samples>-<D>x<H>x<W>.pt`` for chest-abdomen CT (the name every
+    earlier cache has), ``cache-<domain>-<samples>-...`` for another domain.
+    """
+    dom = get_domain(domain)
+    tag = "" if dom is CHEST_ABDOMEN_CT else f"{dom.name}-"
+    return folder / f"cache-{tag}{samples}-{'x'.join(map(str, model_shape))}.pt"
+
+
 def make_sample(seed: int, model_shape: tuple[int, int, int],
                 domain: str | Domain = CHEST_ABDOMEN_CT) -> dict[str, object]:
     """Render phantom ``seed`` of ``domain`` and preprocess it like an inference input.
@@ -169,7 +181,7 @@ def phantom_caches(args: argparse.Namespace, val: int
     """
     shape = (int(args.shape[0]), int(args.shape[1]), int(args.shape[2]))
     tag = "x".join(map(str, shape))
-    cache = args.cache or Path(f"checkpoints/cache-{args.samples}-{tag}.pt")
+    cache = args.cache or cache_path(Path("checkpoints"), args.samples, shape)
     train = build_cache(list(SPLITS["train"][: args.samples]), shape, cache, args.workers)
     held = build_cache(list(SPLITS["val"][:val]), shape, cache.parent / f"val-{val}-{tag}.pt",
                        args.workers)
@@ -721,9 +733,7 @@ def main(argv: list[str] | None = None) -> int:
     elif cfg.lm and args.init is not None and not Path(cfg.lm).is_absolute():
         cfg.lm = str((args.init / cfg.lm).resolve())  # continuing a model with a brought LM
     seeds = list(SPLITS["train"][: args.samples])
-    tag = "" if cfg.domain == CHEST_ABDOMEN_CT.name else f"{cfg.domain}-"
-    cache = args.cache or (
-        args.checkpoint / f"cache-{tag}{args.samples}-{'x'.join(map(str, cfg.model_shape))}.pt")
+    cache = args.cache or cache_path(args.checkpoint, args.samples, cfg.model_shape, cfg.domain)
     samples = build_cache(seeds, cfg.model_shape, cache, args.workers, cfg.domain)
 
     net = ScribeNet(cfg)

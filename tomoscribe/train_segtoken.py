@@ -55,6 +55,7 @@ from tomoscribe.phantom import SPLITS
 from tomoscribe.train import (
     VERSION_HELP,
     build_cache,
+    cache_path,
     lm_step_loss,
     load_overlapping,
     pad_rows,
@@ -110,9 +111,9 @@ def refer_step_loss(net: ScribeNet, tok: WordTokenizer | LMTokenizer, tokens: to
     """
     assert net.segtoken is not None
     cfg = net.cfg
-    structures = cfg.the_domain.structures
-    organ_labels = {o: cfg.organ_classes[i] for i, o in enumerate(structures)
-                    if o in refer_organs(cfg.the_domain)}
+    # structure i + 1 of the domain is class organ_classes[i + 1] (0 is the body)
+    organ_labels = {o: cfg.organ_classes[i + 1]
+                    for i, o in enumerate(refer_organs(cfg.the_domain))}
     seg_id = tok.index[SEG]
     drawn = [draw_refer(s, organ_labels, rng) for s in chosen]
     ids = pad_rows([tok.encode(f"{QUESTION} {q} {ANSWER} {a}") + [tok.eos_id]
@@ -183,9 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg.vocab = vocab
     cfg.seg_token = True
     seeds = list(SPLITS["train"][: args.samples])
-    tag = "" if cfg.domain == CHEST_ABDOMEN_CT.name else f"{cfg.domain}-"
-    cache = args.cache or (
-        args.checkpoint / f"cache-{tag}{args.samples}-{'x'.join(map(str, cfg.model_shape))}.pt")
+    cache = args.cache or cache_path(args.checkpoint, args.samples, cfg.model_shape, cfg.domain)
     samples = build_cache(seeds, cfg.model_shape, cache, args.workers, cfg.the_domain)
     net = ScribeNet(cfg)
     tok: WordTokenizer | LMTokenizer = (net.lm_tokenizer if net.lm_tokenizer is not None

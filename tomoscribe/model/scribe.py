@@ -33,7 +33,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tomoscribe.domain import CHEST_ABDOMEN_CT
 from tomoscribe.errors import ModelError, OutOfScopeError
 from tomoscribe.model.api import Encoded
 from tomoscribe.model.lm import LMTokenizer
@@ -511,7 +510,7 @@ class Scribe:
             segments=sorted(segments, key=lambda s: s.label),
             model_name=self.name,
             model_version=self.version,
-            reads="" if self.domain is CHEST_ABDOMEN_CT else self.domain.description,
+            reads=self.domain.series_label,
         )
 
 
