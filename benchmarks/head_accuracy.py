@@ -212,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     band_dice: dict[str, list[float]] = {f"{lo:.0f}-{hi:.0f} mm": [] for lo, hi in BANDS}
     band_found: dict[str, list[bool]] = {b: [] for b in band_dice}
     seconds: list[float] = []
+    small_by_look: dict[str, list[tuple[float, bool]]] = {}
     refer = ({"model": Refer(), "image-blind": Refer()} if scribe.net.segtoken is not None
              else {})
     seeds = list(SPLITS[args.split][: args.n])
@@ -268,6 +269,10 @@ def main(argv: list[str] | None = None) -> int:
                     band = f"{lo:.0f}-{hi:.0f} mm"
                     band_dice[band].append(_dice(seg_les & near, t_mask))
                     band_found[band].append(bool((seg_les & t_mask).any()))
+                    if lo == BANDS[0][0]:  # the smallest band, by what the lesion looks like
+                        look = f"{ph.sequence} {les.kind}{' in oedema' if les.oedema_mm else ''}"
+                        small_by_look.setdefault(look, []).append(
+                            (band_dice[band][-1], band_found[band][-1]))
         # key-slice pointing: a finding's first key image holds a lesion of its site
         for name, rep in (("model", report), ("image-blind", blind)):
             for f in rep.findings:
@@ -296,6 +301,9 @@ def main(argv: list[str] | None = None) -> int:
                                     "detected": float(np.mean(band_found[b])) if v else None,
                                     "n": len(v)} for b, v in band_dice.items()},
         "referring_segmentation": {name: r.row() for name, r in refer.items()},
+        "smallest_band_by_look": {k: {"dice": float(np.mean([d for d, _f in v])),
+                                      "detected": float(np.mean([f for _d, f in v])),
+                                      "n": len(v)} for k, v in sorted(small_by_look.items())},
         "questions_per_study": len(items),
         "majority_report_text": majority_text,
         "seconds_per_study_cpu": float(np.median(seconds)),
@@ -321,6 +329,10 @@ def main(argv: list[str] | None = None) -> int:
     print("lesions, segmentation alone (detected / Dice): " + ", ".join(
         f"{b}: n/a" if not v["n"] else f"{b}: {v['detected']:.3f} / {v['dice']:.3f} (n={v['n']})"
         for b, v in result["lesion_dice_by_size"].items()))
+    print(f"lesions of {BANDS[0][0]:.0f}-{BANDS[0][1]:.0f} mm by weighting and kind "
+          "(detected / Dice): " + ", ".join(
+              f"{k} {v['detected']:.2f} / {v['dice']:.3f} (n={v['n']})"
+              for k, v in result["smallest_band_by_look"].items()))
     pointing = {name: ("n/a" if r["key_slice_pointing"] is None
                        else f"{r['key_slice_pointing']:.3f}", r["key_slice_findings"])
                 for name, r in table.items() if name != "majority"}
