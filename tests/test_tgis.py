@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +13,7 @@ from tomoscribe.model.network import NetConfig, ScribeNet
 from tomoscribe.model.preprocess import GridMap
 from tomoscribe.model.scribe import Scribe, relevant_source_slices, source_slice_relevance
 from tomoscribe.model.text import REPORT, WordTokenizer
-from tomoscribe.model.tgis import SliceBranch, SliceEncoder2D
+from tomoscribe.model.tgis import SliceBranch, SliceEncoder2D, owned_lesion_area
 from tomoscribe.phantom import make_phantom, render_acquisition
 from tomoscribe.train import (
     lm_step_loss,
@@ -187,3 +189,73 @@ def test_key_images_rank_by_relevance_within_the_segmented_structure() -> None:
     # a 3D-only model: where the structure's segment is largest
     assert scribe.key_slices_for("is the liver normal ?", [], label_map, None, grid)[0] in (1, 2)
     assert scribe.key_slices_for("is the spleen normal ?", [], label_map, None, grid) == ()
+
+
+def test_owned_lesion_area_gives_each_lesion_to_the_organ_around_it() -> None:
+    y = np.ones((8, 12, 12), np.int64)  # body
+    y[1:5, 2:10, 2:10] = 4  # liver
+    y[2:4, 4:6, 4:6] = 8  # a liver lesion on slices 2-3 (8 voxels)
+    y[6:8, 2:10, 2:10] = 2  # a lung
+    y[6, 5:7, 5:7] = 8  # a nodule on slice 6 (4 voxels)
+    y[0, 0, 0] = 8  # one voxel in the body: noise, and the body owns nothing
+    logits = torch.nn.functional.one_hot(torch.from_numpy(y), 9).permute(3, 0, 1, 2)[None] * 5.0
+    area = owned_lesion_area(logits, 8, tuple(range(1, 8)))
+    assert area.shape == (1, 9, 8)
+    assert area[0, 4].tolist() == [0, 0, 4, 4, 0, 0, 0, 0]
+    assert area[0, 2].tolist() == [0, 0, 0, 0, 0, 0, 4, 0]
+    assert torch.equal(area[0, 0], area[0, 2] + area[0, 4])
+    assert area[0, [1, 3, 5, 6, 7, 8]].sum() == 0
+    assert owned_lesion_area(torch.zeros(2, 9, 3, 4, 4), 8, tuple(range(1, 8))).sum() == 0
+
+
+def test_an_owned_branch_reads_the_owned_area_under_the_class_mass() -> None:
+    torch.manual_seed(0)
+    x = torch.rand(2, 2, *SMALL.model_shape)
+    plain = ScribeNet(SMALL).eval()
+    owned = ScribeNet(replace(SMALL, slice_owned=True)).eval()
+    with torch.no_grad():
+        _p, logits, (_b, mass) = plain.encode_full(x)
+        _p2, _l2, (band2, mass2) = owned.encode_full(x)
+        assert mass.shape == (2, 9, SMALL.model_shape[0])
+        assert mass2.shape == (2, 18, SMALL.model_shape[0])
+        assert owned.slices is not None
+        keys = owned.slices.keys_from(owned.slices.encoder2d(x), band2, mass2)
+    assert keys.shape == (2, SMALL.model_shape[0], SMALL.width)
+    # a config written before the option loads as it was: the class mass only
+    assert not NetConfig.from_dict({k: v for k, v in SMALL.to_dict().items()
+                                    if k != "slice_owned"}).slice_owned
+
+
+def test_a_new_branch_trains_with_the_owned_area_and_the_seg_stage_keeps_it(
+        tmp_path: Path) -> None:
+    """language stage adds TG-IS + PSAT (owned area on); the <seg> stage trains on the same
+    prefix as inference (3D tokens, PSAT-fused, then each question's slice tokens) and leaves
+    the slice branch and PSAT as they were."""
+    from tomoscribe.train import main as train_main
+    from tomoscribe.train_segtoken import main as seg_main
+
+    torch.manual_seed(0)
+    base = replace(SMALL, slice_tokens=0)
+    save_model(ScribeNet(base), tmp_path / "base", {"version": "0.0.1"})
+    common = ["--samples", "2", "--workers", "1", "--checkpoint", str(tmp_path / "ck")]
+    assert train_main(["--stage", "language", "--init", str(tmp_path / "base"), "--out",
+                       str(tmp_path / "lang"), "--steps", "2", "--batch", "2",
+                       "--slice-tokens", "2", "--psat-slices", "4", *common]) == 0
+    conf = json.loads((tmp_path / "lang" / "config.json").read_text())
+    assert conf["net"]["slice_owned"] and conf["net"]["slice_tokens"] == 2
+    assert conf["history"][-1]["slice_owned"] is True
+    assert seg_main(["--init", str(tmp_path / "lang"), "--out", str(tmp_path / "seg"),
+                     "--steps", "2", "--batch", "2", "--refer", "2", *common]) == 0
+    before = torch.load(tmp_path / "lang" / "model.pt", weights_only=True)
+    after = torch.load(tmp_path / "seg" / "model.pt", weights_only=True)
+    kept = [k for k in before if k.startswith(("slices.", "psat."))]
+    assert kept and all(torch.equal(before[k], after[k]) for k in kept)
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("lm."))
+    scribe = Scribe.load(tmp_path / "seg")
+    assert scribe.net.segtoken is not None and scribe.net.slices is not None
+    ph = make_phantom(1, lesion_probability=1.0, shape=(24, 48, 48))
+    hu, _labels, aff = render_acquisition(ph)
+    vol = Volume(hu, aff, [SliceRef(f"1.2.3.{k}", "1.2.840.10008.5.1.4.1.1.2")
+                           for k in range(24)])
+    report = scribe.generate(scribe.encode(vol), ["segment the liver ."])
+    assert len(report.answers) == 1

@@ -26,6 +26,7 @@ import time
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -333,9 +334,9 @@ def vision_features(net: ScribeNet, samples: list[dict[str, object]],
     """Frozen vision outputs for ``samples``, in order: everything a language stage needs.
 
     Keys ``low``, ``high``, ``regions`` (:meth:`ScribeNet.encode_pooled`),
-    ``band`` ``(N, C1, d)`` and ``mass`` ``(N, K, D)`` (the slice branch's 3D
-    inputs) and ``targets`` ``(N, 2, L, D)`` (:func:`slice_targets`, ``L`` the
-    lesion class).
+    ``band`` ``(N, C1, d)`` and ``mass`` ``(N, K, D)``, ``(N, 2 K, D)`` with
+    ``slice_owned`` (the slice branch's 3D inputs) and ``targets`` ``(N, 2, L,
+    D)`` (:func:`slice_targets`, ``L`` the lesion class).
     """
     net.eval()
     parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("low", "high", "regions", "band",
@@ -411,7 +412,8 @@ def cached_vision(net: ScribeNet, samples: list[dict[str, object]],
     """Freeze the vision side and return its features for ``samples``, cached.
 
     The cache (``checkpoint / "vision.pt"``) is keyed by the samples' seeds and
-    a hash of the encoder and segmentation weights.
+    a hash of the encoder and segmentation weights (and whether the slice
+    branch's mass holds the owned-lesion area).
     """
     for module in (net.encoder, net.seg):
         for param in module.parameters():
@@ -422,7 +424,10 @@ def cached_vision(net: ScribeNet, samples: list[dict[str, object]],
             vision.update(name.encode())
             vision.update(tensor.detach().cpu().numpy().tobytes())
     # the features depend on the samples and the frozen vision side only
-    key = {"seeds": [s["seed"] for s in samples], "vision": vision.hexdigest()}
+    key: dict[str, object] = {"seeds": [s["seed"] for s in samples],
+                              "vision": vision.hexdigest()}
+    if net.cfg.slice_owned:  # the mass rows grow by the owned-lesion area
+        key["slice_owned"] = True
     cache = checkpoint / "vision.pt"
     if cache.exists() and (data := torch.load(cache, weights_only=False))["key"] == key:
         feats: VisionCache = data["feats"]
@@ -498,6 +503,68 @@ def train_align_stage(net: ScribeNet, samples: list[dict[str, object]], tok: Wor
     return step
 
 
+class TextStep(NamedTuple):
+    """One text-side step's losses and the image prefix it used."""
+
+    #: report + answer loss (language model)
+    loss: torch.Tensor
+    #: TG-IS pointing loss (0 without a slice branch)
+    point: torch.Tensor
+    #: 3D image tokens ``(B, T, width)`` (PSAT-fused where the model has PSAT)
+    tokens: torch.Tensor
+    #: TG-IS slice keys ``(B, D, width)``, or None without a slice branch
+    keys: torch.Tensor | None
+
+
+def text_step(net: ScribeNet, feats: VisionCache, samples: list[dict[str, object]],
+              idx: np.ndarray, tok: WordTokenizer | LMTokenizer, rng: np.random.Generator,
+              questions: int = 1) -> TextStep:
+    """Losses of a report and ``questions`` templated questions for each sample ``idx``.
+
+    The prefix is built as :meth:`~tomoscribe.model.scribe.Scribe.prefix`
+    builds it: the 3D tokens from the cached pooled features, fused with the
+    samples' plane views by PSAT, and each instruction's TG-IS tokens (the
+    report's own query, each question's). With a slice branch the pointing
+    loss is scored too, and ``questions`` must be 1.
+    """
+    answer_id = tok.index[ANSWER]
+    rows = torch.from_numpy(idx)
+    pooled = (feats["low"][rows], feats["high"][rows], feats["regions"][rows])
+    chosen = [samples[int(i)] for i in idx]
+    keys = None
+    if net.slices is None and net.psat is None:
+        tokens = net.tokens_from_pooled(pooled)
+    else:  # the 2D side reads the samples' slices
+        x = torch.from_numpy(np.stack([s["x"] for s in chosen])).float()  # type: ignore[misc]
+        tokens, keys = net.text_side_inputs(x, pooled, feats["band"][rows], feats["mass"][rows])
+    if keys is None:
+        reports, qas = text_batch(chosen, tok, rng)
+        # several questions per image: the answers are short, the image is the same
+        more = [text_batch(chosen, tok, rng)[1] for _ in range(questions - 1)]
+        if more:
+            width = max(q.shape[1] for q in (qas, *more))
+            qas = torch.cat([F.pad(q, (0, width - q.shape[1])) for q in (qas, *more)])
+        loss = lm_step_loss(net, tokens, reports, qas, answer_id)
+        return TextStep(loss, torch.zeros(()), tokens, None)
+    if questions != 1:
+        raise ValueError("a model with a slice branch takes one question per sample")
+    asked: list[tuple[str, str, str]] = []
+    reports, qas = text_batch(chosen, tok, rng, asked)
+    rep_tok, rep_rel = net.slice_tokens_for(
+        keys, torch.full((len(idx), 1), tok.index[REPORT], dtype=torch.long))
+    qa_tok, qa_rel = net.slice_tokens_for(keys, pad_rows([tok.encode(q) for _t, _o, q in asked]))
+    loss = lm_step_loss(net, torch.cat([tokens, rep_tok], 1), reports, qas, answer_id,
+                        torch.cat([tokens, qa_tok], 1))
+    tg = feats["targets"][rows].numpy()
+    les = [s["lesions"] for s in chosen]
+    names = net.cfg.the_domain.structures
+    point = (pointing_loss(rep_rel, [relevance_target(t, None, None, le, names)  # type: ignore[arg-type]
+                                     for t, le in zip(tg, les, strict=True)])
+             + pointing_loss(qa_rel, [relevance_target(t, a[0], a[1], le, names)  # type: ignore[arg-type]
+                                      for t, a, le in zip(tg, asked, les, strict=True)]))
+    return TextStep(loss, point, tokens, keys)
+
+
 def train_language_stage(net: ScribeNet, samples: list[dict[str, object]],
                          tok: WordTokenizer | LMTokenizer, args: argparse.Namespace) -> int:
     """Stage 2: projectors, slice branch and language model on a frozen encoder and head.
@@ -533,8 +600,6 @@ def train_language_stage(net: ScribeNet, samples: list[dict[str, object]],
         groups.append({"params": list(fresh.values()), "scale": 2.0})
     opt = torch.optim.AdamW(groups, lr=args.lr, weight_decay=1e-4)
     rng = np.random.default_rng(args.seed)
-    answer_id = tok.index[ANSWER]
-    report_id = tok.index[REPORT]
     net.train()
     net.encoder.eval()
     net.seg.eval()
@@ -546,42 +611,9 @@ def train_language_stage(net: ScribeNet, samples: list[dict[str, object]],
         for group in opt.param_groups:
             group["lr"] = lr * float(group["scale"])
         idx = rng.integers(len(samples), size=args.batch)
-        rows = torch.from_numpy(idx)
-        pooled = (feats["low"][rows], feats["high"][rows], feats["regions"][rows])
-        chosen = [samples[int(i)] for i in idx]
-        keys = None
-        if branch is None and net.psat is None:
-            tokens = net.tokens_from_pooled(pooled)
-        else:  # the 2D side reads the samples' slices
-            x = torch.from_numpy(np.stack([s["x"] for s in chosen])).float()  # type: ignore[misc]
-            tokens, keys = net.text_side_inputs(x, pooled, feats["band"][rows],
-                                                feats["mass"][rows])
-        point = torch.zeros(())
-        if keys is None:
-            reports, qas = text_batch(chosen, tok, rng)
-            # several questions per image: the answers are short, the image is the same
-            more = [text_batch(chosen, tok, rng)[1] for _ in range(args.questions - 1)]
-            if more:
-                width = max(q.shape[1] for q in (qas, *more))
-                qas = torch.cat([F.pad(q, (0, width - q.shape[1])) for q in (qas, *more)])
-            loss = lm_step_loss(net, tokens, reports, qas, answer_id)
-        else:
-            asked: list[tuple[str, str, str]] = []
-            reports, qas = text_batch(chosen, tok, rng, asked)
-            rep_tok, rep_rel = net.slice_tokens_for(
-                keys, torch.full((len(idx), 1), report_id, dtype=torch.long))
-            qa_tok, qa_rel = net.slice_tokens_for(keys, pad_rows([tok.encode(q)
-                                                                  for _t, _o, q in asked]))
-            loss = lm_step_loss(net, torch.cat([tokens, rep_tok], 1), reports, qas, answer_id,
-                                torch.cat([tokens, qa_tok], 1))
-            tg = feats["targets"][rows].numpy()
-            les = [s["lesions"] for s in chosen]
-            names = net.cfg.the_domain.structures
-            point = (pointing_loss(rep_rel, [relevance_target(t, None, None, le, names)  # type: ignore[arg-type]
-                                             for t, le in zip(tg, les, strict=True)])
-                     + pointing_loss(qa_rel, [relevance_target(t, a[0], a[1], le, names)  # type: ignore[arg-type]
-                                              for t, a, le in zip(tg, asked, les, strict=True)]))
-            loss = loss + args.point_weight * point
+        batch = text_step(net, feats, samples, idx, tok, rng, args.questions)
+        point = batch.point
+        loss = batch.loss + args.point_weight * point
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 2.0)  # type: ignore[attr-defined]
@@ -675,6 +707,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lm-lr-scale", type=float, default=1.0,
                    help="language stage: learning-rate factor of the projectors and LM "
                    "(below 1: add a slice branch to a trained LM without retraining it much)")
+    p.add_argument("--slice-owned", action=argparse.BooleanOptionalAction, default=None,
+                   help="the slice branch reads the area per slice of the lesions each organ "
+                   "owns (tomoscribe.model.tgis.owned_lesion_area; default: on for a branch "
+                   "this run adds, as --init's otherwise)")
     p.add_argument("--point-weight", type=float, default=1.0,
                    help="weight of the TG-IS pointing loss (language stage)")
     p.add_argument("--encoder", choices=("dcformer", "vit"), default=None,
@@ -716,8 +752,10 @@ def main(argv: list[str] | None = None) -> int:
            if args.init is not None else NetConfig.for_domain(args.domain or CHEST_ABDOMEN_CT))
     if args.domain is not None and args.domain != cfg.domain:
         p.error(f"--domain {args.domain}: --init {args.init} is a {cfg.domain} model")
-    for name in ("encoder", "head_channels", "slice_tokens", "psat_slices", "align_dim",
-                 "refine_stats", "refine_stats_mode"):
+    if args.slice_owned is None and args.slice_tokens and not cfg.slice_tokens:
+        args.slice_owned = True  # a new branch reads the owned-lesion area
+    for name in ("encoder", "head_channels", "slice_tokens", "slice_owned", "psat_slices",
+                 "align_dim", "refine_stats", "refine_stats_mode"):
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))
         setattr(args, name, getattr(cfg, name))  # recorded in the history as used
@@ -765,6 +803,7 @@ def main(argv: list[str] | None = None) -> int:
                                                "batch": args.batch, "lr": args.lr,
                                                "questions": args.questions,
                                                "slice_tokens": args.slice_tokens,
+                                               "slice_owned": args.slice_owned,
                                                "psat_slices": args.psat_slices,
                                                "point_weight": args.point_weight,
                                                "refine_stats": args.refine_stats,

@@ -56,13 +56,12 @@ from tomoscribe.train import (
     VERSION_HELP,
     build_cache,
     cache_path,
-    lm_step_loss,
     load_overlapping,
     pad_rows,
     qa_loss_mask,
     save_model,
     stage_features,
-    text_batch,
+    text_step,
     warmup_cosine,
 )
 
@@ -102,12 +101,15 @@ def draw_refer(sample: dict[str, object], organ_labels: dict[str, int],
 
 
 def refer_step_loss(net: ScribeNet, tok: WordTokenizer | LMTokenizer, tokens: torch.Tensor,
-                    chosen: list[dict[str, object]], rng: np.random.Generator
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+                    chosen: list[dict[str, object]], rng: np.random.Generator,
+                    keys: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Answer loss and mask loss of one referring question per sample of ``chosen``.
 
-    ``tokens`` ``(R, T, width)`` is their image prefix. Returns ``(answer
-    loss, mask loss)`` (the mask loss is 0 when no answer is ``<seg>``).
+    ``tokens`` ``(R, T, width)`` is their 3D image prefix, ``keys`` ``(R, D,
+    width)`` their TG-IS slice keys when the model has a slice branch (each
+    question's slice tokens then follow the 3D tokens, as at inference).
+    Returns ``(answer loss, mask loss)`` (the mask loss is 0 when no answer is
+    ``<seg>``).
     """
     assert net.segtoken is not None
     cfg = net.cfg
@@ -116,6 +118,10 @@ def refer_step_loss(net: ScribeNet, tok: WordTokenizer | LMTokenizer, tokens: to
                     for i, o in enumerate(refer_organs(cfg.the_domain))}
     seg_id = tok.index[SEG]
     drawn = [draw_refer(s, organ_labels, rng) for s in chosen]
+    if keys is not None:
+        slice_tokens, _rel = net.slice_tokens_for(keys, pad_rows([tok.encode(q)
+                                                                  for _t, _o, q, _a in drawn]))
+        tokens = torch.cat([tokens, slice_tokens], dim=1)
     ids = pad_rows([tok.encode(f"{QUESTION} {q} {ANSWER} {a}") + [tok.eos_id]
                     for _t, _o, q, a in drawn])
     emb = torch.cat([tokens, net.embed_text(ids)], dim=1)
@@ -194,7 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     args.refine_stats = cfg.refine_stats  # stage_features reads it from the network
     feats = stage_features(net, samples, args)
     assert net.segtoken is not None
-    for module in (net.encoder, net.seg, net.refine, net.align):
+    # the slice branch and PSAT keep what the language stage taught them
+    for module in (net.encoder, net.seg, net.refine, net.align, net.slices, net.psat):
         if module is not None:
             for param in module.parameters():
                 param.requires_grad_(False)
@@ -203,7 +210,6 @@ def main(argv: list[str] | None = None) -> int:
                              {"params": list(net.segtoken.parameters()), "scale": 2.0}],
                             lr=args.lr, weight_decay=1e-4)
     rng = np.random.default_rng(args.seed)
-    answer_id = tok.index[ANSWER]
     net.train()
     for module in (net.encoder, net.seg):
         module.eval()
@@ -214,14 +220,12 @@ def main(argv: list[str] | None = None) -> int:
         for group in opt.param_groups:
             group["lr"] = lr * float(group["scale"])
         idx = rng.integers(len(samples), size=args.batch)
-        rows = torch.from_numpy(idx)
-        tokens = net.tokens_from_pooled((feats["low"][rows], feats["high"][rows],
-                                         feats["regions"][rows]))
         chosen = [samples[int(i)] for i in idx]
-        reports, qas = text_batch(chosen, tok, rng)
-        lang = lm_step_loss(net, tokens, reports, qas, answer_id)
+        batch = text_step(net, feats, samples, idx, tok, rng)
+        lang = batch.loss
         n = min(args.refer, len(chosen))
-        refer, mask = refer_step_loss(net, tok, tokens[:n], chosen[:n], rng)
+        refer, mask = refer_step_loss(net, tok, batch.tokens[:n], chosen[:n], rng,
+                                      None if batch.keys is None else batch.keys[:n])
         loss = lang + refer + args.mask_weight * mask
         opt.zero_grad(set_to_none=True)
         loss.backward()

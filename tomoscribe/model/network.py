@@ -43,7 +43,7 @@ from tomoscribe.model.seghead import SegHead
 from tomoscribe.model.segtoken import SegTokenDecoder
 from tomoscribe.model.siglip import AlignmentHead
 from tomoscribe.model.text import VOCAB, vocabulary
-from tomoscribe.model.tgis import SliceBranch
+from tomoscribe.model.tgis import SliceBranch, owned_lesion_area
 from tomoscribe.model.vit3d import ViT3DEncoder
 
 
@@ -80,6 +80,10 @@ class NetConfig:
     max_positions: int = 96
     #: tokens of the TG-IS slice branch (0: none, the 3D-only model)
     slice_tokens: int = 0
+    #: the slice branch also reads the area per slice of the lesions each organ
+    #: owns (:func:`tomoscribe.model.tgis.owned_lesion_area`); off in configs
+    #: written before it existed, on for a branch ``tomoscribe.train`` adds
+    slice_owned: bool = False
     #: slices per plane of the PSAT fusion (0: none)
     psat_slices: int = 0
     #: width of the SigLIP image-report alignment head (0: none)
@@ -207,7 +211,8 @@ class ScribeNet(nn.Module):
         self.slices: SliceBranch | None = None
         if cfg.slice_tokens:
             self.slices = SliceBranch(cfg.in_channels, cfg.channels[1], cfg.num_classes,
-                                      cfg.model_shape[0], cfg.width, cfg.slice_tokens)
+                                      cfg.model_shape[0], cfg.width, cfg.slice_tokens,
+                                      owned=cfg.slice_owned)
         self.align: AlignmentHead | None = None
         if cfg.align_dim:
             self.align = AlignmentHead(cfg.channels[-2], cfg.channels[-1], 2 * cfg.channels[0] + 3,
@@ -287,7 +292,8 @@ class ScribeNet(nn.Module):
         """:meth:`encode_pooled` plus the slice branch's 3D inputs.
 
         Returns ``(pooled, seg logits, (band (B, C1, d), class mass (B, K, D)))``
-        (see :meth:`SliceBranch.band`).
+        (see :meth:`SliceBranch.band`); with ``slice_owned`` the mass is
+        ``(B, 2 K, D)``, the owned-lesion area below the class mass.
         """
         pooled, logits, band, _dec = self.encode_with_decoder(x)
         return pooled, logits, band
@@ -302,6 +308,9 @@ class ScribeNet(nn.Module):
         logits, dec = self.seg(feats, x)
         low, high = self.projector.pool(feats[-2], feats[-1])
         band = SliceBranch.band(feats[1], logits)
+        if self.cfg.slice_owned:
+            area = owned_lesion_area(logits, self.cfg.lesion_class, self.cfg.organ_classes)
+            band = (band[0], torch.cat([band[1], area], dim=1))
         return (low, high, self.regions.pool(dec, logits)), logits, band, dec
 
     def instruction_embedding(self, ids: torch.Tensor) -> torch.Tensor:

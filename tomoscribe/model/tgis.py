@@ -10,7 +10,9 @@ model. Here the same idea, sized for the default model:
 
     x (B, C, D, H, W) --2D CNN per slice--> s (B, D, 64)
     3D band: stage-2 encoder features pooled over (h, w), resampled to D
-             (B, C2, D), and the segmentation's class mass per slice (B, K, D)
+             (B, C2, D), the segmentation's class mass per slice (B, K, D)
+             and, with ``owned``, the area per slice of the lesions each
+             organ owns (B, K, D)
     keys = MLP([s, band, log1p(mass)]) + slice position   (B, D, W)
     query = Linear(mean text embedding of the instruction) (B, T, W)
     a = softmax_D(q . k / sqrt(W))                         (B, T, D)
@@ -28,6 +30,19 @@ pairs. The phantoms carry masks, so training here adds a pointing loss (the
 cross-entropy between the relevance and the per-slice area of the structure
 the question is about); ``--point-weight 0`` in ``tomoscribe.train`` turns it
 off.
+
+The owned-lesion area (``owned``; :func:`owned_lesion_area`) is the second
+deviation. The class mass says where lesions are, not whose they are: with a
+lung nodule and a liver lesion in one study, a question about the liver had
+only the slice position and the organ masses to choose between them. Each
+lesion component of the segmentation's argmax goes to the organ around it
+(as the report assigns it), and its area per slice is written in that
+organ's row: the query of a question naming the liver can then match the
+slices of the liver's own lesions. Measured on 20 validation phantoms with
+the 0.6.0 segmentation, taking the slice with the most owned lesion area
+(else the organ's largest) points at what the question is about in 0.945 of
+the questions, the per-slice lesion mass within two voxels of the organ in
+0.889 (the lesion probability spread over a lung outweighs a small nodule).
 """
 
 from __future__ import annotations
@@ -37,6 +52,34 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from tomoscribe.model.refine import refined_organs
+from tomoscribe.model.segtoken import lesion_owners
+
+
+def owned_lesion_area(logits: torch.Tensor, lesion_class: int,
+                      organ_classes: tuple[int, ...]) -> torch.Tensor:
+    """Per-slice area of the lesions each organ owns, from segmentation logits.
+
+    ``logits`` ``(B, K, D, H, W)``. The lesion components of the argmax
+    (two voxels or more) each go to the organ most of their two-voxel shell
+    lies in (:func:`~tomoscribe.model.segtoken.lesion_owners`; the body is
+    not an owner, as in the report). Returns ``(B, K, D)`` float: row ``c``
+    the voxels per slice of the lesions organ class ``c`` owns, row 0 those
+    of every owned lesion; the other rows are 0.
+    """
+    labels = logits.detach().argmax(dim=1).cpu().numpy()
+    out = torch.zeros(logits.shape[0], logits.shape[1], logits.shape[2])
+    organs = refined_organs(organ_classes)
+    for b, y in enumerate(labels):
+        if not (y == lesion_class).any():
+            continue
+        comps, owners = lesion_owners(y, lesion_class, organs, ring=2, min_voxels=2)
+        for comp, organ in owners.items():
+            area = torch.from_numpy((comps == comp).sum(axis=(1, 2))).float()
+            out[b, organ] += area
+            out[b, 0] += area
+    return out.to(logits.dtype)
 
 
 class SliceEncoder2D(nn.Module):
@@ -83,15 +126,18 @@ class SliceBranch(nn.Module):
         depth: slices on the model grid (``D``).
         width: language-model width.
         tokens: tokens produced (one query per token).
+        owned: the mass input also holds the owned-lesion area
+            (:func:`owned_lesion_area`): ``2 K`` rows instead of ``K``.
     """
 
     def __init__(self, in_channels: int, band_channels: int, num_classes: int, depth: int,
-                 width: int, tokens: int = 2) -> None:
+                 width: int, tokens: int = 2, owned: bool = False) -> None:
         super().__init__()
         self.tokens = tokens
         self.width = width
         self.encoder2d = SliceEncoder2D(in_channels)
-        self.mix = nn.Sequential(nn.Linear(64 + band_channels + num_classes, width), nn.GELU(),
+        mass_rows = 2 * num_classes if owned else num_classes
+        self.mix = nn.Sequential(nn.Linear(64 + band_channels + mass_rows, width), nn.GELU(),
                                  nn.Linear(width, width))
         self.position = nn.Parameter(torch.randn(depth, width) * 0.02)
         self.query = nn.Linear(width, tokens * width)
