@@ -58,6 +58,7 @@ from operators.series_selector import SeriesSelectorOperator
 from operators.sr_writer import MeasurementsWriterOperator, PDFWriterOperator, SRWriterOperator
 from operators.volume_loader import VolumeLoaderOperator
 from tomoscribe.config import Settings, load_settings
+from tomoscribe.domain import about_other_domain
 from tomoscribe.errors import (
     InputError,
     ModelError,
@@ -70,6 +71,7 @@ from tomoscribe.scope import (
     first_repeat,
     model_label,
     model_labels,
+    read_model_domain,
     read_model_version,
     resolve_model,
 )
@@ -314,6 +316,28 @@ def _run_graph(
     return state
 
 
+def _route_questions(asked: tuple[str, ...], folder: Path | None
+                     ) -> tuple[tuple[str, ...], list[str]]:
+    """The questions for one of several models, and a line for each one left out.
+
+    A question about another domain's structures only is left out
+    (:func:`~tomoscribe.domain.about_other_domain`); a model whose domain
+    cannot be read gets every question (loading it reports the folder).
+    """
+    domain = read_model_domain(folder)
+    if domain is None:
+        return asked, []
+    own: list[str] = []
+    lines: list[str] = []
+    for question in asked:
+        other = about_other_domain(question, domain)
+        if other is None:
+            own.append(question)
+        else:
+            lines.append(f"not asked {question!r}: it is about {other.description}")
+    return tuple(own), lines
+
+
 def _nobody_reads(skipped: Sequence[tuple[str, NoSeriesError]]) -> NoSeriesError:
     """The error when no model reads the study: each model's reason, on one line.
 
@@ -361,7 +385,11 @@ def run_app(
             (:func:`tomoscribe.scope.resolve_model`). ``None`` or empty: the
             settings' models (by default the model shipped with tomoscribe).
         questions: questions to answer; empty: the settings' standing questions.
-            Every model is asked all of them.
+            With several models, a question that names a structure of another
+            model's domain and none of a model's own (``"is there a lesion in
+            the liver ?"`` for a head MR model) is not put to that model
+            (:func:`~tomoscribe.domain.about_other_domain`; the explanation
+            says so); every other question is put to every model.
         config_path: an ``app.yaml``-style settings file; ``None``: built-in defaults.
         verbose: log the selection explanation and timings (logger ``tomoscribe.app``).
         settings: already loaded settings (overrides ``config_path``).
@@ -402,7 +430,9 @@ def run_app(
     try:
         for number, (folder, label) in enumerate(zip(models, labels, strict=True)):
             where = staging / str(number) if several else staging
-            state = _run_graph(input_dir, where, settings, folder, asked)
+            own, routed = _route_questions(asked, folder) if several else (asked, [])
+            explanation.extend(f"{label}: {line}" for line in routed)
+            state = _run_graph(input_dir, where, settings, folder, own)
             mark = f"{label}: " if several else ""
             explanation.extend(f"{mark}{line}" for line in state.explanation)
             timings.update({(f"{label}/{k}" if several else k): v

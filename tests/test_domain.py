@@ -288,3 +288,22 @@ def test_the_cli_drafts_a_head_mr_study_with_a_head_model(tmp_path: Path) -> Non
     assert cli_main(["run", "-i", str(tmp_path / "ct"), "-o", str(tmp_path / "out2"), "-m",
                      str(tmp_path / "model")]) == 3
     assert not (tmp_path / "out2").exists() or not any((tmp_path / "out2").iterdir())
+
+
+def test_a_question_about_another_domains_structures_is_routed_away() -> None:
+    from tomoscribe.domain import CHEST_ABDOMEN_CT, HEAD_MR, about_other_domain
+
+    ct, head = CHEST_ABDOMEN_CT, HEAD_MR
+    assert about_other_domain("is there a lesion in the liver ?", head) is ct
+    assert about_other_domain("Any nodules in the lungs?", head) is ct  # plural, case
+    assert about_other_domain("is the left kidney normal", head) is ct
+    assert about_other_domain("is the cerebellum normal ?", ct) is head
+    assert about_other_domain("Lateral ventricles enlarged?", ct) is head
+    # its own structures, or none at all: the question is for the model
+    for q in ("is there a lesion in the liver ?", "are there any focal findings ?",
+              "is the left side normal ?"):
+        assert about_other_domain(q, ct) is None
+    assert about_other_domain("is there a mass in the right cerebral hemisphere ?", head) is None
+    # naming both: each model answers for its own part
+    both = "is there a lesion in the liver or the cerebellum ?"
+    assert about_other_domain(both, ct) is None and about_other_domain(both, head) is None

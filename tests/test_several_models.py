@@ -36,6 +36,7 @@ HEAD_NET.model_shape = (16, 32, 32)
 HEAD_NET.channels = (8, 8, 16, 16)
 STUDY_UID = "1.2.826.0.1.3680043.8.498.4242"
 QUESTION = "is there a lesion ?"
+LIVER_Q, CEREBELLUM_Q = "is there a lesion in the liver ?", "is the cerebellum normal ?"
 CT_VERSION, HEAD_VERSION = "0.0.1-ct", "0.0.1-head"
 
 
@@ -105,7 +106,7 @@ def test_a_study_with_both_series_gets_both_models_outputs(
 ) -> None:
     out = tmp_path / "out"
     result = run_app(data["both"], out, model_dir=[data["ct"], data["head"]],
-                     questions=[QUESTION])
+                     questions=[QUESTION, LIVER_Q, CEREBELLUM_Q])
     assert result.models == ["ct-model", "head-model"] and result.skipped == []
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in result.written)
     srs = [p for p in result.written if p.name.startswith("SR_")]
@@ -127,9 +128,15 @@ def test_a_study_with_both_series_gets_both_models_outputs(
                for line in result.explanation)
     assert result.report_text.startswith("[ct-model]\n") and "\n\n[head-model]\n" in \
         result.report_text
-    assert [q for q, _a in result.answers] == [f"[ct-model] {QUESTION}",
-                                               f"[head-model] {QUESTION}"]
-    assert len(result.answer_slices) == 2
+    # a question about one domain's structures goes to that domain's model only
+    assert [q for q, _a in result.answers] == [
+        f"[ct-model] {QUESTION}", f"[ct-model] {LIVER_Q}",
+        f"[head-model] {QUESTION}", f"[head-model] {CEREBELLUM_Q}"]
+    assert len(result.answer_slices) == 4
+    assert f"ct-model: not asked {CEREBELLUM_Q!r}: it is about MR of the head" in \
+        result.explanation
+    assert f"head-model: not asked {LIVER_Q!r}: it is about CT of the chest and abdomen" in \
+        result.explanation
     assert {"ct-model/language_model", "head-model/language_model", "total"} <= \
         set(result.timings)
 

@@ -25,7 +25,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["CHEST_ABDOMEN_CT", "DOMAINS", "HEAD_MR", "Domain", "get_domain"]
+__all__ = ["CHEST_ABDOMEN_CT", "DOMAINS", "HEAD_MR", "Domain", "about_other_domain",
+           "get_domain"]
 
 
 @dataclass(frozen=True)
@@ -147,3 +148,31 @@ def get_domain(name: str | Domain | None) -> Domain:
         return DOMAINS[name]
     except KeyError:
         raise ValueError(f"unknown domain {name!r}; known: {', '.join(DOMAINS)}") from None
+
+
+#: words of a structure's name that name no structure by themselves
+_SIDE_WORDS = frozenset({"left", "right", "lateral"})
+
+
+def _structure_words(domain: Domain) -> frozenset[str]:
+    """Words that name one of ``domain``'s structures (the region excluded), singular and plural."""
+    words = {w for name in domain.structures[1:] for w in name.split()} - _SIDE_WORDS
+    return frozenset(words | {w + "s" for w in words} | {w.removesuffix("s") for w in words})
+
+
+def about_other_domain(question: str, domain: Domain) -> Domain | None:
+    """The domain a question is about when that is not ``domain``, else ``None``.
+
+    A question that names a structure of another domain (``"is there a lesion
+    in the liver ?"``: chest-abdomen CT) and none of ``domain``'s is about that
+    domain. A question that names no structure (``"are there any focal
+    findings ?"``), or one of ``domain``'s, is for ``domain`` too. Used to
+    route standing questions when one installation runs several models.
+    """
+    words = set("".join(c if c.isalnum() else " " for c in question.lower()).split())
+    if words & _structure_words(domain):
+        return None
+    for other in DOMAINS.values():
+        if other.name != domain.name and words & _structure_words(other):
+            return other
+    return None

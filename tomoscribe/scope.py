@@ -72,6 +72,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tomoscribe.domain import Domain, get_domain
 from tomoscribe.errors import ModelError
 
 #: the installed package's folder, where packaged models live
@@ -389,12 +390,37 @@ def read_model_version(model_dir: Path | None) -> str | None:
         The version, or ``None`` when ``config.json`` is missing or unreadable
         (loading the model reports that).
     """
+    conf = _read_config(model_dir)
+    return str(conf.get("version", "0")) if conf is not None else None
+
+
+def read_model_domain(model_dir: Path | None) -> Domain | None:
+    """The domain a model folder's ``config.json`` declares (``net.domain``).
+
+    Returns:
+        The domain (a folder without ``net.domain`` is chest-abdomen CT, as
+        :class:`~tomoscribe.model.network.NetConfig` reads it), or ``None`` when
+        ``config.json`` is missing or unreadable or names an unknown domain
+        (loading the model reports that).
+    """
+    conf = _read_config(model_dir)
+    net = conf.get("net") if conf is not None else None
+    if not isinstance(net, dict):
+        return None
+    try:
+        return get_domain(net.get("domain"))
+    except ValueError:
+        return None
+
+
+def _read_config(model_dir: Path | None) -> dict[str, object] | None:
+    """A model folder's ``config.json`` as a dict, or ``None`` when missing or not a JSON object."""
     folder = model_dir if model_dir is not None else DEFAULT_MODEL_DIR
     try:
         conf = json.loads((folder / "config.json").read_text())
     except (OSError, ValueError):
         return None
-    return str(conf.get("version", "0")) if isinstance(conf, dict) else None
+    return conf if isinstance(conf, dict) else None
 
 
 @dataclass(frozen=True)
