@@ -28,8 +28,8 @@ stop:
 
 ## train: retrain the shipped default model, stage by stage, as it was trained
 ## (about 5 h on 2 CPU cores, then the last refiner: 7 min on one H100, or about 2.2 h on 2 cores
-## at the measured 0.31 s a patch, then 0.6.0's language side: about 50 min on 2 cores; the
-## README's "Training" section explains each stage).
+## at the measured 0.31 s a patch, then 0.6.0's language side: about 50 min on 2 cores, then
+## 0.7.0's slice branch and PSAT: about 1 h; the README's "Training" section explains each stage).
 ## Every stage writes a version of its own (0.6.0+local.<hash of the weights>); the last one,
 ## which writes tomoscribe/weights, names the package's version, as a release does.
 VERSION := $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' tomoscribe/__init__.py)
@@ -67,6 +67,15 @@ train: setup
 	$(PY) -m tomoscribe.train_segtoken --init checkpoints/stage6-weights --checkpoint checkpoints/stage6 \
 		--cache checkpoints/cache-1200-48x96x96.pt --out checkpoints/stage6b-weights --steps 800 --batch 32 --refer 4 --threads 2
 	$(TRAIN) --stage align --init checkpoints/stage6b-weights --checkpoint checkpoints/stage6 \
+		--out checkpoints/stage6c-weights --steps 1500 --batch 128 --lr 1e-3
+	$(TRAIN) --stage language --init checkpoints/stage6c-weights --checkpoint checkpoints/stage7 \
+		--out checkpoints/stage7-weights --slice-tokens 2 --psat-slices 16 \
+		--steps 1000 --batch 32 --lr 5e-4
+	$(TRAIN) --stage language --init checkpoints/stage7-weights --checkpoint checkpoints/stage7 \
+		--out checkpoints/stage7a-weights --steps 1500 --batch 32 --lr 5e-4 --point-weight 3
+	$(PY) -m tomoscribe.train_segtoken --init checkpoints/stage7a-weights --checkpoint checkpoints/stage7 \
+		--cache checkpoints/cache-1200-48x96x96.pt --out checkpoints/stage7b-weights --steps 800 --batch 32 --refer 4 --threads 2
+	$(TRAIN) --stage align --init checkpoints/stage7b-weights --checkpoint checkpoints/stage7 \
 		--out tomoscribe/weights --steps 1500 --batch 128 --lr 1e-3 --version $(VERSION)
 
 ## train-head: retrain the packaged head MR model (tomoscribe/weights-head-mr, named head-mr;
@@ -97,16 +106,26 @@ train-head: setup
 	$(TRAIN_HEAD) --stage align --init checkpoints/head4b-weights --checkpoint checkpoints/head4 \
 		--out tomoscribe/weights-head-mr --steps 1500 --batch 128 --lr 1e-3 --version $(HEAD_VERSION)
 
-## ablation: the README's ablation rows: from the shipped weights, 1,000 more language steps
-## each for 3D-only, 3D + TG-IS and 3D + TG-IS + PSAT, then each scored on the test phantoms
-## (about 1 h on 2 CPU cores: 10 min of frozen-vision features and 20 min of the refiner's
-## statistics the first time, then 7, 16 and 17 min of training and 3.5 min per benchmark)
-ABLATE := $(TRAIN) --stage language --init tomoscribe/weights --checkpoint checkpoints/ablation \
-	--steps 1000 --batch 32 --lr 5e-4
+## ablation: the README's ablation rows: from the 0.6.0 model (checkpoints/stage6c-weights, made
+## by `make train`; 3D-only, refiner statistics in the region tokens), 0.7.0's two language runs
+## (1,000 steps, then 1,500 with the pointing loss x3) for each of 3D-only, 3D + TG-IS and
+## 3D + TG-IS + PSAT, then each scored on the test phantoms (2 CPU cores: frozen-vision features
+## 7 min and the refiner's statistics 13 min the first time in each checkpoint folder, then
+## about 17 min of training for the 3D-only row, 35 min for each other row, and 6 min a benchmark)
+ABLATE := $(TRAIN) --stage language --batch 32 --lr 5e-4
 ablation: setup
-	$(ABLATE) --out checkpoints/ablation-3d
-	$(ABLATE) --out checkpoints/ablation-tgis --slice-tokens 2
-	$(ABLATE) --out checkpoints/ablation-psat --slice-tokens 2 --psat-slices 16
+	$(ABLATE) --init checkpoints/stage6c-weights --checkpoint checkpoints/ablation-3d \
+		--out checkpoints/ablation-3d-a --steps 1000
+	$(ABLATE) --init checkpoints/ablation-3d-a --checkpoint checkpoints/ablation-3d \
+		--out checkpoints/ablation-3d --steps 1500
+	$(ABLATE) --init checkpoints/stage6c-weights --checkpoint checkpoints/ablation \
+		--out checkpoints/ablation-tgis-a --steps 1000 --slice-tokens 2
+	$(ABLATE) --init checkpoints/ablation-tgis-a --checkpoint checkpoints/ablation \
+		--out checkpoints/ablation-tgis --steps 1500 --point-weight 3
+	$(ABLATE) --init checkpoints/stage6c-weights --checkpoint checkpoints/ablation \
+		--out checkpoints/ablation-psat-a --steps 1000 --slice-tokens 2 --psat-slices 16
+	$(ABLATE) --init checkpoints/ablation-psat-a --checkpoint checkpoints/ablation \
+		--out checkpoints/ablation-psat --steps 1500 --point-weight 3
 	for m in 3d tgis psat; do $(PY) benchmarks/accuracy.py --model-dir checkpoints/ablation-$$m \
 		--json benchmarks/results/ablation-$$m.json; done
 
@@ -115,7 +134,7 @@ ablation: setup
 ## from new weights on the shipped vision side with the same language steps, then scored on the
 ## test phantoms (README "Bringing your own language model")
 BROUGHT := $(TRAIN) --stage language --init tomoscribe/weights --checkpoint checkpoints/brought \
-	--steps 3000 --batch 32 --lr 1e-3 --threads 1
+	--steps 3000 --batch 32 --lr 1e-3 --threads 1 --slice-tokens 0 --psat-slices 0
 brought-lm: setup
 	$(PY) benchmarks/brought_lm.py --out checkpoints/brought-llama
 	$(PY) benchmarks/brought_lm.py --out checkpoints/brought-gpt2 --arch gpt2-words
