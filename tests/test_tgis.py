@@ -214,7 +214,7 @@ def test_an_owned_branch_reads_the_owned_area_under_the_class_mass() -> None:
     plain = ScribeNet(SMALL).eval()
     owned = ScribeNet(replace(SMALL, slice_owned=True)).eval()
     with torch.no_grad():
-        _p, logits, (_b, mass) = plain.encode_full(x)
+        _p, _logits, (_b, mass) = plain.encode_full(x)
         _p2, _l2, (band2, mass2) = owned.encode_full(x)
         assert mass.shape == (2, 9, SMALL.model_shape[0])
         assert mass2.shape == (2, 18, SMALL.model_shape[0])
