@@ -79,7 +79,7 @@ def owned_lesion_area(logits: torch.Tensor, lesion_class: int,
             area = torch.from_numpy((comps == comp).sum(axis=(1, 2))).float()
             out[b, organ] += area
             out[b, 0] += area
-    return out.to(logits.dtype)
+    return out.to(device=logits.device, dtype=logits.dtype)
 
 
 class SliceEncoder2D(nn.Module):
