@@ -70,29 +70,15 @@ from tomoscribe.train import study_lesions
 from tomoscribe.volume import SliceRef, Volume
 
 try:  # run as a script (benchmarks/ on sys.path) or as benchmarks.head_accuracy
-    from accuracy import (  # type: ignore[import-not-found]
-        BANDS,
-        Refer,
-        Tally,
-        _dice,
-        _prf,
-        _yes_no,
-        refer_items,
-        score_referring,
-    )
-    from textmetrics import corpus_bleu, rouge_l, token_f1  # type: ignore[import-not-found]
+    import accuracy  # type: ignore[import-not-found]
+    import textmetrics  # type: ignore[import-not-found]
 except ImportError:  # pragma: no cover
-    from benchmarks.accuracy import (
-        BANDS,
-        Refer,
-        Tally,
-        _dice,
-        _prf,
-        _yes_no,
-        refer_items,
-        score_referring,
-    )
-    from benchmarks.textmetrics import corpus_bleu, rouge_l, token_f1
+    from benchmarks import accuracy, textmetrics
+
+BANDS, Refer, Tally = accuracy.BANDS, accuracy.Refer, accuracy.Tally
+_dice, _prf, _yes_no = accuracy._dice, accuracy._prf, accuracy._yes_no
+refer_items, score_referring = accuracy.refer_items, accuracy.score_referring
+corpus_bleu, rouge_l, token_f1 = textmetrics.corpus_bleu, textmetrics.rouge_l, textmetrics.token_f1
 
 MR_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
 STRUCTURES_SCORED = HEAD_MR.structures[1:]
