@@ -32,6 +32,11 @@ Scored:
   touches at all (detection), from the segmentation alone (the refiner's
   labels where the model has a refiner, the head's otherwise), before the
   report decides which lesions to keep;
+* key images: whether a finding's first key image holds a lesion of its
+  site; for every question with something to show (a site's lesions, else
+  the site; every lesion for a study-level question), whether the answer's
+  first key image shows it, and whether the TG-IS branch's own top slice
+  does (models with a slice branch), as ``benchmarks/accuracy.py`` scores them;
 * findings F1 per MR weighting; CPU seconds per study (median) and peak memory.
 """
 
@@ -50,7 +55,7 @@ import torch
 from scipy import ndimage
 
 from tomoscribe.domain import HEAD_MR
-from tomoscribe.model.scribe import Scribe
+from tomoscribe.model.scribe import Scribe, relevant_source_slices
 from tomoscribe.model.text import (
     WordTokenizer,
     answer_for,
@@ -145,6 +150,10 @@ class Text:
         self.kind_n = 0
         self.point_hit = 0
         self.point_n = 0
+        self.question_hit = 0  # the answer's first key image shows what it is about
+        self.question_n = 0
+        self.tgis_hit = 0  # the slice branch's own top slice does
+        self.tgis_n = 0
 
     def add(self, text: str, ref: str, items: list[tuple[str, str, str, str]],
             answers: list[str], golds: list[str]) -> None:
@@ -171,6 +180,10 @@ class Text:
             else None,
             "key_slice_pointing": (self.point_hit / self.point_n) if self.point_n else None,
             "key_slice_findings": self.point_n,
+            "question_key_image_hit": (self.question_hit / self.question_n) if self.question_n
+            else None,
+            "questions_with_something_to_show": self.question_n,
+            "tgis_top_slice_hit": (self.tgis_hit / self.tgis_n) if self.tgis_n else None,
         }
 
 
@@ -265,6 +278,28 @@ def main(argv: list[str] | None = None) -> int:
                 if f.structure in site_slices and f.key_slices:
                     text[name].point_n += 1
                     text[name].point_hit += int(f.key_slices[0] in site_slices[f.structure])
+        # each question's key images: what it is about (a site's lesions, else the site;
+        # every lesion for a study-level question), as accuracy.py scores them
+        every = set().union(*site_slices.values()) if site_slices else set()
+        targets = [every if not s else site_slices.get(s) or {
+            int(z) for z in np.nonzero((labels == STRUCTURE_LABELS[s]).any(axis=(1, 2)))[0]}
+            for _t, s, _k, _q in items]
+        for name, rep in (("model", report), ("image-blind", blind)):
+            for ans, want in zip(rep.answers, targets, strict=True):
+                if want:
+                    text[name].question_n += 1
+                    text[name].question_hit += int(bool(ans.key_slices)
+                                                   and ans.key_slices[0] in want)
+            if "slice_keys" in enc.extra:  # the TG-IS branch's own top slice, ungated
+                for (_t, _s, _k, q), want in zip(items, targets, strict=True):
+                    if not want:
+                        continue
+                    _tokens, rel = scribe.prefix(enc, scribe.tok.encode(q),
+                                                 blind=name == "image-blind")
+                    top = relevant_source_slices(rel, enc.extra["grid"], 1)
+                    if top:
+                        text[name].tgis_n += 1
+                        text[name].tgis_hit += int(top[0] in want)
         if refer:  # referring segmentation: the <seg> answers and their masks
             score_referring(scribe, enc, labels, refer, refer_items(STRUCTURES_SCORED),
                             STRUCTURE_LABELS, LESION_LABEL)
@@ -324,6 +359,13 @@ def main(argv: list[str] | None = None) -> int:
                 for name, r in table.items() if name != "majority"}
     print("key-slice pointing (a finding's first key image holds a lesion of its site): "
           + ", ".join(f"{name} {v} (n={n})" for name, (v, n) in pointing.items()))
+    for name, r in table.items():
+        if name == "majority" or not r["questions_with_something_to_show"]:
+            continue
+        tgis = r["tgis_top_slice_hit"]
+        print(f"questions ({name}, {r['questions_with_something_to_show']} with something to "
+              f"show): the answer's first key image shows it {r['question_key_image_hit']:.3f}; "
+              f"the TG-IS top slice {'n/a (no slice branch)' if tgis is None else f'{tgis:.3f}'}")
     for name, r in result["referring_segmentation"].items():
         dice = ", ".join(f"{k} {'n/a' if v is None else f'{v:.3f}'} (n={r['masks'][k]})"
                          for k, v in r["dice"].items())
