@@ -234,6 +234,44 @@ def _question_slices(ph: Phantom, labels: np.ndarray, aff: np.ndarray,
     return out
 
 
+class Pointing:
+    """Whether each question's key image shows what the question is about.
+
+    ``question_*``: the answer's first key image is one of the target slices;
+    ``tgis_*``: the TG-IS branch's own top slice is (ungated; models with a
+    slice branch only). Questions with nothing to show (an empty target) are
+    not counted.
+    """
+
+    def __init__(self) -> None:
+        self.question_hit = 0
+        self.question_n = 0
+        self.tgis_hit = 0
+        self.tgis_n = 0
+
+    def add(self, scribe: Scribe, enc: Encoded, answers: Sequence[Answer],
+            questions: Sequence[str], targets: Sequence[set[int]], blind: bool) -> None:
+        """Score one study's answers to ``questions`` against ``targets`` (source slices)."""
+        for ans, q, want in zip(answers, questions, targets, strict=True):
+            if not want:
+                continue
+            self.question_n += 1
+            self.question_hit += int(bool(ans.key_slices) and ans.key_slices[0] in want)
+            if "slice_keys" in enc.extra:
+                _tokens, rel = scribe.prefix(enc, scribe.tok.encode(q), blind=blind)
+                top = relevant_source_slices(rel, enc.extra["grid"], 1)
+                if top:
+                    self.tgis_n += 1
+                    self.tgis_hit += int(top[0] in want)
+
+    def row(self) -> dict[str, float | int | None]:
+        return {
+            "question_hit": (self.question_hit / self.question_n) if self.question_n else None,
+            "question_n": self.question_n,
+            "tgis_hit": (self.tgis_hit / self.tgis_n) if self.tgis_n else None,
+        }
+
+
 class Extra:
     """Text, VQA and key-slice counts for one row of the second table."""
 
@@ -246,10 +284,7 @@ class Extra:
         self.open_f1: dict[str, list[float]] = {}
         self.point_hit = 0
         self.point_n = 0
-        self.question_hit = 0
-        self.question_n = 0
-        self.tgis_hit = 0
-        self.tgis_n = 0
+        self.pointing = Pointing()
 
     def add_text(self, hyp: str, ref: str) -> None:
         h, r = WordTokenizer.words(hyp), WordTokenizer.words(ref)
@@ -272,6 +307,7 @@ class Extra:
         closed_all = [x for v in self.closed.values() for x in v]
         em_all = [x for v in self.open_em.values() for x in v]
         f1_all = [x for v in self.open_f1.values() for x in v]
+        pointing = self.pointing.row()
         return {
             "bleu4": corpus_bleu(self.hyps, self.refs),
             "rouge_l_f": mean(self.rouge),
@@ -284,10 +320,9 @@ class Extra:
                                      for t in self.open_em},
             "key_slice_pointing": (self.point_hit / self.point_n) if self.point_n else None,
             "key_slice_findings": self.point_n,
-            "question_pointing": (self.question_hit / self.question_n) if self.question_n
-            else None,
-            "question_pointing_n": self.question_n,
-            "tgis_top_slice_pointing": (self.tgis_hit / self.tgis_n) if self.tgis_n else None,
+            "question_pointing": pointing["question_hit"],
+            "question_pointing_n": pointing["question_n"],
+            "tgis_top_slice_pointing": pointing["tgis_hit"],
         }
 
 
@@ -529,19 +564,8 @@ def main(argv: list[str] | None = None) -> int:
             for (t, _o, _q), ans, g in zip(items, answers, gold, strict=True):
                 extra[name].add_answer(t, ans, g)
             extra[name].add_text(rep.text, ref_text)
-            for ans, want in zip(asked[name].answers, targets, strict=True):
-                if want:
-                    extra[name].question_n += 1
-                    extra[name].question_hit += int(bool(ans.key_slices)
-                                                    and ans.key_slices[0] in want)
-            if "slice_keys" in enc.extra:  # the TG-IS branch's own top slice, ungated
-                for (_t, _o, q), want in zip(items, targets, strict=True):
-                    _tokens, rel = scribe.prefix(enc, scribe.tok.encode(q),
-                                                 blind=name == "image-blind")
-                    top = relevant_source_slices(rel, enc.extra["grid"], 1) if want else []
-                    if want and top:
-                        extra[name].tgis_n += 1
-                        extra[name].tgis_hit += int(top[0] in want)
+            extra[name].pointing.add(scribe, enc, asked[name].answers, [q for _t, _o, q in items],
+                                     targets, blind=name == "image-blind")
         extra["majority"].add_text(majority_text, ref_text)
         for (t, _o, _q), ans, g in zip(items, majority_answers, gold, strict=True):
             extra["majority"].add_answer(t, ans, g)

@@ -55,7 +55,7 @@ import torch
 from scipy import ndimage
 
 from tomoscribe.domain import HEAD_MR
-from tomoscribe.model.scribe import Scribe, relevant_source_slices
+from tomoscribe.model.scribe import Scribe
 from tomoscribe.model.text import (
     WordTokenizer,
     answer_for,
@@ -82,6 +82,7 @@ except ImportError:  # pragma: no cover
 
 BANDS, Refer, Tally = accuracy.BANDS, accuracy.Refer, accuracy.Tally
 _dice, _prf, _yes_no = accuracy._dice, accuracy._prf, accuracy._yes_no
+Pointing = accuracy.Pointing
 refer_items, score_referring = accuracy.refer_items, accuracy.score_referring
 corpus_bleu, rouge_l, token_f1 = textmetrics.corpus_bleu, textmetrics.rouge_l, textmetrics.token_f1
 
@@ -150,10 +151,7 @@ class Text:
         self.kind_n = 0
         self.point_hit = 0
         self.point_n = 0
-        self.question_hit = 0  # the answer's first key image shows what it is about
-        self.question_n = 0
-        self.tgis_hit = 0  # the slice branch's own top slice does
-        self.tgis_n = 0
+        self.pointing = Pointing()  # each question's key image and the TG-IS top slice
 
     def add(self, text: str, ref: str, items: list[tuple[str, str, str, str]],
             answers: list[str], golds: list[str]) -> None:
@@ -169,7 +167,8 @@ class Text:
             else:
                 self.closed.append(int(_yes_no(a) == g))
 
-    def row(self) -> dict[str, float | None]:
+    def row(self) -> dict[str, float | int | None]:
+        pointing = self.pointing.row()
         return {
             "bleu4": corpus_bleu(self.hyps, self.refs),
             "rouge_l_f": float(np.mean(self.rouge)),
@@ -180,10 +179,9 @@ class Text:
             else None,
             "key_slice_pointing": (self.point_hit / self.point_n) if self.point_n else None,
             "key_slice_findings": self.point_n,
-            "question_key_image_hit": (self.question_hit / self.question_n) if self.question_n
-            else None,
-            "questions_with_something_to_show": self.question_n,
-            "tgis_top_slice_hit": (self.tgis_hit / self.tgis_n) if self.tgis_n else None,
+            "question_key_image_hit": pointing["question_hit"],
+            "questions_with_something_to_show": pointing["question_n"],
+            "tgis_top_slice_hit": pointing["tgis_hit"],
         }
 
 
@@ -285,21 +283,8 @@ def main(argv: list[str] | None = None) -> int:
             int(z) for z in np.nonzero((labels == STRUCTURE_LABELS[s]).any(axis=(1, 2)))[0]}
             for _t, s, _k, _q in items]
         for name, rep in (("model", report), ("image-blind", blind)):
-            for ans, want in zip(rep.answers, targets, strict=True):
-                if want:
-                    text[name].question_n += 1
-                    text[name].question_hit += int(bool(ans.key_slices)
-                                                   and ans.key_slices[0] in want)
-            if "slice_keys" in enc.extra:  # the TG-IS branch's own top slice, ungated
-                for (_t, _s, _k, q), want in zip(items, targets, strict=True):
-                    if not want:
-                        continue
-                    _tokens, rel = scribe.prefix(enc, scribe.tok.encode(q),
-                                                 blind=name == "image-blind")
-                    top = relevant_source_slices(rel, enc.extra["grid"], 1)
-                    if top:
-                        text[name].tgis_n += 1
-                        text[name].tgis_hit += int(top[0] in want)
+            text[name].pointing.add(scribe, enc, rep.answers, [q for _t, _s, _k, q in items],
+                                    targets, blind=name == "image-blind")
         if refer:  # referring segmentation: the <seg> answers and their masks
             score_referring(scribe, enc, labels, refer, refer_items(STRUCTURES_SCORED),
                             STRUCTURE_LABELS, LESION_LABEL)
