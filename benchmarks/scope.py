@@ -38,6 +38,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pydicom
 from pydicom.uid import MRImageStorage
 
@@ -71,17 +72,42 @@ def _write(kind: str, seed: int, folder: Path) -> None:
         write_head_series(make_head_phantom(seed, modality="MR"), folder)
 
 
-def run_one(scribe: Scribe, folder: Path) -> tuple[str, str, int, int]:
-    """One study: ``(outcome, reason, findings, structures out of range)``.
+def median(values: list[float]) -> float | None:
+    return round(float(np.median(values)), 2) if values else None
 
-    The outcome is "refused by the headers", "refused by the image" or "reported".
+
+def _fmt_s(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.2f} s"
+
+
+def run_one(scribe: Scribe, folder: Path) -> tuple[str, str, int, int, float | None, float]:
+    """One study: ``(outcome, reason, findings, structures out of range, early s, full s)``.
+
+    The outcome is "refused by the headers", "refused by the image" or
+    "reported". The study is read to the end (``early_refusal=False``) to
+    count what it would have reported; ``early s`` is the time the product
+    path (encode with the early refusal) took to refuse it before the
+    refiner (``None``: not refused there), ``full s`` that of encode and
+    generate read to the end.
     """
     try:
         series = select_series(scan_folder(folder), None, scribe.scope).chosen
     except OutOfScopeError as err:
-        return "refused by the headers", str(err), 0, 0
+        return "refused by the headers", str(err), 0, 0, None, 0.0
     volume = load_series(series)
-    report = scribe.generate(scribe.encode(volume), [])
+    t0 = time.perf_counter()
+    enc = scribe.encode(volume, early_refusal=False)
+    report = scribe.generate(enc, [])
+    full = time.perf_counter() - t0
+    early_s: float | None = None
+    early = (scribe.coarse_refusal(enc.seg_logits, enc.extra["grid"], volume.spacing)
+             if scribe.net.refine is not None else None)
+    if early is not None:
+        t0 = time.perf_counter()
+        try:
+            scribe.encode(volume)
+        except OutOfScopeError:
+            early_s = time.perf_counter() - t0
     found = scribe.anatomy_found(report, volume)
     scope = scribe.scope
     present = {name: v for name, v in found.items() if v[0] >= scope.min_ml}
@@ -92,8 +118,12 @@ def run_one(scribe: Scribe, folder: Path) -> tuple[str, str, int, int]:
     try:
         scribe.check_anatomy(report, volume)
     except OutOfScopeError as err:
-        return "refused by the image", str(err), len(report.findings), wrong
-    return "reported", "", len(report.findings), wrong
+        return ("refused by the image", early or str(err), len(report.findings), wrong, early_s,
+                full)
+    if early is not None:  # the early check must never refuse what the full one passes
+        return "reported", f"refused early, passed in full: {early}", len(report.findings), \
+            wrong, early_s, full
+    return "reported", "", len(report.findings), wrong, None, full
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -119,11 +149,19 @@ def main(argv: list[str] | None = None) -> int:
         wrongs: Counter[int] = Counter()
         examples: list[str] = []
         hallucinated = 0
+        early_s: list[float] = []
+        full_s: list[float] = []
+        early_wrong = 0
         for seed in seeds:
             with tempfile.TemporaryDirectory() as tmp:
                 _write(kind, seed, Path(tmp))
-                outcome, reason, findings, wrong = run_one(scribe, Path(tmp))
+                outcome, reason, findings, wrong, early, full = run_one(scribe, Path(tmp))
             outcomes[outcome] += 1
+            if early is not None:
+                early_s.append(early)
+                early_wrong += outcome == "reported"
+            if outcome != "refused by the headers":
+                full_s.append(full)
             if outcome != "refused by the headers":
                 wrongs[wrong] += 1
             if outcome == "refused by the image":
@@ -137,6 +175,10 @@ def main(argv: list[str] | None = None) -> int:
             "image refusals by structure": dict(giveaways),
             "refused reports that had findings": hallucinated,
             "studies by structures out of range": {str(k): wrongs[k] for k in sorted(wrongs)},
+            "refused before the refiner": len(early_s),
+            "refused before the refiner but passed in full": early_wrong,
+            "median s, refused before the refiner": median(early_s),
+            "median s, read to the end": median(full_s),
             "examples": examples}
         print(f"  {kind}: {dict(outcomes)} ({time.time() - t0:.0f} s)", flush=True)
 
@@ -153,6 +195,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{kind}: image refusals by structure {row['image refusals by structure']}, "
                   f"{had} of them would have reported findings; studies by structures out of "
                   f"range {row['studies by structures out of range']}")
+        if row["refused before the refiner"] or row["median s, read to the end"] is not None:
+            print(f"{kind}: refused before the refiner {row['refused before the refiner']} "
+                  f"(of which passed in full: "
+                  f"{row['refused before the refiner but passed in full']}), median "
+                  f"{_fmt_s(row['median s, refused before the refiner'])} against "
+                  f"{_fmt_s(row['median s, read to the end'])} read to the end")
         for example in row["examples"][:1]:
             print(f"  e.g. {example[:220]}")
     args.json.parent.mkdir(parents=True, exist_ok=True)

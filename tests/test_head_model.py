@@ -86,9 +86,30 @@ def test_the_head_model_refuses_a_torso(head: Scribe) -> None:
     ct = make_phantom(SPLITS["test"][0])
     hu, _labels, aff = render_acquisition(ct)
     vol = _volume(np.clip(hu + 1024.0, 0.0, None), aff)  # a body, stored as an MR would be
-    report = head.generate(head.encode(vol), [])
+    # the product path refuses it from the coarse segmentation, before the refiner
+    with pytest.raises(OutOfScopeError, match=r"does not look like MR of the head: .* not 100 to"):
+        head.encode(vol)
+    # read to the end, the full check refuses it as well
+    report = head.generate(head.encode(vol, early_refusal=False), [])
     with pytest.raises(OutOfScopeError, match="does not look like MR of the head"):
         head.check_anatomy(report, vol)
+
+
+def test_the_early_refusal_leaves_room_for_the_refiner(head: Scribe) -> None:
+    """Sizes a little outside the declared ranges wait for the refined check."""
+    vol = _head_volume(SPLITS["test"][0])
+    enc = head.encode(vol)  # a head: not refused early
+    grid, logits = enc.extra["grid"], enc.seg_logits
+    assert head.coarse_refusal(logits, grid, vol.spacing) is None
+    right = next(k for k, n in head.organ_names.items() if n == "right cerebral hemisphere")
+    labels = logits.argmax(dim=1)
+    ml = float((labels == right).sum()) * head.coarse_voxel_ml(grid, vol.spacing)
+    for factor, refused in ((1.3, False), (1.8, True)):  # the range ends at 1,100 ml
+        # spacing scaled so that the right hemisphere measures factor x 1,100 ml
+        scale = (factor * 1100.0 / ml) ** (1 / 3)
+        spacing = tuple(s * scale for s in vol.spacing)
+        why = head.coarse_refusal(logits, grid, spacing)
+        assert (why is not None) == refused, (factor, why)
 
 
 def test_a_study_with_a_chest_ct_and_a_head_mr_gets_a_report_from_each(tmp_path: Path) -> None:

@@ -28,6 +28,7 @@ import math
 import sys
 import threading
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -65,6 +66,10 @@ from tomoscribe.volume import Volume
 
 #: label of a lesion segment: 10 + index of the lesion in the report
 LESION_LABEL_BASE = 10
+#: how far the coarse segmentation's sizes may stray beyond the scope's ranges
+#: (a factor each way) before a study is refused without the refiner
+#: (:meth:`Scribe.coarse_refusal`)
+EARLY_MARGIN = 1.5
 
 
 class Scribe:
@@ -222,15 +227,77 @@ class Scribe:
         if why is not None:
             raise OutOfScopeError(why)
 
+    @staticmethod
+    def coarse_voxel_ml(grid: GridMap, spacing: tuple[float, float, float]) -> float:
+        """The volume of one model-grid voxel in ml: the crop's extent over the model shape.
+
+        Args:
+            grid: how the model grid maps to the source.
+            spacing: the source voxel size (mm) along the source array's axes.
+        """
+        mm = [spacing[grid.perm[a]] * (grid.stop[a] - grid.start[a]) / grid.model_shape[a]
+              for a in range(3)]
+        return float(np.prod(mm)) / 1000.0
+
+    def coarse_refusal(self, logits: torch.Tensor, grid: GridMap,
+                       spacing: tuple[float, float, float]) -> str | None:
+        """The scope's size check on the coarse segmentation, before the refiner runs.
+
+        Refusing a study the model does not read need not wait for the
+        refiner, which reads every structure's box at source resolution (a
+        torso sent to the head model: litre-sized "hemisphere" boxes, about 5 s
+        against 1.5 s for the coarse pass). Only the volume ranges are checked
+        here (and what counts as found, ``min_ml``), widened by
+        :data:`EARLY_MARGIN` each way, so that a study the refined check would
+        pass is not refused early (the coarse sizes of head phantoms are
+        within about 10% of the refined ones); the full check
+        (:meth:`check_anatomy`) still runs on the report.
+
+        Args:
+            logits: ``(1, K, D, H, W)`` on the model grid.
+            grid: how the model grid maps to the source.
+            spacing: the source voxel size (mm) along the source array's axes.
+
+        Returns:
+            The one-line reason, or ``None`` (also when the scope declares no
+            volume ranges).
+        """
+        if not self.scope.volumes:
+            return None
+        voxel_ml = self.coarse_voxel_ml(grid, spacing)
+        counts = torch.bincount(logits.argmax(dim=1).flatten(), minlength=logits.shape[1])
+        found = {name: (float(counts[label]) * voxel_ml, 0.0)
+                 for label, name in self.organ_names.items() if label < len(counts)}
+        widened = replace(
+            self.scope, anatomy=(), min_ml=self.scope.min_ml / EARLY_MARGIN,
+            volumes=tuple((name, lo / EARLY_MARGIN, hi * EARLY_MARGIN)
+                          for name, lo, hi in self.scope.volumes))
+        if widened.anatomy_refusal(found) is None:
+            return None
+        # the reason quotes the declared ranges, not the widened ones
+        return replace(self.scope, anatomy=()).anatomy_refusal(found)
+
     # ---------------------------------------------------------------- encode
     @torch.inference_mode()
-    def encode(self, volume: Volume) -> Encoded:
+    def encode(self, volume: Volume, *, early_refusal: bool = True) -> Encoded:
         """Run the image side of the model.
+
+        Args:
+            volume: the series.
+            early_refusal: refuse, before the refiner, a study whose coarse
+                segmentation is far outside the scope (:meth:`coarse_refusal`);
+                ``False`` reads every study to the end (the scope benchmark
+                counts what an out-of-scope study would have reported).
 
         Returns an :class:`Encoded` with ``image_tokens`` ``(1, T, width)``,
         ``seg_logits`` ``(1, K, D, H, W)`` on the model grid and
         ``slice_features`` ``(1, D, K)`` (class probability mass per model
         slice).
+
+        Raises:
+            OutOfScopeError: the coarse segmentation is far outside the
+                scope's size ranges (:meth:`coarse_refusal`; models with a
+                refiner only, whose work it saves).
         """
         x, grid = prepare_volume(volume, self.cfg.model_shape, self.domain.intensity)
         pooled, logits, (band, mass), dec = self.net.encode_with_decoder(x)
@@ -239,6 +306,9 @@ class Scribe:
             extra["voxel_features"] = self.net.segtoken.voxel_features(dec, logits)
         token_pooled = pooled
         if self.net.refine is not None:
+            why = self.coarse_refusal(logits, grid, volume.spacing) if early_refusal else None
+            if why is not None:
+                raise OutOfScopeError(why)
             refined = refine(self.net.refine, volume.voxels, volume.spacing, grid, logits,
                              refined_organs(self.cfg.organ_classes), self.cfg.lesion_class,
                              self.cfg.refine_flips, self.cfg.refine_stats_mode)
