@@ -385,6 +385,27 @@ def test_fresh_refiner_and_patch_loaders(tmp_path: Path) -> None:
     assert 8 <= with_lesion <= 32  # half of the draws come from the box with a lesion
 
 
+def test_organ_share_draws_that_fraction_from_an_organs_boxes(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from tomoscribe.train_refine import PatchStream
+
+    y = np.ones((8, 16, 16), dtype=np.uint8)
+    boxes = [{"x": np.full((4, 8, 16, 16), organ, dtype=np.float16), "y": y, "lesion": False,
+              "organ": organ} for organ in (3, 4, 5, 6, 7)]
+    # 500 draws: without shares one box in five; with 0.6 for organ 6, 0.6 + 0.4 / 5 = 0.68
+    for shares, low, high in ((None, 60, 140), ({6: 0.6}, 300, 400)):
+        stream = PatchStream(boxes, (8, 16, 16), coarse_dropout=0.0, hint_jitter=0.0, seed=1,
+                             shares=shares)
+        from_six = sum(int(px[0, 0, 0, 0, 0]) == 6
+                       for (px, _py), _ in zip(stream, range(500), strict=False))
+        assert low <= from_six <= high, shares
+    for bad in (["liver", "1.5"], ["kidney", "0.3"], ["liver", "half"]):
+        assert main(["--init", str(DEFAULT_MODEL_DIR), "--out", str(tmp_path / "out"),
+                     "--organ-share", *bad, "--steps", "0"]) == 2
+        assert "--organ-share" in capsys.readouterr().out
+    assert not (tmp_path / "out").exists()
+
+
 def test_flipped_passes_are_flipped_back_and_averaged() -> None:
     from tomoscribe.model.refine import FLIP_SETS, OrganRefiner, box_softmax
 

@@ -326,7 +326,9 @@ def jitter_hint(x: torch.Tensor, rng: np.random.Generator, max_radius: int = 2,
 class PatchStream(torch.utils.data.IterableDataset[tuple[torch.Tensor, torch.Tensor]]):
     """An endless stream of augmented training patches ``((1, 4, d, h, w), (1, d, h, w))``.
 
-    Half of the patches come from boxes with a lesion (centred on one); each
+    With ``shares`` (organ class -> fraction), that fraction of the patches
+    comes from that organ's boxes, the rest from every box. Half of the
+    patches come from boxes with a lesion (centred on one); each
     is flipped at random, has its coarse lesion channel zeroed with
     probability ``coarse_dropout`` and its organ hint jittered with
     probability ``hint_jitter``. Run in DataLoader workers (``--loaders``),
@@ -335,18 +337,26 @@ class PatchStream(torch.utils.data.IterableDataset[tuple[torch.Tensor, torch.Ten
     """
 
     def __init__(self, boxes: list[Box], size: tuple[int, int, int], coarse_dropout: float,
-                 hint_jitter: float, seed: int) -> None:
+                 hint_jitter: float, seed: int, shares: dict[int, float] | None = None) -> None:
         self.boxes, self.size, self.seed = boxes, size, seed
         self.coarse_dropout, self.hint_jitter = coarse_dropout, hint_jitter
+        self.shares = {c: p for c, p in (shares or {}).items()
+                       if any(b["organ"] == c for b in boxes)}
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         info = torch.utils.data.get_worker_info()
         if info is not None:
             torch.set_num_threads(1)
         rng = np.random.default_rng([self.seed, 0 if info is None else info.id + 1])
-        with_lesion = [i for i, b in enumerate(self.boxes) if b["lesion"]]
-        without = [i for i, b in enumerate(self.boxes) if not b["lesion"]]
+        groups = [(p, [i for i, b in enumerate(self.boxes) if b["organ"] == c])
+                  for c, p in self.shares.items()]
+        groups.append((1.0 - sum(p for p, _ in groups), list(range(len(self.boxes)))))
+        pools = [([i for i in ids if self.boxes[i]["lesion"]],
+                  [i for i in ids if not self.boxes[i]["lesion"]]) for _p, ids in groups]
+        chance = np.array([max(p, 0.0) for p, _ in groups])
+        chance /= chance.sum()
         while True:
+            with_lesion, without = pools[int(rng.choice(len(pools), p=chance))]
             pool = with_lesion if (with_lesion and rng.random() < 0.5) or not without else without
             b = self.boxes[int(pool[int(rng.integers(len(pool)))])]
             x, y = augment(*patch(b, self.size, rng), rng)
@@ -382,6 +392,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="share of patches whose coarse lesion channel is zeroed")
     p.add_argument("--hint-jitter", type=float, default=0.0,
                    help="share of patches whose coarse organ hint is grown, shrunk and shifted")
+    p.add_argument("--organ-share", nargs=2, action="append", default=[],
+                   metavar=("STRUCTURE", "FRACTION"),
+                   help="draw this fraction of the patches from one structure's boxes "
+                        "(repeatable; e.g. --organ-share 'right kidney' 0.3)")
     p.add_argument("--fresh", action="store_true",
                    help="start the refiner from new weights, not from --init's refiner")
     p.add_argument("--seed", type=int, default=0)
@@ -399,6 +413,23 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
+    domain = NetConfig.from_dict(json.loads((args.init / "config.json").read_text())["net"]
+                                 ).the_domain
+    names = {name: k + 1 for k, name in enumerate(domain.structures)}
+    shares: dict[int, float] = {}
+    for name, fraction in args.organ_share:
+        try:
+            share = float(fraction)
+        except ValueError:
+            share = -1.0
+        if name not in names or not 0.0 < share < 1.0:
+            print(f"error: --organ-share {name!r} {fraction}: a structure of "
+                  f"{', '.join(names)} and a fraction between 0 and 1", flush=True)
+            return 2
+        shares[names[name]] = share
+    if sum(shares.values()) >= 1.0:
+        print("error: the --organ-share fractions must add up to less than 1", flush=True)
+        return 2
     seeds = list(SPLITS["train"][FIRST_SEED : FIRST_SEED + args.phantoms])
     boxes = build_boxes(args.init, seeds, args.checkpoint / f"boxes-{args.phantoms}.pt",
                         args.workers)
@@ -430,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
         step, spent = int(state["step"]), float(state["seconds"])
         print(f"resumed from {ckpt} at step {step}", flush=True)
     stream = PatchStream(boxes, tuple(args.patch), args.coarse_dropout, args.hint_jitter,
-                         args.seed * 1000 + step)
+                         args.seed * 1000 + step, shares)
     patches = iter(torch.utils.data.DataLoader(
         stream, batch_size=None, num_workers=args.loaders,
         prefetch_factor=4 if args.loaders else None, persistent_workers=bool(args.loaders)))
@@ -452,7 +483,8 @@ def main(argv: list[str] | None = None) -> int:
                         "coarse_dropout": args.coarse_dropout,
                         "hint_jitter": args.hint_jitter,
                         "recall_weight": args.recall_weight, "patch": list(args.patch),
-                        "fresh": args.fresh, "device": device.type}]
+                        "fresh": args.fresh, "device": device.type,
+                        "organ_share": {n: float(f) for n, f in args.organ_share}}]
             meta = {k: v for k, v in prior.items()
                     if k not in ("name", "net", "history", "version")}
             save_model(net, args.out, {**meta, "version": args.version, "refine_steps": step,
