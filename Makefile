@@ -81,9 +81,12 @@ train: setup
 ## train-head: retrain the packaged head MR model (tomoscribe/weights-head-mr, named head-mr;
 ## tomoscribe/domain.py HEAD_MR) on 1,200 head phantoms, the chest-abdomen recipe's stages:
 ## joint (70 min on 2 CPU cores), two language runs, align, the organ-box refiner (40 min), a
-## language run on the refiner's statistics (17 min), the <seg> token (14 min), align again;
-## about 3 h on 2 CPU cores (README "A head MR model").
-HEAD_VERSION := head-mr-0.1.0
+## language run on the refiner's statistics (17 min), the <seg> token (14 min), align again
+## (head-mr 0.1.0); then, as for the chest-abdomen model's 0.7.0, the TG-IS slice branch and
+## PSAT: a language run (12 min, and 33 min of features and statistics the first time),
+## the <seg> token (20 min) and align (head-mr 0.2.0); about 4 h on 2 CPU cores (README
+## "A head MR model").
+HEAD_VERSION := head-mr-0.2.0
 TRAIN_HEAD := $(PY) -m tomoscribe.train --domain mr-head --samples 1200 \
 	--cache checkpoints/cache-mr-head-1200-48x96x96.pt
 train-head: setup
@@ -104,6 +107,13 @@ train-head: setup
 		--cache checkpoints/cache-mr-head-1200-48x96x96.pt --out checkpoints/head4b-weights \
 		--steps 800 --batch 32 --refer 4 --threads 2
 	$(TRAIN_HEAD) --stage align --init checkpoints/head4b-weights --checkpoint checkpoints/head4 \
+		--out checkpoints/head4c-weights --steps 1500 --batch 128 --lr 1e-3 --version head-mr-0.1.0
+	$(TRAIN_HEAD) --stage language --init checkpoints/head4c-weights --checkpoint checkpoints/head5 \
+		--out checkpoints/head5-weights --slice-tokens 2 --psat-slices 16 --steps 1000 --batch 32 --lr 5e-4
+	$(PY) -m tomoscribe.train_segtoken --init checkpoints/head5-weights --checkpoint checkpoints/head5 \
+		--cache checkpoints/cache-mr-head-1200-48x96x96.pt --out checkpoints/head5b-weights \
+		--steps 800 --batch 32 --refer 4 --threads 2
+	$(TRAIN_HEAD) --stage align --init checkpoints/head5b-weights --checkpoint checkpoints/head5 \
 		--out tomoscribe/weights-head-mr --steps 1500 --batch 128 --lr 1e-3 --version $(HEAD_VERSION)
 
 ## ablation: the README's ablation rows: from the 0.6.0 model (checkpoints/stage6c-weights, made
