@@ -23,7 +23,12 @@ one; for a head model (``--model-dir``), of the head MR sets.
 A study is *refused by the headers* when the series selection finds nothing
 in scope (no model run), *refused by the image* when the anatomy check turns
 the model's segmentation down, *reported* otherwise. For a refusal by the
-image the table also counts which structure gave it away.
+image the table also counts which structure gave it away. Every study the
+headers let through is read to the end (what it would have reported); for a
+model with size ranges and a refiner, the benchmark also times the product
+path, which refuses such a study from the coarse segmentation before the
+refiner runs (:meth:`tomoscribe.model.scribe.Scribe.coarse_refusal`), and
+counts any study refused there that the full check would have passed.
 """
 
 from __future__ import annotations
