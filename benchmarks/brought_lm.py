@@ -124,9 +124,10 @@ def time_generate(model_dirs: list[Path], n: int, questions: int = 6) -> dict[st
         hu, _labels, aff = render_acquisition(make_phantom(int(seed)))
         vol = Volume(hu, aff, [SliceRef(f"2.25.{seed}.{k}", "1.2.840.10008.5.1.4.1.1.2")
                                for k in range(hu.shape[0])])
-        enc = scribes[0].encode(vol)
+        enc = scribes[0].encode(vol, early_refusal=False)
         for d, scribe in zip(model_dirs, scribes, strict=True):
-            own = enc if scribe is scribes[0] else scribe.encode(vol)  # its own image tokens
+            # its own image tokens
+            own = enc if scribe is scribes[0] else scribe.encode(vol, early_refusal=False)
             t0 = time.perf_counter()
             scribe.generate(own, asked)
             seconds[str(d)].append(time.perf_counter() - t0)

@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         truth = {s for s, _k in lesions}
         golds = [gold_answer(t, s, k, lesions) for t, s, k, _q in items]
         t0 = time.perf_counter()
-        enc = scribe.encode(vol)
+        enc = scribe.encode(vol, early_refusal=False)
         report = scribe.generate(enc, asked)
         seconds.append(time.perf_counter() - t0)
         blind = scribe.generate(enc, asked, blind=True)

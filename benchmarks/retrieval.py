@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         values, _labels, aff, lesions = render_study(seed, domain)
         vol = Volume(values, aff, [SliceRef(f"2.25.{seed}.{k}", storage)
                                    for k in range(values.shape[0])])
-        images.append(scribe.image_embedding(scribe.encode(vol)))
+        images.append(scribe.image_embedding(scribe.encode(vol, early_refusal=False)))
         texts.append(findings_to_text(lesions, domain))
         if (i + 1) % 50 == 0:
             print(f"  {i + 1}/{args.n} studies", file=sys.stderr, flush=True)
