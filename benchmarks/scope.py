@@ -167,7 +167,6 @@ def main(argv: list[str] | None = None) -> int:
                 early_wrong += outcome == "reported"
             if outcome != "refused by the headers":
                 full_s.append(full)
-            if outcome != "refused by the headers":
                 wrongs[wrong] += 1
             if outcome == "refused by the image":
                 hallucinated += findings > 0

@@ -413,9 +413,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    domain = NetConfig.from_dict(json.loads((args.init / "config.json").read_text())["net"]
-                                 ).the_domain
-    names = {name: k + 1 for k, name in enumerate(domain.structures)}
+    prior = json.loads((args.init / "config.json").read_text())
+    cfg = NetConfig.from_dict(prior["net"])
+    names = {name: k + 1 for k, name in enumerate(cfg.the_domain.structures)}
     shares: dict[int, float] = {}
     for name, fraction in args.organ_share:
         try:
@@ -440,8 +440,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(boxes)} boxes, {sum(bool(b['lesion']) for b in boxes)} with a lesion",
           flush=True)
 
-    prior = json.loads((args.init / "config.json").read_text())
-    cfg = NetConfig.from_dict(prior["net"])
     cfg.refine_width = args.width or cfg.refine_width or 12
     net = ScribeNet(cfg)
     init = torch.load(args.init / "model.pt", map_location="cpu", weights_only=True)

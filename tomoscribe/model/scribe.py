@@ -267,7 +267,7 @@ class Scribe:
         voxel_ml = self.coarse_voxel_ml(grid, spacing)
         counts = torch.bincount(logits.argmax(dim=1).flatten(), minlength=logits.shape[1])
         found = {name: (float(counts[label]) * voxel_ml, 0.0)
-                 for label, name in self.organ_names.items() if label < len(counts)}
+                 for label, name in self.organ_names.items()}
         widened = replace(
             self.scope, anatomy=(), min_ml=self.scope.min_ml / EARLY_MARGIN,
             volumes=tuple((name, lo / EARLY_MARGIN, hi * EARLY_MARGIN)
