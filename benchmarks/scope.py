@@ -25,7 +25,7 @@ in scope (no model run), *refused by the image* when the anatomy check turns
 the model's segmentation down, *reported* otherwise. For a refusal by the
 image the table also counts which structure gave it away. Every study the
 headers let through is read to the end (what it would have reported); for a
-model with size ranges and a refiner, the benchmark also times the product
+model with an image check and a refiner, the benchmark also times the product
 path, which refuses such a study from the coarse segmentation before the
 refiner runs (:meth:`tomoscribe.model.scribe.Scribe.coarse_refusal`), and
 counts any study refused there that the full check would have passed.
@@ -105,7 +105,8 @@ def run_one(scribe: Scribe, folder: Path) -> tuple[str, str, int, int, float | N
     report = scribe.generate(enc, [])
     full = time.perf_counter() - t0
     early_s: float | None = None
-    early = (scribe.coarse_refusal(enc.seg_logits, enc.extra["grid"], volume.spacing)
+    early = (scribe.coarse_refusal(enc.seg_logits, enc.extra["grid"], volume.spacing,
+                                  volume.voxels)
              if scribe.net.refine is not None else None)
     if early is not None:
         t0 = time.perf_counter()

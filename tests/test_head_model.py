@@ -100,7 +100,7 @@ def test_the_early_refusal_leaves_room_for_the_refiner(head: Scribe) -> None:
     vol = _head_volume(SPLITS["test"][0])
     enc = head.encode(vol)  # a head: not refused early
     grid, logits = enc.extra["grid"], enc.seg_logits
-    assert head.coarse_refusal(logits, grid, vol.spacing) is None
+    assert head.coarse_refusal(logits, grid, vol.spacing, vol.voxels) is None
     right = next(k for k, n in head.organ_names.items() if n == "right cerebral hemisphere")
     labels = logits.argmax(dim=1)
     ml = float((labels == right).sum()) * head.coarse_voxel_ml(grid, vol.spacing)
@@ -108,7 +108,7 @@ def test_the_early_refusal_leaves_room_for_the_refiner(head: Scribe) -> None:
         # spacing scaled so that the right hemisphere measures factor x 1,100 ml
         scale = (factor * 1100.0 / ml) ** (1 / 3)
         spacing = tuple(s * scale for s in vol.spacing)
-        why = head.coarse_refusal(logits, grid, spacing)
+        why = head.coarse_refusal(logits, grid, spacing, vol.voxels)
         assert (why is not None) == refused, (factor, why)
 
 

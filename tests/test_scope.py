@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pydicom
 import pytest
 
@@ -202,7 +203,11 @@ def test_malformed_anatomy(anatomy: object, message: str) -> None:
 
 
 def test_the_shipped_model_refuses_a_head_ct_without_body_part(tmp_path: Path) -> None:
-    """The headers let it through; the model's own segmentation shows it is no chest."""
+    """The headers let it through; the model's own segmentation shows it is no chest.
+
+    The product path refuses it from the coarse segmentation, before the
+    refiner; read to the end, the full check on the report refuses it too.
+    """
     from tomoscribe.dicomio import load_series
     from tomoscribe.model.scribe import Scribe
     from tomoscribe.phantom import make_phantom, write_dicom_series
@@ -213,17 +218,52 @@ def test_the_shipped_model_refuses_a_head_ct_without_body_part(tmp_path: Path) -
     write_head_series(make_head_phantom(2_000_000, modality="CT"), tmp_path / "head",
                       body_part="")
     write_dicom_series(make_phantom(2_000_000), tmp_path / "chest")
-    verdicts = {}
+    early, full = {}, {}
     for name in ("head", "chest"):
         volume = load_series(select_series(scan_folder(tmp_path / name), None, scribe.scope).chosen)
-        report = scribe.generate(scribe.encode(volume), [])
+        try:
+            scribe.encode(volume)
+            early[name] = "read"
+        except OutOfScopeError as err:
+            early[name] = str(err)
+        report = scribe.generate(scribe.encode(volume, early_refusal=False), [])
         try:
             scribe.check_anatomy(report, volume)
-            verdicts[name] = "read"
+            full[name] = "read"
         except OutOfScopeError as err:
-            verdicts[name] = str(err)
-    assert verdicts["chest"] == "read"
-    assert verdicts["head"].startswith("the image does not look like CT of the chest and abdomen")
+            full[name] = str(err)
+    assert early["chest"] == full["chest"] == "read"
+    for why in (early["head"], full["head"]):
+        assert why.startswith("the image does not look like CT of the chest and abdomen: "), why
+
+
+def test_the_early_value_check_leaves_room_for_the_refiner(tmp_path: Path) -> None:
+    """Medians a little outside the declared ranges wait for the refined check."""
+    from tomoscribe.dicomio import load_series
+    from tomoscribe.model.preprocess import labels_to_model_grid
+    from tomoscribe.model.scribe import EARLY_MEDIAN_MARGIN, Scribe
+    from tomoscribe.phantom import make_phantom, write_dicom_series
+
+    scribe = Scribe.load(None)
+    write_dicom_series(make_phantom(2_000_001), tmp_path / "chest")
+    volume = load_series(select_series(scan_folder(tmp_path / "chest"), None, None).chosen)
+    enc = scribe.encode(volume)  # a chest: not refused early
+    grid, logits = enc.extra["grid"], enc.seg_logits
+    assert scribe.coarse_refusal(logits, grid, volume.spacing, volume.voxels) is None
+    labels = logits.argmax(dim=1)[0].numpy()
+    values = labels_to_model_grid(volume.voxels, grid)
+    label_of = {n: k for k, n in scribe.organ_names.items()}
+    # how far each organ's median sits below the top of its range, in range widths
+    room = {name: (hi - float(np.median(values[labels == label_of[name]]))) / (hi - lo)
+            for name, lo, hi in CHEST_ABDOMEN_CT.anatomy}
+    first = min(room, key=lambda n: room[n])  # the first to leave its range as values rise
+    _name, lo, hi = next(r for r in CHEST_ABDOMEN_CT.anatomy if r[0] == first)
+    for beyond, refused in ((0.5, False), (2.0, True)):
+        # every value raised so that the first organ's median is `beyond` margins past the top
+        shift = (room[first] + beyond * EARLY_MEDIAN_MARGIN) * (hi - lo)
+        why = scribe.coarse_refusal(logits, grid, volume.spacing, volume.voxels + shift)
+        assert (why is not None) == refused, (beyond, why)
+    assert why is not None and why.endswith(f"not {lo:g} to {hi:g} HU"), why
 
 
 #: what the head model segmented on head MR test phantom 2000000 (ml, median signal)

@@ -236,7 +236,7 @@ def prepare(
 
 
 def labels_to_model_grid(labels: np.ndarray, grid: GridMap) -> np.ndarray:
-    """Resample a source-grid label array onto the model grid (nearest)."""
+    """Resample a source-grid array (labels, or voxel values) onto the model grid (nearest)."""
     canon = np.transpose(labels, grid.perm)
     for a in range(3):
         if grid.flip[a]:
