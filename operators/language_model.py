@@ -63,6 +63,9 @@ class LanguageModelOperator(StepOperator):
         report = scribe.generate(encoded, self.questions)
         scribe.check_anatomy(report, encoded.volume)  # OutOfScopeError: no report on a head CT
         self.state.report_text = report.text
+        self.state.explanation.extend(
+            f"report: withheld, no lesion segmented there: {sentence}"
+            for sentence in report.withheld)
         self.state.answers = [(a.question, a.answer) for a in report.answers]
         self.state.answer_slices = [tuple(a.key_slices) for a in report.answers]
         op_output.emit(report, self.OUTPUT)

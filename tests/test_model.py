@@ -20,6 +20,7 @@ from tomoscribe.model.text import (
     impression_of,
     parse_findings,
     sentence_case,
+    without_sites,
 )
 from tomoscribe.phantom import make_phantom, render_acquisition
 from tomoscribe.train import make_sample, save_model, seg_loss
@@ -78,6 +79,45 @@ def test_grammar_round_trip() -> None:
     tok = WordTokenizer()
     assert tok.decode(tok.encode(text)) == text
     assert tok.encode("zebra")[0] == tok.unk_id
+
+
+def test_without_sites_drops_a_finding_and_its_impression_item() -> None:
+    text = findings_to_text([("liver", "hypodense lesion"), ("spleen", "hypodense lesion"),
+                             ("spleen", "hypodense lesion"), ("right kidney", "cyst")])
+    assert without_sites(text, ["spleen"]) == (
+        "liver : one hypodense lesion . right kidney : one cyst . "
+        "impression : liver lesion , right kidney cyst .")
+    assert without_sites(text, ["spleen", "liver", "right kidney"]) == findings_to_text([])
+    assert without_sites(text, []) == text
+    # an impression that names none of the sites kept names them
+    assert without_sites("liver : one hypodense lesion . spleen : one hypodense lesion . "
+                         "impression : spleen lesion .", ["spleen"]) == (
+        "liver : one hypodense lesion . impression : liver .")
+
+
+def test_a_finding_the_segmentation_does_not_show_is_withheld(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The shipped model on a study with a liver lesion, told to write a spleen one too."""
+    scribe = Scribe.load(None)
+    ph = next(p for p in map(make_phantom, range(2_000_000, 2_000_020)) if p.lesions)
+    organs = {les.organ for les in ph.lesions}
+    hu, _labels, aff = render_acquisition(ph)
+    enc = scribe.encode(Volume(hu, aff, [SliceRef(f"2.25.{k}", "1.2.840.10008.5.1.4.1.1.2")
+                                         for k in range(hu.shape[0])]))
+    plain = scribe.generate(enc)
+    assert {f.structure for f in plain.findings} == organs and not plain.withheld
+    extra = next(o for o in ("spleen", "liver", "left kidney") if o not in organs)
+    invented = findings_to_text([*((les.organ, les.kind) for les in ph.lesions),
+                                 (extra, "cyst")])
+    monkeypatch.setattr(Scribe, "write_text", lambda self, tokens: invented)
+    report = scribe.generate(enc)
+    assert {f.structure for f in report.findings} == organs
+    assert len(report.withheld) == 1 and report.withheld[0].startswith(extra.capitalize())
+    assert extra not in report.text.lower() and extra not in report.impression.lower()
+    assert all(f.segment is not None for f in report.findings)
+    # the image-blind baseline must not see the image through the segmentation
+    blind = scribe.generate(enc, blind=True)
+    assert extra in {f.structure for f in blind.findings} and not blind.withheld
 
 
 @pytest.mark.parametrize("perm", [(0, 1, 2), (1, 0, 2), (2, 1, 0)])

