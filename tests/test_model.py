@@ -120,6 +120,25 @@ def test_a_finding_the_segmentation_does_not_show_is_withheld(
     assert extra in {f.structure for f in blind.findings} and not blind.withheld
 
 
+def test_a_lesion_in_the_body_beside_an_organ_is_not_the_organs() -> None:
+    """Grounding counts the body outline as a structure; the segments do not."""
+    from tomoscribe.model.api import Encoded
+
+    scribe = Scribe.load(None)
+    y = np.ones((20, 40, 40), np.uint8)  # body
+    y[2:18, 2:18, 2:18] = 4  # liver
+    y[2:18, 22:38, 22:30] = 5  # spleen
+    y[8:12, 8:12, 8:12] = 8  # a lesion inside the liver
+    y[8:12, 26:30, 30:34] = 8  # a lesion in the body, touching the spleen on one face
+    vol = Volume(np.zeros(y.shape, np.float32), np.diag([2.0, 2.0, 2.0, 1.0]), [
+        SliceRef(f"2.25.{k}", "1.2.840.10008.5.1.4.1.1.2") for k in range(y.shape[0])])
+    enc = Encoded(vol, torch.zeros(1, 1, 1), torch.zeros(1, 1, 1, 1, 1), torch.zeros(1, 1, 1),
+                  extra={"refined": y})
+    assert scribe.lesioned_organs(enc) == {"liver"}
+    _comps, owners = scribe._refined_components(enc)
+    assert sorted(owners.values()) == ["liver", "spleen"]
+
+
 @pytest.mark.parametrize("perm", [(0, 1, 2), (1, 0, 2), (2, 1, 0)])
 @pytest.mark.parametrize("flip", [False, True])
 def test_reorientation_is_exactly_undone(perm: tuple[int, int, int], flip: bool) -> None:
