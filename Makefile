@@ -29,7 +29,8 @@ stop:
 ## train: retrain the shipped default model, stage by stage, as it was trained
 ## (about 5 h on 2 CPU cores, then the last refiner: 7 min on one H100, or about 2.2 h on 2 cores
 ## at the measured 0.31 s a patch, then 0.6.0's language side: about 50 min on 2 cores, then
-## 0.7.0's slice branch and PSAT: about 1 h; the README's "Training" section explains each stage).
+## 0.7.0's slice branch and PSAT: about 1 h, then 0.8.0's kidney refiner run and language side: about
+## 2 h; the README's "Training" section explains each stage).
 ## Every stage writes a version of its own (0.6.0+local.<hash of the weights>); the last one,
 ## which writes tomoscribe/weights, names the package's version, as a release does.
 VERSION := $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' tomoscribe/__init__.py)
@@ -76,6 +77,15 @@ train: setup
 	$(PY) -m tomoscribe.train_segtoken --init checkpoints/stage7a-weights --checkpoint checkpoints/stage7 \
 		--cache checkpoints/cache-1200-48x96x96.pt --out checkpoints/stage7b-weights --steps 800 --batch 32 --refer 4 --threads 2
 	$(TRAIN) --stage align --init checkpoints/stage7b-weights --checkpoint checkpoints/stage7 \
+		--out checkpoints/stage7c-weights --steps 1500 --batch 128 --lr 1e-3 --version 0.7.0
+	$(PY) -m tomoscribe.train_refine --init checkpoints/stage7c-weights --checkpoint checkpoints/stage8 \
+		--out checkpoints/stage8-weights --phantoms 400 --steps 6840 --threads 2 --lr 5e-4 --hint-jitter 0.7 \
+		--organ-share "right kidney" 0.3 --organ-share "left kidney" 0.3
+	$(TRAIN) --stage language --init checkpoints/stage8-weights --checkpoint checkpoints/stage8 \
+		--out checkpoints/stage8a-weights --steps 1000 --batch 32 --lr 5e-4 --point-weight 3
+	$(PY) -m tomoscribe.train_segtoken --init checkpoints/stage8a-weights --checkpoint checkpoints/stage8 \
+		--cache checkpoints/cache-1200-48x96x96.pt --out checkpoints/stage8b-weights --steps 800 --batch 32 --refer 4 --threads 2
+	$(TRAIN) --stage align --init checkpoints/stage8b-weights --checkpoint checkpoints/stage8 \
 		--out tomoscribe/weights --steps 1500 --batch 128 --lr 1e-3 --version $(VERSION)
 
 ## train-head: retrain the packaged head MR model (tomoscribe/weights-head-mr, named head-mr;
