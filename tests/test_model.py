@@ -139,6 +139,43 @@ def test_a_lesion_in_the_body_beside_an_organ_is_not_the_organs() -> None:
     assert sorted(owners.values()) == ["liver", "spleen"]
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_one_labelling_gives_both_ownership_rules(seed: int) -> None:
+    """The cached single labelling equals the two separate ones (body left out / counted)."""
+    from tomoscribe.model.api import Encoded
+    from tomoscribe.model.refine import BODY_CLASS, report_lesions
+
+    scribe = Scribe.load(None)
+    rng = np.random.default_rng(seed)
+    y = np.zeros((24, 48, 48), np.uint8)
+    y[2:22, 2:46, 2:46] = BODY_CLASS
+    organs = [c for c in scribe.organ_names if c != BODY_CLASS]
+    for organ in organs[:4]:  # organs as boxes, lesions as blobs scattered over them all
+        z, r, c = rng.integers(2, 14), rng.integers(2, 30), rng.integers(2, 30)
+        y[z:z + 8, r:r + 14, c:c + 14] = organ
+    blobs = rng.random(y.shape) > 0.997  # specks, under the size floor
+    for _ in range(60):  # and lesions of 1-4 voxels a side, inside organs, at edges, in the body
+        z, r, c = rng.integers(2, 20), rng.integers(2, 44), rng.integers(2, 44)
+        n = int(rng.integers(1, 5))
+        blobs[z:z + n, r:r + n, c:c + n] = True
+    y[blobs & (y > 0)] = scribe.cfg.lesion_class
+    vol = Volume(np.zeros(y.shape, np.float32), np.diag([2.0, 2.0, 2.0, 1.0]), [
+        SliceRef(f"2.25.{k}", "1.2.840.10008.5.1.4.1.1.2") for k in range(y.shape[0])])
+    enc = Encoded(vol, torch.zeros(1, 1, 1), torch.zeros(1, 1, 1, 1, 1), torch.zeros(1, 1, 1),
+                  extra={"refined": y})
+    voxel_ml = 0.008
+    ref_comps, ref_owner = report_lesions(y, scribe.cfg.lesion_class, organs, voxel_ml)
+    _c, ref_body = report_lesions(y, scribe.cfg.lesion_class, list(scribe.organ_names), voxel_ml)
+    comps, owners = scribe._refined_components(enc)
+    assert owners == {c: scribe.organ_names[o] for c, o in ref_owner.items()}
+    assert len(owners) >= 5  # the case exercises something
+    assert any(ref_body[c] == BODY_CLASS for c in ref_owner)  # the two rules disagree somewhere
+    for c in owners:
+        assert np.array_equal(comps == c, ref_comps == c)
+    expect = {scribe.organ_names[o] for o in ref_body.values() if o != BODY_CLASS}
+    assert scribe.lesioned_organs(enc) == expect
+
+
 @pytest.mark.parametrize("perm", [(0, 1, 2), (1, 0, 2), (2, 1, 0)])
 @pytest.mark.parametrize("flip", [False, True])
 def test_reorientation_is_exactly_undone(perm: tuple[int, int, int], flip: bool) -> None:

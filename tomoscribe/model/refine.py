@@ -377,8 +377,28 @@ def report_lesions(labels: np.ndarray, lesion: int, organs: Sequence[int], voxel
     """
     from tomoscribe.model.segtoken import lesion_owners
 
-    min_voxels = max(2, int(np.ceil(MIN_LESION_ML / voxel_ml)))
-    return lesion_owners(labels, lesion, list(organs), ring=2, min_voxels=min_voxels)
+    return lesion_owners(labels, lesion, list(organs), ring=2,
+                         min_voxels=_min_lesion_voxels(voxel_ml))
+
+
+def report_lesion_shells(labels: np.ndarray, lesion: int, classes: Sequence[int], voxel_ml: float
+                         ) -> tuple[np.ndarray, dict[int, np.ndarray]]:
+    """:func:`report_lesions`' components with their shells' class counts, not an owner.
+
+    The same components, sizes and two-voxel shells; the caller picks the
+    owner (:func:`tomoscribe.model.segtoken.shell_owner`), for instance once
+    with the body counted and once without, from one labelling. Returns
+    ``(components (D, H, W) int32, {component: counts (n_classes,)})``.
+    """
+    from tomoscribe.model.segtoken import lesion_shells
+
+    return lesion_shells(labels, lesion, list(classes), ring=2,
+                         min_voxels=_min_lesion_voxels(voxel_ml))
+
+
+def _min_lesion_voxels(voxel_ml: float) -> int:
+    """:data:`MIN_LESION_ML` in voxels of ``voxel_ml`` (never under 2)."""
+    return max(2, int(np.ceil(MIN_LESION_ML / voxel_ml)))
 
 
 def owned_lesion_stats(canon: np.ndarray, lesion: int, organs: Sequence[int],

@@ -39,11 +39,17 @@ from tomoscribe.model.api import Encoded
 from tomoscribe.model.lm import LMTokenizer
 from tomoscribe.model.network import NetConfig, ScribeNet
 from tomoscribe.model.preprocess import GridMap, labels_to_model_grid, prepare_volume
-from tomoscribe.model.refine import BODY_CLASS, refine, refined_organs, report_lesions
+from tomoscribe.model.refine import (
+    BODY_CLASS,
+    refine,
+    refined_organs,
+    report_lesion_shells,
+)
 from tomoscribe.model.segtoken import (
     SEG,
     lesion_component_index,
     lesion_owners,
+    shell_owner,
     snap_to_segmentation,
 )
 from tomoscribe.model.text import (
@@ -132,17 +138,13 @@ class Scribe:
         return named_organ(question, self.organ_names.values())
 
     def _refined_components(self, encoded: Encoded) -> tuple[np.ndarray, dict[int, str]]:
-        """Lesion components of the refined labels and their organs (computed once per volume)."""
-        cached = encoded.extra.get("refined_components")
-        if cached is None:
-            voxel_ml = float(np.prod(encoded.volume.spacing)) / 1000.0
-            organs = [c for c in self.organ_names if c != BODY_CLASS]
-            found, organ_of = report_lesions(encoded.extra["refined"], self.cfg.lesion_class,
-                                             organs, voxel_ml)
-            cached = (found, {c: self.organ_names[o] for c, o in organ_of.items()})
-            encoded.extra["refined_components"] = cached
-        comps: np.ndarray = cached[0]
-        owners: dict[int, str] = cached[1]
+        """Lesion components of the refined labels and their organs (computed once per volume).
+
+        A component's organ is the organ that is most of its two-voxel shell,
+        the body left out (:func:`~tomoscribe.model.refine.report_lesions`);
+        a component that touches no organ has none and is not in the map.
+        """
+        comps, owners, _grounding = self._refined_ownership(encoded)
         return comps, owners
 
     def lesioned_organs(self, encoded: Encoded) -> set[str]:
@@ -159,15 +161,34 @@ class Scribe:
         the body left out, 3 of 37 normal studies kept a false finding,
         counting it, none (``benchmarks/accuracy.py --split val --n 120``).
         """
-        cached = encoded.extra.get("lesioned_organs")
+        _comps, _owners, grounding = self._refined_ownership(encoded)
+        return grounding
+
+    def _refined_ownership(self, encoded: Encoded
+                           ) -> tuple[np.ndarray, dict[int, str], set[str]]:
+        """Both ownership rules from one labelling of the refined lesions (cached).
+
+        Returns ``(components (D, H, W) int32, {component: organ, body left
+        out}, {organs that own a component, body counted})``.
+        """
+        cached = encoded.extra.get("refined_ownership")
         if cached is None:
             voxel_ml = float(np.prod(encoded.volume.spacing)) / 1000.0
-            _found, organ_of = report_lesions(encoded.extra["refined"], self.cfg.lesion_class,
-                                              list(self.organ_names), voxel_ml)
-            cached = {self.organ_names[o] for o in organ_of.values() if o != BODY_CLASS}
-            encoded.extra["lesioned_organs"] = cached
-        organs: set[str] = cached
-        return organs
+            comps, shells = report_lesion_shells(encoded.extra["refined"], self.cfg.lesion_class,
+                                                 list(self.organ_names), voxel_ml)
+            owners: dict[int, str] = {}
+            grounding: set[str] = set()
+            for c, counts in shells.items():
+                organ = shell_owner(counts, exclude=(BODY_CLASS,))
+                if organ is not None:
+                    owners[c] = self.organ_names[organ]
+                with_body = shell_owner(counts)
+                if with_body is not None and with_body != BODY_CLASS:
+                    grounding.add(self.organ_names[with_body])
+            cached = (comps, owners, grounding)
+            encoded.extra["refined_ownership"] = cached
+        found: tuple[np.ndarray, dict[int, str], set[str]] = cached
+        return found
 
     def key_slices_for(self, question: str, findings: list[Finding], label_map: np.ndarray,
                        relevance: np.ndarray | None, grid: GridMap) -> tuple[int, ...]:

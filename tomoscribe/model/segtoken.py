@@ -96,21 +96,26 @@ def mask_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return bce + (1 - dice).mean()
 
 
-def lesion_owners(y: np.ndarray, lesion_class: int, organ_classes: Sequence[int],
-                  ring: int = 1, min_voxels: int = 1) -> tuple[np.ndarray, dict[int, int]]:
-    """Connected lesion components of a label array and the organ class around each.
+def lesion_shells(y: np.ndarray, lesion_class: int, classes: Sequence[int],
+                  ring: int = 1, min_voxels: int = 1) -> tuple[np.ndarray, dict[int, np.ndarray]]:
+    """Connected lesion components of a label array and the classes in the shell of each.
 
-    A component's organ is the most frequent of ``organ_classes`` in the
-    ``ring``-voxel shell around it. Components under ``min_voxels`` and
-    components that touch no organ are dropped (zeroed in the array).
+    A component's shell is the ``ring``-voxel layer around it; its counts are
+    the voxels of each of ``classes`` in that layer (``counts[c]`` for class
+    ``c``). Components under ``min_voxels`` and components whose shell holds
+    none of ``classes`` are dropped (zeroed in the array). One labelling
+    serves several ownership rules: :func:`lesion_owners` takes the most
+    frequent class; the report takes it once with the body outline counted
+    and once without (:meth:`tomoscribe.model.scribe.Scribe.lesioned_organs`).
 
-    Returns ``(components (D, H, W) int32, {component: organ class})``.
+    Returns ``(components (D, H, W) int32, {component: counts (n_classes,) int64})``.
     """
     from scipy import ndimage
 
     comps, _n = ndimage.label(y == lesion_class)
-    owners: dict[int, int] = {}
-    organs = np.isin(y, list(organ_classes))
+    shells: dict[int, np.ndarray] = {}
+    wanted = np.isin(y, list(classes))
+    n_classes = int(max(classes, default=0)) + 1
     for i, sl in enumerate(ndimage.find_objects(comps), start=1):
         if sl is None:
             continue
@@ -121,12 +126,41 @@ def lesion_owners(y: np.ndarray, lesion_class: int, organ_classes: Sequence[int]
         if int(comp.sum()) < min_voxels:
             local[comp] = 0
             continue
-        shell = ndimage.binary_dilation(comp, iterations=ring) & ~comp & organs[grown]
+        shell = ndimage.binary_dilation(comp, iterations=ring) & ~comp & wanted[grown]
         values = y[grown][shell]
         if values.size == 0:
             local[comp] = 0
             continue
-        owners[i] = int(np.bincount(values).argmax())
+        shells[i] = np.bincount(values, minlength=n_classes)[:n_classes]
+    return comps, shells
+
+
+def shell_owner(counts: np.ndarray, exclude: Sequence[int] = ()) -> int | None:
+    """The most frequent class of a shell's counts, leaving out ``exclude``; ``None`` if none.
+
+    Ties go to the lowest class (as :func:`numpy.argmax`).
+    """
+    if exclude:
+        counts = counts.copy()
+        counts[[c for c in exclude if c < counts.size]] = 0
+    if not counts.any():
+        return None
+    return int(counts.argmax())
+
+
+def lesion_owners(y: np.ndarray, lesion_class: int, organ_classes: Sequence[int],
+                  ring: int = 1, min_voxels: int = 1) -> tuple[np.ndarray, dict[int, int]]:
+    """Connected lesion components of a label array and the organ class around each.
+
+    A component's organ is the most frequent of ``organ_classes`` in the
+    ``ring``-voxel shell around it (:func:`lesion_shells`). Components under
+    ``min_voxels`` and components that touch no organ are dropped (zeroed in
+    the array).
+
+    Returns ``(components (D, H, W) int32, {component: organ class})``.
+    """
+    comps, shells = lesion_shells(y, lesion_class, organ_classes, ring, min_voxels)
+    owners = {i: int(counts.argmax()) for i, counts in shells.items()}
     return comps, owners
 
 
