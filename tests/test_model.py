@@ -139,11 +139,29 @@ def test_a_lesion_in_the_body_beside_an_organ_is_not_the_organs() -> None:
     assert sorted(owners.values()) == ["liver", "spleen"]
 
 
+def test_a_lesion_ringed_by_body_inside_an_organ_is_the_organs() -> None:
+    """The refiner's partial-volume rim of "body" around a liver lesion does not hide it."""
+    from tomoscribe.model.api import Encoded
+
+    scribe = Scribe.load(None)
+    y = np.ones((30, 40, 40), np.uint8)  # body
+    y[2:28, 2:38, 2:38] = 4  # liver
+    y[10:20, 13:27, 13:27] = 1  # a rim of body, one voxel thick (as on seed 2000006) ...
+    y[11:19, 14:26, 14:26] = 8  # ... around a lesion well inside the liver
+    vol = Volume(np.zeros(y.shape, np.float32), np.diag([2.0, 2.0, 2.0, 1.0]), [
+        SliceRef(f"2.25.{k}", "1.2.840.10008.5.1.4.1.1.2") for k in range(y.shape[0])])
+    enc = Encoded(vol, torch.zeros(1, 1, 1), torch.zeros(1, 1, 1, 1, 1), torch.zeros(1, 1, 1),
+                  extra={"refined": y})
+    assert scribe.lesioned_organs(enc) == {"liver"}
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_one_labelling_gives_both_ownership_rules(seed: int) -> None:
-    """The cached single labelling equals the two separate ones (body left out / counted)."""
+    """The cached single labelling equals two separate ones (2 voxels, no body / 4, body)."""
     from tomoscribe.model.api import Encoded
-    from tomoscribe.model.refine import BODY_CLASS, report_lesions
+    from tomoscribe.model.refine import BODY_CLASS, _min_lesion_voxels, report_lesions
+    from tomoscribe.model.scribe import GROUND_RING
+    from tomoscribe.model.segtoken import lesion_owners
 
     scribe = Scribe.load(None)
     rng = np.random.default_rng(seed)
@@ -165,7 +183,8 @@ def test_one_labelling_gives_both_ownership_rules(seed: int) -> None:
                   extra={"refined": y})
     voxel_ml = 0.008
     ref_comps, ref_owner = report_lesions(y, scribe.cfg.lesion_class, organs, voxel_ml)
-    _c, ref_body = report_lesions(y, scribe.cfg.lesion_class, list(scribe.organ_names), voxel_ml)
+    _c, ref_body = lesion_owners(y, scribe.cfg.lesion_class, list(scribe.organ_names),
+                                 ring=GROUND_RING, min_voxels=_min_lesion_voxels(voxel_ml))
     comps, owners = scribe._refined_components(enc)
     assert owners == {c: scribe.organ_names[o] for c, o in ref_owner.items()}
     assert len(owners) >= 5  # the case exercises something

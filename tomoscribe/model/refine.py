@@ -381,18 +381,20 @@ def report_lesions(labels: np.ndarray, lesion: int, organs: Sequence[int], voxel
                          min_voxels=_min_lesion_voxels(voxel_ml))
 
 
-def report_lesion_shells(labels: np.ndarray, lesion: int, classes: Sequence[int], voxel_ml: float
-                         ) -> tuple[np.ndarray, dict[int, np.ndarray]]:
+def report_lesion_shells(labels: np.ndarray, lesion: int, classes: Sequence[int], voxel_ml: float,
+                         ring: int = 2) -> tuple[np.ndarray, dict[int, np.ndarray]]:
     """:func:`report_lesions`' components with their shells' class counts, not an owner.
 
-    The same components, sizes and two-voxel shells; the caller picks the
-    owner (:func:`tomoscribe.model.segtoken.shell_owner`), for instance once
-    with the body counted and once without, from one labelling. Returns
-    ``(components (D, H, W) int32, {component: counts (n_classes,)})``.
+    The same components and sizes; the counts are per layer, ``ring`` of
+    them (:func:`tomoscribe.model.segtoken.lesion_shells`), and the caller
+    picks the owner (:func:`tomoscribe.model.segtoken.shell_owner`): with
+    ``ring=2``, the first two layers without the body give
+    :func:`report_lesions`' owners. Returns ``(components (D, H, W) int32,
+    {component: counts (ring, n_classes)})``.
     """
     from tomoscribe.model.segtoken import lesion_shells
 
-    return lesion_shells(labels, lesion, list(classes), ring=2,
+    return lesion_shells(labels, lesion, list(classes), ring=ring,
                          min_voxels=_min_lesion_voxels(voxel_ml))
 
 

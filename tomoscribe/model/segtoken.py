@@ -98,17 +98,19 @@ def mask_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 def lesion_shells(y: np.ndarray, lesion_class: int, classes: Sequence[int],
                   ring: int = 1, min_voxels: int = 1) -> tuple[np.ndarray, dict[int, np.ndarray]]:
-    """Connected lesion components of a label array and the classes in the shell of each.
+    """Connected lesion components of a label array and the classes around each, layer by layer.
 
-    A component's shell is the ``ring``-voxel layer around it; its counts are
-    the voxels of each of ``classes`` in that layer (``counts[c]`` for class
-    ``c``). Components under ``min_voxels`` and components whose shell holds
-    none of ``classes`` are dropped (zeroed in the array). One labelling
-    serves several ownership rules: :func:`lesion_owners` takes the most
-    frequent class; the report takes it once with the body outline counted
-    and once without (:meth:`tomoscribe.model.scribe.Scribe.lesioned_organs`).
+    Layer ``j`` (from 0) is the set of voxels ``j + 1`` dilation steps (6-
+    connected) from the component; its counts are the voxels of each of
+    ``classes`` in it (``counts[j, c]`` for class ``c``). Components under
+    ``min_voxels`` and components with none of ``classes`` in their
+    ``ring`` layers are dropped (zeroed in the array). One labelling serves
+    several ownership rules: :func:`lesion_owners` takes the most frequent
+    class of all layers; the report takes the first two without the body
+    outline, and grounds its findings on a thicker shell with it
+    (:meth:`tomoscribe.model.scribe.Scribe.lesioned_organs`).
 
-    Returns ``(components (D, H, W) int32, {component: counts (n_classes,) int64})``.
+    Returns ``(components (D, H, W) int32, {component: counts (ring, n_classes) int64})``.
     """
     from scipy import ndimage
 
@@ -126,22 +128,30 @@ def lesion_shells(y: np.ndarray, lesion_class: int, classes: Sequence[int],
         if int(comp.sum()) < min_voxels:
             local[comp] = 0
             continue
-        shell = ndimage.binary_dilation(comp, iterations=ring) & ~comp & wanted[grown]
-        values = y[grown][shell]
-        if values.size == 0:
+        labels = y[grown]
+        counts = np.zeros((ring, n_classes), np.int64)
+        inside = comp
+        for j in range(ring):
+            grown_j = ndimage.binary_dilation(inside)
+            layer = grown_j & ~inside & wanted[grown]
+            counts[j] = np.bincount(labels[layer], minlength=n_classes)[:n_classes]
+            inside = grown_j
+        if not counts.any():
             local[comp] = 0
             continue
-        shells[i] = np.bincount(values, minlength=n_classes)[:n_classes]
+        shells[i] = counts
     return comps, shells
 
 
-def shell_owner(counts: np.ndarray, exclude: Sequence[int] = ()) -> int | None:
-    """The most frequent class of a shell's counts, leaving out ``exclude``; ``None`` if none.
+def shell_owner(counts: np.ndarray, layers: slice = slice(None),
+                exclude: Sequence[int] = ()) -> int | None:
+    """The most frequent class of a shell's ``layers``, leaving out ``exclude``; ``None`` if none.
 
-    Ties go to the lowest class (as :func:`numpy.argmax`).
+    ``counts`` is ``(n_layers, n_classes)`` (:func:`lesion_shells`). Ties go
+    to the lowest class (as :func:`numpy.argmax`).
     """
+    counts = counts[layers].sum(axis=0)
     if exclude:
-        counts = counts.copy()
         counts[[c for c in exclude if c < counts.size]] = 0
     if not counts.any():
         return None
@@ -160,7 +170,7 @@ def lesion_owners(y: np.ndarray, lesion_class: int, organ_classes: Sequence[int]
     Returns ``(components (D, H, W) int32, {component: organ class})``.
     """
     comps, shells = lesion_shells(y, lesion_class, organ_classes, ring, min_voxels)
-    owners = {i: int(counts.argmax()) for i, counts in shells.items()}
+    owners = {i: int(counts.sum(axis=0).argmax()) for i, counts in shells.items()}
     return comps, owners
 
 
