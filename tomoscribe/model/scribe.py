@@ -565,9 +565,10 @@ class Scribe:
         The language model writes the text; a finding it writes for an organ
         in which the segmentation shows no lesion is withheld
         (:attr:`Report.withheld`), so that every finding reported has a lesion
-        segment. On 120 validation phantoms (a one-off count, 2026-11-24)
-        this withheld 9 false findings and 4 true ones of the kidney-refiner
-        model (0.8.0), and 5 and 4 of 0.7.0.
+        segment. On 120 validation phantoms (one-off counts, 2026-11-24)
+        this withheld 10 false findings and 2 true ones of 0.8.0 (grounded
+        on a two-voxel shell, 9 and 4; see :data:`GROUND_RING`), and 5 and 4
+        of 0.7.0 on the two-voxel shell.
 
         Args:
             encoded: from :meth:`encode`.
