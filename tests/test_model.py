@@ -120,6 +120,35 @@ def test_a_finding_the_segmentation_does_not_show_is_withheld(
     assert extra in {f.structure for f in blind.findings} and not blind.withheld
 
 
+def test_a_seg_answer_whose_coarse_mask_misses_the_lesions_gets_the_organs_lesions(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Asked for an organ's lesions, a <seg> answer falls back to the lesions the report gives it."""
+    import tomoscribe.model.scribe as scribe_module
+
+    scribe = Scribe.load(None)
+    ph = next(p for p in map(make_phantom, range(2_000_000, 2_000_020)) if p.lesions)
+    organ = ph.lesions[0].organ
+    hu, _labels, aff = render_acquisition(ph)
+    enc = scribe.encode(Volume(hu, aff, [SliceRef(f"2.25.{k}", "1.2.840.10008.5.1.4.1.1.2")
+                                         for k in range(hu.shape[0])]))
+    question = f"segment the lesions in the {organ} ."
+    assert scribe.refer(enc, question, snap=False)[1] is not None  # the model answers <seg>
+    comps, owner = scribe._refined_components(enc)
+    expect = np.isin(comps, [c for c, o in owner.items() if o == organ])
+    assert expect.any()
+    # the decoder's coarse mask covering none of the refined regions
+    monkeypatch.setattr(scribe_module, "snap_to_segmentation",
+                        lambda mask, *a, **k: np.zeros_like(mask))
+    _text, mask = scribe.refer(enc, question)
+    assert mask is not None and np.array_equal(mask, expect)
+    # an organ the segmentation shows no lesion in still gets none
+    clean = next(o for o in scribe.organ_names.values()
+                 if o != "body" and o not in set(owner.values()))
+    assert scribe.refer(enc, f"segment the lesions in the {clean} .") == ("none .", None)
+    # and a question for the organ itself has no such fallback
+    assert scribe.refer(enc, f"segment the {organ} .") == ("none .", None)
+
+
 def test_a_lesion_in_the_body_beside_an_organ_is_not_the_organs() -> None:
     """Grounding counts the body outline as a structure; the segments do not."""
     from tomoscribe.model.api import Encoded
