@@ -122,7 +122,7 @@ def test_a_finding_the_segmentation_does_not_show_is_withheld(
 
 def test_a_seg_answer_whose_coarse_mask_misses_the_lesions_gets_the_organs_lesions(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    """Asked for an organ's lesions, a <seg> answer falls back to the lesions the report gives it."""
+    """Asked for an organ's lesions, a <seg> answer falls back to the report's lesions there."""
     import tomoscribe.model.scribe as scribe_module
 
     scribe = Scribe.load(None)
