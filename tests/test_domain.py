@@ -104,6 +104,22 @@ def test_does_it_contain_a_kind_is_answered_for_that_kind() -> None:
     assert answer_for("which organ has a lesion ?", site, counts, HEAD_MR) == site
 
 
+@pytest.mark.parametrize(("domain", "question", "expected"), [
+    (CHEST_ABDOMEN_CT, "segment the lesions in the liver .", True),
+    (CHEST_ABDOMEN_CT, "Segment the nodules in the right lung", True),
+    (CHEST_ABDOMEN_CT, "segment the cyst of the left kidney?", True),
+    (CHEST_ABDOMEN_CT, "segment the lesions .", True),
+    (CHEST_ABDOMEN_CT, "segment the liver .", False),
+    (CHEST_ABDOMEN_CT, "segment the left lung .", False),
+    (HEAD_MR, "segment the masses in the cerebellum .", True),
+    (HEAD_MR, "segment the cerebellum .", False),
+    (HEAD_MR, "segment the massive right cerebral hemisphere", False),
+])
+def test_a_question_about_lesions_is_told_from_one_about_a_structure(
+        domain: Domain, question: str, expected: bool) -> None:
+    assert domain.asks_for_lesions(question) is expected
+
+
 def test_domains_are_looked_up_by_name_and_old_folders_are_chest_abdomen() -> None:
     assert get_domain(None) is CHEST_ABDOMEN_CT and get_domain("") is CHEST_ABDOMEN_CT
     for name, dom in DOMAINS.items():

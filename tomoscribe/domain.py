@@ -23,6 +23,7 @@ on: a model folder without ``net.domain`` is read as that domain.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 __all__ = ["CHEST_ABDOMEN_CT", "DOMAINS", "HEAD_MR", "Domain", "about_other_domain",
@@ -90,6 +91,18 @@ class Domain:
     def num_classes(self) -> int:
         """Segmentation classes: background, the structures, lesion."""
         return self.lesion_label + 1
+
+    def asks_for_lesions(self, text: str) -> bool:
+        """Whether a free-text question asks about lesions: it says "lesion" or a kind's words.
+
+        Whole words only: "segment the nodules in the right lung" does, "segment
+        the liver" does not, nor would a word that merely starts like a kind.
+        """
+        words = {"lesion", "lesions"}
+        for kind in self.lesion_kinds:
+            words |= {kind, self.plural[kind], self.short[kind], self.short_plural[kind]}
+        q = " " + " ".join(re.findall(r"[a-z]+", text.lower())) + " "
+        return any(f" {w} " in q for w in words)
 
     def single_kind(self, site: str) -> str | None:
         """The one kind of lesion ``site`` can hold, or ``None`` where it can hold several."""

@@ -507,7 +507,8 @@ class Scribe:
         and a refiner, the mask is made of the refined regions the decoder's
         mask mostly covers (:func:`~tomoscribe.model.segtoken.snap_to_segmentation`),
         within the organ the question names (:meth:`_within_named_organ`).
-        Asked for lesions, where the decoder's mask covers none of the
+        Asked for lesions (:meth:`~tomoscribe.domain.Domain.asks_for_lesions`),
+        where the decoder's mask covers none of the
         segmentation's (small lesions are a voxel deep on the model grid),
         the mask is the lesion components the report gives that organ (every
         organ, when none is named): on 60 validation phantoms, 10 of 11
@@ -543,7 +544,7 @@ class Scribe:
             snapped = snap_to_segmentation(mask, refined, organs, self.cfg.lesion_class,
                                            components=index)
             snapped = self._within_named_organ(question, snapped, encoded)
-            if not snapped.any() and "lesion" in question.lower():
+            if not snapped.any() and self.domain.asks_for_lesions(question):
                 # the model answered <seg>, but the decoder's coarse mask missed
                 # the segmentation's lesions (a 10 mm lesion is one voxel deep
                 # on the model grid): the lesions the question asks for are
