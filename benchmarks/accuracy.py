@@ -13,7 +13,8 @@ which training never draws from. Rows:
 Columns: findings precision / recall / F1 (organ-level: a finding is correct
 when the report names an organ that has a lesion), studies whose findings are
 exactly right, false findings on normal studies, closed-question accuracy
-(yes/no questions about each organ), lesion Dice per size band (per lesion,
+(yes/no questions about each organ; as answered, from the report's findings,
+and as the language model answers them asked alone), lesion Dice per size band (per lesion,
 on the source grid, of the lesion segments the report keeps: those of organs
 its text names) and Dice of each large organ (model only: the baselines have
 no segmentation). The segmentation alone is scored too: per size band, the
@@ -33,6 +34,10 @@ A second table (issue #3) scores, for the same rows:
   once per organ, the study-level one once), per template and overall;
 * open VQA: exact match and token F1 of the "how many" and "which organ"
   answers against :func:`~tomoscribe.model.text.answer_for`;
+* both as answered (the templated questions from the report's findings,
+  :meth:`~tomoscribe.model.scribe.Scribe.answer_from_report`) and, in the
+  "alone" columns, as the language model answers each question asked alone
+  (:attr:`~tomoscribe.report.Answer.model_answer`; EM for the open ones);
 * key-slice pointing: for each reported finding in an organ that has a lesion,
   whether its first key slice (source-grid index) holds lesion voxels of that
   organ's lesions in the ground-truth label volume (model and image-blind:
@@ -126,6 +131,7 @@ class Tally:
         self.normal = 0
         self.normal_false = 0
         self.qa_right = 0
+        self.qa_right_alone = 0  # the language model's answers, asked alone
         self.qa_total = 0
 
     def add(self, predicted: set[str], truth: set[str]) -> None:
@@ -147,12 +153,18 @@ class Tally:
             "studies_exact": self.exact / max(self.studies, 1),
             "false_findings_on_normal": self.normal_false / max(self.normal, 1),
             "closed_qa_accuracy": self.qa_right / max(self.qa_total, 1),
+            "closed_qa_asked_alone": self.qa_right_alone / max(self.qa_total, 1),
         }
 
 
 def _yes_no(answer: str) -> str:
     a = answer.lower()
     return "yes" if a.startswith("yes") else "no" if a.startswith("no") else "?"
+
+
+def _shown(answer: str) -> str:
+    """An answer without the note of what the model answered alone (see ``Scribe.generate``)."""
+    return answer.split(" (Asked this alone", 1)[0]
 
 
 #: open templates (scored by exact match and token F1); the others are yes/no
@@ -282,6 +294,10 @@ class Extra:
         self.closed: dict[str, list[int]] = {}
         self.open_em: dict[str, list[int]] = {}
         self.open_f1: dict[str, list[float]] = {}
+        # the language model's own answers (Answer.model_answer, where the
+        # answer shown is the report's)
+        self.closed_alone: dict[str, list[int]] = {}
+        self.open_em_alone: dict[str, list[int]] = {}
         self.point_hit = 0
         self.point_n = 0
         self.pointing = Pointing()
@@ -292,13 +308,20 @@ class Extra:
         self.refs.append(r)
         self.rouge.append(rouge_l(h, r))
 
-    def add_answer(self, template: str, answer: str, gold: str) -> None:
+    def add_answer(self, template: str, answer: str, gold: str, alone: str | None = None
+                   ) -> None:
+        """Score ``answer`` (as shown) and ``alone`` (the model asked alone; else ``answer``)."""
+        alone = answer if alone is None else alone
         if _is_open(template):
-            a, g = WordTokenizer.words(answer), WordTokenizer.words(gold)
+            g = WordTokenizer.words(gold)
+            a = WordTokenizer.words(_shown(answer))
             self.open_em.setdefault(template, []).append(int(a == g))
             self.open_f1.setdefault(template, []).append(token_f1(a, g))
+            self.open_em_alone.setdefault(template, []).append(
+                int(WordTokenizer.words(alone) == g))
         else:
             self.closed.setdefault(template, []).append(int(_yes_no(answer) == gold))
+            self.closed_alone.setdefault(template, []).append(int(_yes_no(alone) == gold))
 
     def row(self) -> dict[str, object]:
         def mean(v: list[int] | list[float]) -> float | None:
@@ -306,6 +329,8 @@ class Extra:
 
         closed_all = [x for v in self.closed.values() for x in v]
         em_all = [x for v in self.open_em.values() for x in v]
+        closed_alone = [x for v in self.closed_alone.values() for x in v]
+        em_alone = [x for v in self.open_em_alone.values() for x in v]
         f1_all = [x for v in self.open_f1.values() for x in v]
         pointing = self.pointing.row()
         return {
@@ -313,6 +338,12 @@ class Extra:
             "rouge_l_f": mean(self.rouge),
             "closed_vqa_accuracy": mean(closed_all),
             "closed_vqa_by_template": {t: mean(v) for t, v in self.closed.items()},
+            "closed_vqa_asked_alone": mean(closed_alone),
+            "closed_vqa_asked_alone_by_template": {t: mean(v)
+                                                   for t, v in self.closed_alone.items()},
+            "open_vqa_exact_match_asked_alone": mean(em_alone),
+            "open_vqa_em_asked_alone_by_template": {t: mean(v)
+                                                    for t, v in self.open_em_alone.items()},
             "open_vqa_exact_match": mean(em_all),
             "open_vqa_token_f1": mean(f1_all),
             "open_vqa_by_template": {t: {"exact_match": mean(self.open_em[t]),
@@ -389,7 +420,9 @@ def _print_second_table(table: dict[str, dict[str, object]], n_questions: int) -
     """Text, VQA and key-slice pointing per row, then VQA per template."""
     cols = [("bleu4", "BLEU-4"), ("rouge_l_f", "ROUGE-L F"),
             ("closed_vqa_accuracy", "closed VQA"), ("open_vqa_exact_match", "open EM"),
-            ("open_vqa_token_f1", "open F1"), ("key_slice_pointing", "key-slice hit"),
+            ("open_vqa_token_f1", "open F1"), ("closed_vqa_asked_alone", "closed alone"),
+            ("open_vqa_exact_match_asked_alone", "open EM alone"),
+            ("key_slice_pointing", "key-slice hit"),
             ("question_pointing", "question hit"), ("tgis_top_slice_pointing", "TG-IS top")]
     print(f"\nreport text, VQA ({n_questions} questions per study), key-slice pointing "
           "(findings; questions)")
@@ -405,7 +438,11 @@ def _print_second_table(table: dict[str, dict[str, object]], n_questions: int) -
             assert isinstance(by, dict)
             templates += [t for t in by if t not in templates]
     print(f"{'template (closed: accuracy; open: EM / F1)':<44}"
-          + "".join(f"{name:>18}" for name in table))
+          + "".join(f"{name:>18}" for name in table) + f"{'model asked alone':>20}")
+    model = table.get("model", {})
+    alone_closed = model.get("closed_vqa_asked_alone_by_template", {})
+    alone_open = model.get("open_vqa_em_asked_alone_by_template", {})
+    assert isinstance(alone_closed, dict) and isinstance(alone_open, dict)
     for t in templates:
         cells = []
         for r in table.values():
@@ -416,6 +453,7 @@ def _print_second_table(table: dict[str, dict[str, object]], n_questions: int) -
             else:
                 em, f1 = opened[t]["exact_match"], opened[t]["token_f1"]
                 cells.append(f"{_fmt(em, 0).strip()} / {_fmt(f1, 0).strip()}".rjust(18))
+        cells.append(_fmt(alone_closed.get(t, alone_open.get(t)), 20))
         print(f"{t:<44}" + "".join(cells))
 
 
@@ -550,9 +588,11 @@ def main(argv: list[str] | None = None) -> int:
         for name, rep in (("model", report), ("image-blind", blind)):
             rows[name].add({f.structure for f in rep.findings}, truth)
             for ans, organ in zip(rep.answers, ORGANS_SCORED, strict=True):
+                want = "yes" if counts.get(organ) else "no"
                 rows[name].qa_total += 1
-                rows[name].qa_right += int(
-                    _yes_no(ans.answer) == ("yes" if counts.get(organ) else "no"))
+                rows[name].qa_right += int(_yes_no(ans.answer) == want)
+                rows[name].qa_right_alone += int(
+                    _yes_no(ans.model_answer or ans.answer) == want)
         # every question, outside the timed part: answers and their key slices
         gold = _gold_answers(ph, items, disagree)
         ref_text = report_text(ph)
@@ -560,9 +600,8 @@ def main(argv: list[str] | None = None) -> int:
                  "image-blind": scribe.generate(enc, [q for _t, _o, q in items], blind=True)}
         targets = _question_slices(ph, labels, aff, items)
         for name, rep in (("model", report), ("image-blind", blind)):
-            answers = [a.answer for a in asked[name].answers]
-            for (t, _o, _q), ans, g in zip(items, answers, gold, strict=True):
-                extra[name].add_answer(t, ans, g)
+            for (t, _o, _q), ans, g in zip(items, asked[name].answers, gold, strict=True):
+                extra[name].add_answer(t, ans.answer, g, ans.model_answer)
             extra[name].add_text(rep.text, ref_text)
             extra[name].pointing.add(scribe, enc, asked[name].answers, [q for _t, _o, q in items],
                                      targets, blind=name == "image-blind")
@@ -655,7 +694,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark_wall_seconds": time.perf_counter() - wall0,
     }
     cols = ["findings_precision", "findings_recall", "findings_f1", "studies_exact",
-            "false_findings_on_normal", "closed_qa_accuracy"]
+            "false_findings_on_normal", "closed_qa_accuracy", "closed_qa_asked_alone"]
     print(f"\n{len(seeds)} held-out phantoms of the {args.split} range "
           f"({rows['model'].normal} normal), model {scribe.name} {scribe.version}")
     print(f"{'row':<12}" + "".join(f"{c:>26}" for c in cols))

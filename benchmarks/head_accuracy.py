@@ -26,6 +26,9 @@ Scored:
   cyst ?"; per study: "are there any focal findings ?";
 * open VQA: "how many lesions are in the {site} ?" and "which organ has a
   lesion ?" (exact match and token F1);
+* both as answered (these templated questions from the report's findings)
+  and as the language model answers each asked alone (the "asked alone"
+  columns; exact match for the open ones);
 * report text: BLEU-4 and ROUGE-L against the ground-truth report;
 * Dice of each structure on the source grid (the report's label map), and of
   the lesions by size band, with the share of lesions the segmentation
@@ -81,7 +84,7 @@ except ImportError:  # pragma: no cover
     from benchmarks import accuracy, textmetrics
 
 BANDS, Refer, Tally = accuracy.BANDS, accuracy.Refer, accuracy.Tally
-_dice, _prf, _yes_no = accuracy._dice, accuracy._prf, accuracy._yes_no
+_dice, _prf, _yes_no, _shown = accuracy._dice, accuracy._prf, accuracy._yes_no, accuracy._shown
 Pointing = accuracy.Pointing
 refer_items, score_referring = accuracy.refer_items, accuracy.score_referring
 corpus_bleu, rouge_l, token_f1 = textmetrics.corpus_bleu, textmetrics.rouge_l, textmetrics.token_f1
@@ -147,6 +150,8 @@ class Text:
         self.closed: list[int] = []
         self.em: list[int] = []
         self.f1: list[float] = []
+        self.closed_alone: list[int] = []  # the language model asked each question alone
+        self.em_alone: list[int] = []
         self.kind_right = 0
         self.kind_n = 0
         self.point_hit = 0
@@ -154,18 +159,24 @@ class Text:
         self.pointing = Pointing()  # each question's key image and the TG-IS top slice
 
     def add(self, text: str, ref: str, items: list[tuple[str, str, str, str]],
-            answers: list[str], golds: list[str]) -> None:
+            answers: list[str], golds: list[str], alone: list[str | None] | None = None
+            ) -> None:
+        """Score a row's report and answers; ``alone``: the model's own where they differ."""
         h, r = WordTokenizer.words(text), WordTokenizer.words(ref)
         self.hyps.append(h)
         self.refs.append(r)
         self.rouge.append(rouge_l(h, r))
-        for (t, _s, _k, _q), a, g in zip(items, answers, golds, strict=True):
+        for j, ((t, _s, _k, _q), a, g) in enumerate(zip(items, answers, golds, strict=True)):
+            by_itself = a if alone is None or alone[j] is None else alone[j]
+            assert by_itself is not None
             if t in OPEN:
-                aw, gw = WordTokenizer.words(a), WordTokenizer.words(g)
+                aw, gw = WordTokenizer.words(_shown(a)), WordTokenizer.words(g)
                 self.em.append(int(aw == gw))
                 self.f1.append(token_f1(aw, gw))
+                self.em_alone.append(int(WordTokenizer.words(by_itself) == gw))
             else:
                 self.closed.append(int(_yes_no(a) == g))
+                self.closed_alone.append(int(_yes_no(by_itself) == g))
 
     def row(self) -> dict[str, float | int | None]:
         pointing = self.pointing.row()
@@ -175,6 +186,8 @@ class Text:
             "closed_vqa_accuracy": float(np.mean(self.closed)),
             "open_vqa_exact_match": float(np.mean(self.em)),
             "open_vqa_token_f1": float(np.mean(self.f1)),
+            "closed_vqa_asked_alone": float(np.mean(self.closed_alone)),
+            "open_vqa_exact_match_asked_alone": float(np.mean(self.em_alone)),
             "kinds_right_of_sites_found": (self.kind_right / self.kind_n) if self.kind_n
             else None,
             "key_slice_pointing": (self.point_hit / self.point_n) if self.point_n else None,
@@ -227,7 +240,8 @@ def main(argv: list[str] | None = None) -> int:
         for name, rep in (("model", report), ("image-blind", blind)):
             found = {f.structure for f in rep.findings}
             rows[name].add(found, truth)
-            text[name].add(rep.text, ref, items, [a.answer for a in rep.answers], golds)
+            text[name].add(rep.text, ref, items, [a.answer for a in rep.answers], golds,
+                           [a.model_answer for a in rep.answers])
             # the report's text is sentence-cased prose: back to the grammar's words
             for pf in parse_findings(" ".join(WordTokenizer.words(rep.text)), HEAD_MR):
                 if pf.organ in truth:
@@ -319,7 +333,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     cols = ("findings_precision", "findings_recall", "findings_f1", "studies_exact",
             "false_findings_on_normal", "kinds_right_of_sites_found", "closed_vqa_accuracy",
-            "open_vqa_exact_match", "open_vqa_token_f1", "bleu4", "rouge_l_f")
+            "open_vqa_exact_match", "open_vqa_token_f1", "closed_vqa_asked_alone",
+            "open_vqa_exact_match_asked_alone", "bleu4", "rouge_l_f")
     print(f"\n{len(seeds)} head MR phantoms of the {args.split} range "
           f"({rows['model'].normal} normal), model {scribe.name} {scribe.version}, "
           f"{len(items)} questions per study")

@@ -19,9 +19,12 @@ from tomoscribe.model.text import (
     VOCAB,
     WordTokenizer,
     answer_for,
+    answer_from_findings,
     findings_to_text,
+    match_template,
     parse_findings,
     vocabulary,
+    with_closing_mark,
 )
 from tomoscribe.phantom import SPLITS
 from tomoscribe.phantom_head import (
@@ -323,3 +326,67 @@ def test_a_question_about_another_domains_structures_is_routed_away() -> None:
     # naming both: each model answers for its own part
     both = "is there a lesion in the liver or the cerebellum ?"
     assert about_other_domain(both, ct) is None and about_other_domain(both, head) is None
+
+
+@pytest.mark.parametrize(("domain", "question", "expected"), [
+    (CHEST_ABDOMEN_CT, "is there a lesion in the liver ?",
+     ("is there a lesion in the {organ} ?", "liver", None)),
+    (CHEST_ABDOMEN_CT, "Is there a lesion in the  Liver?",
+     ("is there a lesion in the {organ} ?", "liver", None)),
+    (CHEST_ABDOMEN_CT, "does the right kidney contain a cyst",
+     ("does the {organ} contain a {kind} ?", "right kidney", "cyst")),
+    (CHEST_ABDOMEN_CT, "Which organ has a lesion?", ("which organ has a lesion ?", "", None)),
+    (HEAD_MR, "does the cerebellum contain a mass ?",
+     ("does the {organ} contain a {kind} ?", "cerebellum", "mass")),
+    # a kind the site does not hold, a structure that holds no lesion, free text
+    (CHEST_ABDOMEN_CT, "does the liver contain a cyst ?", None),
+    (CHEST_ABDOMEN_CT, "is the body normal ?", None),
+    (CHEST_ABDOMEN_CT, "is there a lesion in the liver or the spleen ?", None),
+    (HEAD_MR, "is there a lesion in the liver ?", None),
+])
+def test_a_question_is_matched_to_its_template_word_for_word(
+        domain: Domain, question: str, expected: tuple[str, str, str | None] | None) -> None:
+    assert match_template(question, domain) == expected
+
+
+def test_the_findings_answer_each_templated_question() -> None:
+    """What the report says, read back: counts, kinds, the organs named, in domain order."""
+    text = ("right lung : two nodules . liver : one hypodense lesion . "
+            "impression : right lung nodules , liver lesion .")
+    found = parse_findings(text)
+    expected = {
+        ("is there a lesion in the {organ} ?", "liver", None): "yes",
+        ("is there a lesion in the {organ} ?", "spleen", None): "no",
+        ("does the {organ} contain a {kind} ?", "right lung", "nodule"): "yes",
+        ("how many lesions are in the {organ} ?", "right lung", None): "two",
+        ("how many lesions are in the {organ} ?", "left kidney", None): "zero",
+        ("is the {organ} normal ?", "liver", None): "no",
+        ("is the {organ} normal ?", "spleen", None): "yes",
+        ("which organ has a lesion ?", "", None): "right lung , liver",
+        ("are there any focal findings ?", "", None): "yes",
+    }
+    for (template, organ, kind), answer in expected.items():
+        assert answer_from_findings(template, organ, kind, found) == answer, (template, organ)
+    normal = parse_findings("no focal abnormality . impression : normal study .")
+    assert answer_from_findings("are there any focal findings ?", "", None, normal) == "no"
+    assert answer_from_findings("which organ has a lesion ?", "", None, normal) == "none"
+    head = parse_findings("cerebellum : one mass and one cyst . impression : cerebellum mass "
+                          "and cyst .", HEAD_MR)
+    t = "does the {organ} contain a {kind} ?"
+    assert answer_from_findings(t, "cerebellum", "cyst", head, HEAD_MR) == "yes"
+    assert answer_from_findings(t, "cerebellum", "mass", head, HEAD_MR) == "yes"
+    assert answer_from_findings(t, "left cerebral hemisphere", "mass", head, HEAD_MR) == "no"
+    assert answer_from_findings("how many lesions are in the {organ} ?", "cerebellum", None,
+                                head, HEAD_MR) == "two"
+
+
+@pytest.mark.parametrize(("question", "expected"), [
+    ("is the spleen normal", "is the spleen normal ?"),
+    ("  segment the liver ", "segment the liver ."),
+    ("Is there a lesion in the liver?", "Is there a lesion in the liver?"),
+    ("segment the lesions .", "segment the lesions ."),
+    ("", ""),
+])
+def test_a_question_gets_the_closing_mark_training_questions_have(question: str,
+                                                                  expected: str) -> None:
+    assert with_closing_mark(question) == expected

@@ -399,3 +399,40 @@ def test_every_template_answer_follows_the_lesion_counts() -> None:
     for (template, n), answer in expected.items():
         counts = Counter({"liver": n}) if n else Counter()
         assert answer_for(template, "liver", counts) == answer, (template, n)
+
+
+def test_templated_questions_are_answered_as_the_report_says(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The answers never contradict the report; where the model asked alone did, it is said."""
+    scribe = Scribe.load(None)
+    ph = next(p for p in map(make_phantom, range(2_000_000, 2_000_020))
+              if {les.organ for les in p.lesions} == {"liver"})
+    hu, _labels, aff = render_acquisition(ph)
+    enc = scribe.encode(Volume(hu, aff, [SliceRef(f"2.25.{k}", "1.2.840.10008.5.1.4.1.1.2")
+                                         for k in range(hu.shape[0])]))
+    assert "liver" in scribe.lesioned_organs(enc)  # the report's liver finding is kept
+    # typed without its closing mark, a question is the one the model was trained on
+    for q in ("is the spleen normal", "is there a lesion in the liver"):
+        assert scribe.ask(enc, q)[0] == scribe.ask(enc, q + " ?")[0]
+    report_text = "liver : one hypodense lesion . impression : liver lesion ."
+    monkeypatch.setattr(Scribe, "write_text", lambda self, tokens: report_text)
+    monkeypatch.setattr(Scribe, "answer", lambda self, tokens, question: "yes .")
+    questions = ["Is there a lesion in the liver?", "is there a lesion in the spleen ?",
+                 "how many lesions are in the liver ?", "which organ has a lesion ?",
+                 "what is in the liver ?"]
+    got = {a.question: a for a in scribe.generate(enc, questions).answers}
+    agree = got["Is there a lesion in the liver?"]
+    assert (agree.answer, agree.model_answer) == ("Yes.", "Yes.")
+    assert agree.key_slices  # still the liver lesion's slices
+    contradicted = got["is there a lesion in the spleen ?"]
+    assert contradicted.answer.startswith("No. (Asked this alone, the model answered: yes;")
+    assert contradicted.model_answer == "Yes."
+    assert got["how many lesions are in the liver ?"].answer.startswith("One. (")
+    assert got["which organ has a lesion ?"].answer.startswith("Liver. (")
+    free = got["what is in the liver ?"]  # no template: the model's own answer
+    assert (free.answer, free.model_answer) == ("Yes.", None)
+
+    # a text that is no report in the grammar settles nothing: the model answers
+    monkeypatch.setattr(Scribe, "write_text", lambda self, tokens: "liver liver")
+    for a in scribe.generate(enc, questions).answers:
+        assert (a.answer, a.model_answer) == ("Yes.", None)

@@ -88,6 +88,10 @@ class Answer:
     #: what a referring question asked to segment, ``(D, H, W)`` bool on the
     #: source grid (``None``: no mask; see :mod:`tomoscribe.model.segtoken`)
     mask: np.ndarray | None = field(default=None, compare=False, repr=False)
+    #: where :attr:`answer` is taken from the report's findings (a templated
+    #: question about lesions), what the language model answered when asked
+    #: the question alone; ``None`` where :attr:`answer` is the model's own
+    model_answer: str | None = None
 
 
 @dataclass

@@ -17,7 +17,13 @@ A model folder holds ``config.json`` (name, version, network settings) and
 * key slices are the source slices where a finding's segment is largest;
 * each question is answered by the language model after the image tokens
   (and the TG-IS tokens for that question, where the model has the branch);
-  its key images are the slices of what it names (:meth:`Scribe.key_slices_for`).
+  its key images are the slices of what it names (:meth:`Scribe.key_slices_for`);
+* a question the report's findings already answer (one of the templated
+  questions about lesions: "is there a lesion in the liver ?", "how many
+  lesions are in the spleen ?", "which organ has a lesion ?"...) is answered
+  from them, so that the answers never contradict the report; where the
+  language model, asked the question alone, answered otherwise, the answer
+  says so (:meth:`Scribe.answer_from_report`).
 """
 
 from __future__ import annotations
@@ -59,12 +65,16 @@ from tomoscribe.model.text import (
     QUESTION,
     REPORT,
     UNK,
+    ParsedFinding,
     WordTokenizer,
+    answer_from_findings,
     findings_to_text,
     impression_of,
     is_referring,
+    match_template,
     parse_findings,
     sentence_case,
+    with_closing_mark,
     without_sites,
 )
 from tomoscribe.report import Answer, Finding, Report, Segment, named_organ
@@ -465,8 +475,10 @@ class Scribe:
         """Answer ``question``: ``(answer text, TG-IS relevance (D,) or None)``.
 
         The relevance is on the model grid (``None`` for a model without a
-        slice branch); :meth:`key_slices_for` turns it into key images.
+        slice branch); :meth:`key_slices_for` turns it into key images. A
+        question without its closing mark gets one (:func:`with_closing_mark`).
         """
+        question = with_closing_mark(question)
         tokens, relevance = self.prefix(encoded, self.tok.encode(question), blind=blind)
         return self.answer(tokens, question), relevance
 
@@ -515,8 +527,10 @@ class Scribe:
         questions for an organ's lesions that got no mask had answered
         ``<seg>`` and had the lesion segmented there (``/tmp/s17/refer_miss.py``,
         a one-off script, 2026-11-24). When nothing is left the answer is
-        ``none .`` without a mask.
+        ``none .`` without a mask. A question without its closing mark gets
+        one (:func:`with_closing_mark`).
         """
+        question = with_closing_mark(question)
         tokens, _relevance = self.prefix(encoded, self.tok.encode(question), blind=blind)
         prompt = self.question_prompt(question, tokens.shape[1])
         ids = self.net.generate(tokens, prompt, max_new=self.answer_max_new,
@@ -556,6 +570,31 @@ class Scribe:
                 return "none .", None
             mask = snapped
         return text, mask
+
+    def answer_from_report(self, question: str, findings: Sequence[ParsedFinding]
+                           ) -> str | None:
+        """The answer the report gives ``question``, for the SR; ``None`` where it gives none.
+
+        Only the templated questions about lesions
+        (:func:`tomoscribe.model.text.match_template`) are answered here: each
+        is a question the findings settle ("is the liver normal ?": no, the
+        report names a liver lesion). ``findings`` are the report's, after
+        grounding.
+
+        Why not the language model's own answer: asked alone it can contradict
+        the report it wrote (on normal validation phantoms, "yes" to "is
+        there a lesion in the left kidney ?" under a report with no finding),
+        and the report is the better reader: on 120 validation phantoms
+        (2026-11-25, 0.8.0) the closed questions were right in 0.989 of cases
+        answered from the report against 0.976 answered alone, and "which
+        organ has a lesion ?" in 0.942 against 0.892.
+        """
+        matched = match_template(question, self.domain)
+        if matched is None:
+            return None
+        template, organ, kind = matched
+        return sentence_case(answer_from_findings(template, organ, kind, findings, self.domain)
+                             + " .")
 
     def _within_named_organ(self, question: str, mask: np.ndarray, encoded: Encoded
                             ) -> np.ndarray:
@@ -677,6 +716,11 @@ class Scribe:
         else:
             scores = np.full(volume.shape[0], 1.0 / volume.shape[0], dtype=np.float32)
 
+        # the text is a report in the model grammar: findings, or the normal
+        # study's sentence (a brought language model not yet trained may
+        # write neither, and its questions are then its own to answer)
+        reads_back = bool(parsed) or (
+            WordTokenizer.words(text) == WordTokenizer.words(findings_to_text([], self.domain)))
         answers = []
         for q in questions:
             if self.net.segtoken is not None and is_referring(q):
@@ -687,11 +731,17 @@ class Scribe:
                     answers.append(Answer(q, shown, tuple(_key_slices(mask)) if mask.any()
                                           else (), mask))
                     continue
-                _tokens, q_relevance = self.prefix(encoded, self.tok.encode(q), blind=blind)
+                _tokens, q_relevance = self.prefix(
+                    encoded, self.tok.encode(with_closing_mark(q)), blind=blind)
             else:
                 ans, q_relevance = self.ask(encoded, q, blind=blind)
             key_slices = self.key_slices_for(q, findings, label_map, q_relevance, grid)
             text_ans = sentence_case(ans.replace(SEG, " ").strip())
+            from_report = self.answer_from_report(q, parsed) if reads_back else None
+            if from_report is not None:
+                answers.append(Answer(q, _with_model_answer(from_report, text_ans),
+                                      key_slices, model_answer=text_ans or "(no answer)"))
+                continue
             answers.append(Answer(q, text_ans or "(no answer)", key_slices))
 
         impression = sentence_case(impression_of(text)) or "No impression generated."
@@ -708,6 +758,16 @@ class Scribe:
             reads=self.domain.series_label,
             withheld=[sentence_case(pf.sentence) for pf in withheld],
         )
+
+
+def _with_model_answer(answer: str, model_answer: str) -> str:
+    """``answer`` (from the report), with what the model answered alone where it differs."""
+    said = WordTokenizer.words(model_answer.lower())
+    if said == WordTokenizer.words(answer.lower()):
+        return answer
+    shown = model_answer.rstrip(". ") or "nothing"
+    return (f"{answer} (Asked this alone, the model answered: {shown.lower()}; "
+            "this answer follows the report's findings.)")
 
 
 def source_slice_relevance(relevance: np.ndarray, grid: GridMap) -> np.ndarray | None:

@@ -315,6 +315,21 @@ def is_referring(question: str) -> bool:
     return question.strip().lower().startswith("segment")
 
 
+def with_closing_mark(question: str) -> str:
+    """``question`` ending as the training questions end: "?", or "." for a "segment" request.
+
+    A question typed without its closing mark is another sequence to the
+    language model: on the first validation phantoms, "is there a lesion in
+    the liver" was answered "yes" where "is there a lesion in the liver ?"
+    got the right "no", and "segment the liver" got "none ." A question that
+    ends in either mark is left as it is.
+    """
+    q = question.strip()
+    if not q or q[-1] in "?.":
+        return q
+    return f"{q} {'.' if is_referring(q) else '?'}"
+
+
 def refer_answer(template: str, organ: str, counts: Counter[str], organ_present: bool = True
                  ) -> str:
     """Ground-truth answer to a filled referring ``template``: ``<seg> .`` or ``none .``."""
@@ -349,3 +364,61 @@ def answer_for(template: str, organ: str, counts: Counter[str],
     if template.startswith("are there"):
         return "yes" if sum(counts.values()) else "no"
     return "yes" if n else "no"
+
+
+#: per domain name: every :data:`QUESTION_TEMPLATES` question filled in, as
+#: words without the closing mark -> ``(template, organ, kind)``
+_FILLED: dict[str, dict[tuple[str, ...], tuple[str, str, str | None]]] = {}
+
+
+def _question_words(text: str) -> tuple[str, ...]:
+    """Lower-case words and marks of ``text``, without closing "?" or "." marks."""
+    words = re.findall(WORD_PATTERN, text.lower())
+    while words and words[-1] in ("?", "."):
+        words.pop()
+    return tuple(words)
+
+
+def match_template(question: str, domain: Domain = CHEST_ABDOMEN_CT
+                   ) -> tuple[str, str, str | None] | None:
+    """The templated question a free-text ``question`` is: ``(template, organ, kind)``, or ``None``.
+
+    A question matches when its words are those of a :data:`QUESTION_TEMPLATES`
+    entry filled with one of the domain's lesion sites (and, for "does the
+    {organ} contain a {kind} ?", one of the kinds that site holds), case,
+    spacing and the closing "?" aside. ``organ`` is ``""`` for the
+    study-level templates; ``kind`` is ``None`` where the template names none.
+    """
+    filled = _FILLED.get(domain.name)
+    if filled is None:
+        filled = {}
+        for template in QUESTION_TEMPLATES:
+            if "{organ}" not in template:
+                filled[_question_words(template)] = (template, "", None)
+                continue
+            for organ in domain.sites:
+                kinds: tuple[str | None, ...] = (
+                    domain.kinds[organ] if "{kind}" in template else (None,))
+                for kind in kinds:
+                    q = template.format(organ=organ, kind=kind)
+                    filled[_question_words(q)] = (template, organ, kind)
+        _FILLED[domain.name] = filled
+    return filled.get(_question_words(question))
+
+
+def answer_from_findings(template: str, organ: str, kind: str | None,
+                         findings: Sequence[ParsedFinding],
+                         domain: Domain = CHEST_ABDOMEN_CT) -> str:
+    """The answer a report's ``findings`` give to a templated question (model grammar).
+
+    The lesion count of a site is its finding's count; a finding names its
+    kinds (else the site's first kind). Counterpart of :func:`answer_for`,
+    which answers from the ground truth's lesions.
+    """
+    counts: Counter[str] = Counter()
+    kind_counts: Counter[tuple[str, str]] = Counter()
+    for pf in findings:
+        counts[pf.organ] += pf.count
+        for k in pf.kinds or (pf.kind,):
+            kind_counts[(pf.organ, k)] += 1
+    return answer_for(template, organ, counts, domain, kind, kind_counts)
