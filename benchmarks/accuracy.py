@@ -164,7 +164,7 @@ def _yes_no(answer: str) -> str:
 
 def _shown(answer: str) -> str:
     """An answer without the note of what the model answered alone (see ``Scribe.generate``)."""
-    return answer.split(" (Asked this alone", 1)[0]
+    return answer.split(" (Asked this alone", 1)[0].removesuffix(".")
 
 
 #: open templates (scored by exact match and token F1); the others are yes/no
@@ -611,7 +611,9 @@ def main(argv: list[str] | None = None) -> int:
         rows["majority"].add(majority, truth)
         for organ in ORGANS_SCORED:
             rows["majority"].qa_total += 1
-            rows["majority"].qa_right += int((organ in majority) == bool(counts.get(organ)))
+            right = int((organ in majority) == bool(counts.get(organ)))
+            rows["majority"].qa_right += right
+            rows["majority"].qa_right_alone += right
 
         for organ in ORGANS_SCORED:
             lab = ORGAN_LABELS[organ]

@@ -11,7 +11,7 @@ Every key is optional::
       "WorkerUsername": "", "WorkerPassword": "",     // else a plugin-generated token
       "ModelDirectory": "/opt/tomoscribe/model",      // a folder, a model name, or a list
       "ModelVersion": "0.1.0",               // job key; default: see default_model_version
-      "Questions": ["Is there a lesion?"],
+      "Questions": ["Are there any focal findings?"],   // asked of every study
       "Modalities": ["CT", "MR"],           // and only what the model reads (its scope)
       "JobFunction": "operators.app:run_app", // or "/abs/file.py:function"
       "AppConfig": null,                      // config_path passed to the job function

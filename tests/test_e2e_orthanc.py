@@ -299,6 +299,11 @@ def test_real_app_end_to_end(tmp_path: Path) -> None:
         assert sr_text(paths["SR"]).strip(), "the SR has no text"
         texts = sr_text(paths["SR"])
         assert all(q in texts for q in questions), texts
+        # the answer to a templated question is the report's: "Yes" exactly when
+        # a finding sentence names the liver
+        answer = texts.split(questions[0] + " | ", 1)[1]
+        liver_reported = any(t.startswith("Liver:") for t in texts.split(" | "))
+        assert answer.startswith("Yes" if liver_reported else "No"), texts
         qseg = pydicom.dcmread(paths["QSEG"])
         assert [s.SegmentLabel for s in qseg.SegmentSequence] == ["Q2: segment the liver"]
         assert qseg.SOPInstanceUID in sr_references(paths["SR"])

@@ -593,8 +593,7 @@ class Scribe:
         if matched is None:
             return None
         template, organ, kind = matched
-        return sentence_case(answer_from_findings(template, organ, kind, findings, self.domain)
-                             + " .")
+        return sentence_case(answer_from_findings(template, organ, kind, findings, self.domain))
 
     def _within_named_organ(self, question: str, mask: np.ndarray, encoded: Encoded
                             ) -> np.ndarray:
@@ -762,11 +761,13 @@ class Scribe:
 
 def _with_model_answer(answer: str, model_answer: str) -> str:
     """``answer`` (from the report), with what the model answered alone where it differs."""
-    said = WordTokenizer.words(model_answer.lower())
-    if said == WordTokenizer.words(answer.lower()):
+    def words(text: str) -> list[str]:
+        return [w for w in WordTokenizer.words(text) if w != "."]
+
+    if words(model_answer) == words(answer):
         return answer
     shown = model_answer.rstrip(". ") or "nothing"
-    return (f"{answer} (Asked this alone, the model answered: {shown.lower()}; "
+    return (f"{answer}. (Asked this alone, the model answered: {shown.lower()}; "
             "this answer follows the report's findings.)")
 
 
