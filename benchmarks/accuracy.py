@@ -298,6 +298,7 @@ class Extra:
         # answer shown is the report's)
         self.closed_alone: dict[str, list[int]] = {}
         self.open_em_alone: dict[str, list[int]] = {}
+        self.open_f1_alone: dict[str, list[float]] = {}
         self.point_hit = 0
         self.point_n = 0
         self.pointing = Pointing()
@@ -317,8 +318,9 @@ class Extra:
             a = WordTokenizer.words(_shown(answer))
             self.open_em.setdefault(template, []).append(int(a == g))
             self.open_f1.setdefault(template, []).append(token_f1(a, g))
-            self.open_em_alone.setdefault(template, []).append(
-                int(WordTokenizer.words(alone) == g))
+            alone_words = WordTokenizer.words(alone)
+            self.open_em_alone.setdefault(template, []).append(int(alone_words == g))
+            self.open_f1_alone.setdefault(template, []).append(token_f1(alone_words, g))
         else:
             self.closed.setdefault(template, []).append(int(_yes_no(answer) == gold))
             self.closed_alone.setdefault(template, []).append(int(_yes_no(alone) == gold))
@@ -331,6 +333,7 @@ class Extra:
         em_all = [x for v in self.open_em.values() for x in v]
         closed_alone = [x for v in self.closed_alone.values() for x in v]
         em_alone = [x for v in self.open_em_alone.values() for x in v]
+        f1_alone = [x for v in self.open_f1_alone.values() for x in v]
         f1_all = [x for v in self.open_f1.values() for x in v]
         pointing = self.pointing.row()
         return {
@@ -342,6 +345,7 @@ class Extra:
             "closed_vqa_asked_alone_by_template": {t: mean(v)
                                                    for t, v in self.closed_alone.items()},
             "open_vqa_exact_match_asked_alone": mean(em_alone),
+            "open_vqa_token_f1_asked_alone": mean(f1_alone),
             "open_vqa_em_asked_alone_by_template": {t: mean(v)
                                                     for t, v in self.open_em_alone.items()},
             "open_vqa_exact_match": mean(em_all),

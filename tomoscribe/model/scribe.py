@@ -583,11 +583,13 @@ class Scribe:
 
         Why not the language model's own answer: asked alone it can contradict
         the report it wrote (on normal validation phantoms, "yes" to "is
-        there a lesion in the left kidney ?" under a report with no finding),
-        and the report is the better reader: on 120 validation phantoms
-        (2026-11-25, 0.8.0) the closed questions were right in 0.989 of cases
-        answered from the report against 0.976 answered alone, and "which
-        organ has a lesion ?" in 0.942 against 0.892.
+        there a lesion in the left kidney ?" under a report with no finding).
+        Accuracy is about level (``benchmarks/accuracy.py`` scores both;
+        0.8.0, 2026-11-25): on 120 validation phantoms the closed questions
+        were right in 0.989 of cases answered from the report against 0.976
+        answered alone, and "which organ has a lesion ?" in 0.942 against
+        0.892; on 200 test phantoms 0.989 against 0.991, and 0.945 against
+        0.950 (organs the report leaves out and the model, asked, names).
         """
         matched = match_template(question, self.domain)
         if matched is None:
