@@ -16,6 +16,8 @@ from tomoscribe.model.network import NetConfig, ScribeNet
 from tomoscribe.model.preprocess import labels_to_model_grid, prepare
 from tomoscribe.model.scribe import Scribe
 from tomoscribe.model.text import (
+    PARAPHRASES,
+    QUESTION_TEMPLATES,
     VOCAB,
     WordTokenizer,
     answer_for,
@@ -23,6 +25,7 @@ from tomoscribe.model.text import (
     findings_to_text,
     match_template,
     parse_findings,
+    template_question,
     vocabulary,
     with_closing_mark,
 )
@@ -338,6 +341,21 @@ def test_a_question_about_another_domains_structures_is_routed_away() -> None:
     (CHEST_ABDOMEN_CT, "Which organ has a lesion?", ("which organ has a lesion ?", "", None)),
     (HEAD_MR, "does the cerebellum contain a mass ?",
      ("does the {organ} contain a {kind} ?", "cerebellum", "mass")),
+    # the same questions in other words
+    (CHEST_ABDOMEN_CT, "Are there lesions in the liver?",
+     ("is there a lesion in the {organ} ?", "liver", None)),
+    (CHEST_ABDOMEN_CT, "does the spleen have a lesion",
+     ("is there a lesion in the {organ} ?", "spleen", None)),
+    (CHEST_ABDOMEN_CT, "Is there a nodule in the right lung?",
+     ("does the {organ} contain a {kind} ?", "right lung", "nodule")),
+    (CHEST_ABDOMEN_CT, "how many nodules are in the left lung ?",
+     ("how many lesions are in the {organ} ?", "left lung", None)),
+    (CHEST_ABDOMEN_CT, "Is there a lesion?", ("are there any focal findings ?", "", None)),
+    (CHEST_ABDOMEN_CT, "where are the lesions?", ("which organ has a lesion ?", "", None)),
+    (HEAD_MR, "is there a cyst in the cerebellum",
+     ("does the {organ} contain a {kind} ?", "cerebellum", "cyst")),
+    # a count of one kind where a site holds two is not the site's count
+    (HEAD_MR, "how many cysts are in the cerebellum ?", None),
     # a kind the site does not hold, a structure that holds no lesion, free text
     (CHEST_ABDOMEN_CT, "does the liver contain a cyst ?", None),
     (CHEST_ABDOMEN_CT, "is the body normal ?", None),
@@ -390,3 +408,25 @@ def test_the_findings_answer_each_templated_question() -> None:
 def test_a_question_gets_the_closing_mark_training_questions_have(question: str,
                                                                   expected: str) -> None:
     assert with_closing_mark(question) == expected
+
+
+@pytest.mark.parametrize("domain", [CHEST_ABDOMEN_CT, HEAD_MR])
+def test_no_two_phrasings_are_taken_for_one_another(domain: Domain) -> None:
+    """Every template and paraphrase, filled in, is matched to what it asks."""
+    asked: list[tuple[str, tuple[str, str, str | None]]] = []
+    for phrasing, template in [(t, t) for t in QUESTION_TEMPLATES] + list(PARAPHRASES.items()):
+        organs = domain.sites if "{organ}" in phrasing else ("",)
+        for organ in organs:
+            single = domain.single_kind(organ) if organ else None
+            if "{kinds}" in phrasing and single is None:
+                continue
+            kinds = domain.kinds[organ] if "{kind}" in phrasing else (None,)
+            for kind in kinds:
+                q = phrasing.format(organ=organ, kind=kind,
+                                    kinds=domain.plural[single] if single else "")
+                asked.append((q, (template, organ, kind if "{kind}" in template else None)))
+    assert len(asked) > len(QUESTION_TEMPLATES) * len(domain.sites)
+    for q, expected in asked:
+        assert match_template(q, domain) == expected, q
+        assert template_question(q, domain) == expected[0].format(
+            organ=expected[1], kind=expected[2])

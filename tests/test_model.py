@@ -432,6 +432,18 @@ def test_templated_questions_are_answered_as_the_report_says(
     free = got["what is in the liver ?"]  # no template: the model's own answer
     assert (free.answer, free.model_answer) == ("Yes.", None)
 
+    # in other words, the same question: the model is asked it in the templates' words
+    asked: list[str] = []
+
+    def answer(self: Scribe, tokens: torch.Tensor, question: str) -> str:
+        asked.append(question)
+        return "yes ."
+
+    monkeypatch.setattr(Scribe, "answer", answer)
+    other = scribe.generate(enc, ["Does the spleen have a lesion?"]).answers[0]
+    assert asked == ["is there a lesion in the spleen ?"]
+    assert other.answer.startswith("No. (Asked this alone, the model answered: yes;")
+
     # a text that is no report in the grammar settles nothing: the model answers
     monkeypatch.setattr(Scribe, "write_text", lambda self, tokens: "liver liver")
     for a in scribe.generate(enc, questions).answers:

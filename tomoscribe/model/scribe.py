@@ -20,10 +20,12 @@ A model folder holds ``config.json`` (name, version, network settings) and
   its key images are the slices of what it names (:meth:`Scribe.key_slices_for`);
 * a question the report's findings already answer (one of the templated
   questions about lesions: "is there a lesion in the liver ?", "how many
-  lesions are in the spleen ?", "which organ has a lesion ?"...) is answered
-  from them, so that the answers never contradict the report; where the
-  language model, asked the question alone, answered otherwise, the answer
-  says so (:meth:`Scribe.answer_from_report`).
+  lesions are in the spleen ?", "which organ has a lesion ?"..., or the same
+  in other words: "does the liver have a lesion?",
+  :data:`~tomoscribe.model.text.PARAPHRASES`) is answered from them, so that
+  the answers never contradict the report; the language model is asked it
+  in the templates' words, and where it answered otherwise, the answer says
+  so (:meth:`Scribe.answer_from_report`).
 """
 
 from __future__ import annotations
@@ -74,6 +76,7 @@ from tomoscribe.model.text import (
     match_template,
     parse_findings,
     sentence_case,
+    template_question,
     with_closing_mark,
     without_sites,
 )
@@ -734,8 +737,9 @@ class Scribe:
                     continue
                 _tokens, q_relevance = self.prefix(
                     encoded, self.tok.encode(with_closing_mark(q)), blind=blind)
-            else:
-                ans, q_relevance = self.ask(encoded, q, blind=blind)
+            else:  # a trained question typed in other words is asked in the templates'
+                ans, q_relevance = self.ask(encoded, template_question(q, self.domain) or q,
+                                            blind=blind)
             key_slices = self.key_slices_for(q, findings, label_map, q_relevance, grid)
             text_ans = sentence_case(ans.replace(SEG, " ").strip())
             from_report = self.answer_from_report(q, parsed) if reads_back else None
