@@ -18,6 +18,8 @@ from tomoscribe.model.scribe import Scribe
 from tomoscribe.model.text import (
     PARAPHRASES,
     QUESTION_TEMPLATES,
+    REFER_PARAPHRASES,
+    REFER_TEMPLATES,
     VOCAB,
     WordTokenizer,
     answer_for,
@@ -25,6 +27,7 @@ from tomoscribe.model.text import (
     findings_to_text,
     match_template,
     parse_findings,
+    refer_question,
     template_question,
     vocabulary,
     with_closing_mark,
@@ -430,3 +433,32 @@ def test_no_two_phrasings_are_taken_for_one_another(domain: Domain) -> None:
         assert match_template(q, domain) == expected, q
         assert template_question(q, domain) == expected[0].format(
             organ=expected[1], kind=expected[2])
+    # and the "segment ..." requests
+    for phrasing, template in [(t, t) for t in REFER_TEMPLATES] + list(REFER_PARAPHRASES.items()):
+        if "{organ}" not in phrasing:
+            assert refer_question(phrasing, domain) == template
+            continue
+        for organ in domain.sites:
+            single = domain.single_kind(organ)
+            if "{kinds}" in phrasing and single is None:
+                continue
+            q = phrasing.format(organ=organ, kinds=domain.plural[single] if single else "")
+            assert refer_question(q, domain) == template.format(organ=organ), q
+
+
+@pytest.mark.parametrize(("domain", "request_", "expected"), [
+    (CHEST_ABDOMEN_CT, "segment liver", "segment the liver ."),
+    (CHEST_ABDOMEN_CT, "Segment the liver lesions.", "segment the lesions in the liver ."),
+    (CHEST_ABDOMEN_CT, "segment the nodules in the right lung",
+     "segment the lesions in the right lung ."),
+    (CHEST_ABDOMEN_CT, "segment all lesions", "segment the lesions ."),
+    (HEAD_MR, "segment lateral ventricles", "segment the lateral ventricles ."),
+    # the region, another domain's organ, one kind of two, a structure with no lesions
+    (CHEST_ABDOMEN_CT, "segment the body", None),
+    (HEAD_MR, "segment the liver", None),
+    (HEAD_MR, "segment the cysts in the cerebellum", None),
+    (HEAD_MR, "segment the lesions in the lateral ventricles", None),
+])
+def test_a_segment_request_is_matched_to_its_template(domain: Domain, request_: str,
+                                                      expected: str | None) -> None:
+    assert refer_question(request_, domain) == expected

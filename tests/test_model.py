@@ -443,6 +443,18 @@ def test_templated_questions_are_answered_as_the_report_says(
     other = scribe.generate(enc, ["Does the spleen have a lesion?"]).answers[0]
     assert asked == ["is there a lesion in the spleen ?"]
     assert other.answer.startswith("No. (Asked this alone, the model answered: yes;")
+    # and a "segment" request, in the referring templates' words
+    requests: list[str] = []
+
+    def refer(self: Scribe, encoded: object, question: str, **kw: object
+              ) -> tuple[str, np.ndarray | None]:
+        requests.append(question)
+        return "none .", None
+
+    monkeypatch.setattr(Scribe, "refer", refer)
+    answers = scribe.generate(enc, ["Segment liver", "segment the liver lesions"]).answers
+    assert requests == ["segment the liver .", "segment the lesions in the liver ."]
+    assert [a.question for a in answers] == ["Segment liver", "segment the liver lesions"]
 
     # a text that is no report in the grammar settles nothing: the model answers
     monkeypatch.setattr(Scribe, "write_text", lambda self, tokens: "liver liver")

@@ -75,6 +75,7 @@ from tomoscribe.model.text import (
     is_referring,
     match_template,
     parse_findings,
+    refer_question,
     sentence_case,
     template_question,
     with_closing_mark,
@@ -728,7 +729,8 @@ class Scribe:
         answers = []
         for q in questions:
             if self.net.segtoken is not None and is_referring(q):
-                ans, mask = self.refer(encoded, q, blind=blind)
+                asked = refer_question(q, self.domain) or q  # in the templates' words
+                ans, mask = self.refer(encoded, asked, blind=blind)
                 if mask is not None:  # the model answered <seg>: the mask is the answer
                     shown = (f"Segmented: {float(mask.sum()) * voxel_ml:.1f} ml."
                              if mask.any() else "Segmented, but the mask is empty.")
@@ -736,7 +738,7 @@ class Scribe:
                                           else (), mask))
                     continue
                 _tokens, q_relevance = self.prefix(
-                    encoded, self.tok.encode(with_closing_mark(q)), blind=blind)
+                    encoded, self.tok.encode(with_closing_mark(asked)), blind=blind)
             else:  # a trained question typed in other words is asked in the templates'
                 ans, q_relevance = self.ask(encoded, template_question(q, self.domain) or q,
                                             blind=blind)
