@@ -16,6 +16,7 @@ from tomoscribe.model.network import NetConfig, ScribeNet
 from tomoscribe.model.preprocess import labels_to_model_grid, prepare
 from tomoscribe.model.scribe import Scribe
 from tomoscribe.model.text import (
+    NEGATIONS,
     PARAPHRASES,
     QUESTION_TEMPLATES,
     REFER_PARAPHRASES,
@@ -25,7 +26,9 @@ from tomoscribe.model.text import (
     answer_for,
     answer_from_findings,
     findings_to_text,
+    flip_yes_no,
     match_template,
+    negates,
     parse_findings,
     refer_question,
     template_question,
@@ -355,6 +358,7 @@ def test_a_question_about_another_domains_structures_is_routed_away() -> None:
      ("how many lesions are in the {organ} ?", "left lung", None)),
     (CHEST_ABDOMEN_CT, "Is there a lesion?", ("are there any focal findings ?", "", None)),
     (CHEST_ABDOMEN_CT, "where are the lesions?", ("which organ has a lesion ?", "", None)),
+    (CHEST_ABDOMEN_CT, "Is the study normal?", ("are there any focal findings ?", "", None)),
     (HEAD_MR, "is there a cyst in the cerebellum",
      ("does the {organ} contain a {kind} ?", "cerebellum", "cyst")),
     # a count of one kind where a site holds two is not the site's count
@@ -417,7 +421,8 @@ def test_a_question_gets_the_closing_mark_training_questions_have(question: str,
 def test_no_two_phrasings_are_taken_for_one_another(domain: Domain) -> None:
     """Every template and paraphrase, filled in, is matched to what it asks."""
     asked: list[tuple[str, tuple[str, str, str | None]]] = []
-    for phrasing, template in [(t, t) for t in QUESTION_TEMPLATES] + list(PARAPHRASES.items()):
+    for phrasing, template in ([(t, t) for t in QUESTION_TEMPLATES] + list(PARAPHRASES.items())
+                               + list(NEGATIONS.items())):
         organs = domain.sites if "{organ}" in phrasing else ("",)
         for organ in organs:
             single = domain.single_kind(organ) if organ else None
@@ -462,3 +467,10 @@ def test_no_two_phrasings_are_taken_for_one_another(domain: Domain) -> None:
 def test_a_segment_request_is_matched_to_its_template(domain: Domain, request_: str,
                                                       expected: str | None) -> None:
     assert refer_question(request_, domain) == expected
+
+
+def test_a_question_that_inverts_its_template_is_told_apart() -> None:
+    assert negates("Is the study normal?") and negates("is this study normal")
+    assert not negates("is the study abnormal ?") and not negates("is the liver normal ?")
+    assert [flip_yes_no(a) for a in ("Yes", "no .", "No. (Asked ...)", "None", "yesterday")] == [
+        "No", "yes .", "Yes. (Asked ...)", "None", "yesterday"]

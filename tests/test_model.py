@@ -440,9 +440,12 @@ def test_templated_questions_are_answered_as_the_report_says(
         return "yes ."
 
     monkeypatch.setattr(Scribe, "answer", answer)
-    other = scribe.generate(enc, ["Does the spleen have a lesion?"]).answers[0]
-    assert asked == ["is there a lesion in the spleen ?"]
+    other, normal = scribe.generate(enc, ["Does the spleen have a lesion?",
+                                          "Is the study normal?"]).answers
+    assert asked == ["is there a lesion in the spleen ?", "are there any focal findings ?"]
     assert other.answer.startswith("No. (Asked this alone, the model answered: yes;")
+    # the opposite of "are there any focal findings ?", for the report and the model alike
+    assert (normal.answer, normal.model_answer) == ("No", "No.")
     # and a "segment" request, in the referring templates' words
     requests: list[str] = []
 

@@ -71,9 +71,11 @@ from tomoscribe.model.text import (
     WordTokenizer,
     answer_from_findings,
     findings_to_text,
+    flip_yes_no,
     impression_of,
     is_referring,
     match_template,
+    negates,
     parse_findings,
     refer_question,
     sentence_case,
@@ -599,7 +601,8 @@ class Scribe:
         if matched is None:
             return None
         template, organ, kind = matched
-        return sentence_case(answer_from_findings(template, organ, kind, findings, self.domain))
+        answer = answer_from_findings(template, organ, kind, findings, self.domain)
+        return sentence_case(flip_yes_no(answer) if negates(question, self.domain) else answer)
 
     def _within_named_organ(self, question: str, mask: np.ndarray, encoded: Encoded
                             ) -> np.ndarray:
@@ -742,6 +745,8 @@ class Scribe:
             else:  # a trained question typed in other words is asked in the templates'
                 ans, q_relevance = self.ask(encoded, template_question(q, self.domain) or q,
                                             blind=blind)
+                if negates(q, self.domain):  # "is the study normal ?": the template's opposite
+                    ans = flip_yes_no(ans)
             key_slices = self.key_slices_for(q, findings, label_map, q_relevance, grid)
             text_ans = sentence_case(ans.replace(SEG, " ").strip())
             from_report = self.answer_from_report(q, parsed) if reads_back else None

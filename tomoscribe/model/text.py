@@ -388,11 +388,23 @@ PARAPHRASES: dict[str, str] = {
     "are there any findings ?": "are there any focal findings ?",
     "any findings ?": "are there any focal findings ?",
     "any focal findings ?": "are there any focal findings ?",
+    "is the study abnormal ?": "are there any focal findings ?",
+    "is this study abnormal ?": "are there any focal findings ?",
+    "is the scan abnormal ?": "are there any focal findings ?",
     "lesions ?": "are there any focal findings ?",
     "which organs have lesions ?": "which organ has a lesion ?",
     "which organs have a lesion ?": "which organ has a lesion ?",
     "which organ has lesions ?": "which organ has a lesion ?",
     "where are the lesions ?": "which organ has a lesion ?",
+}
+
+#: questions whose answer is the opposite of a template's: "is the study
+#: normal ?" is "no" where "are there any focal findings ?" is "yes". Asked
+#: in its own words the model was right in 0.25 of 40 validation phantoms.
+NEGATIONS: dict[str, str] = {
+    "is the study normal ?": "are there any focal findings ?",
+    "is this study normal ?": "are there any focal findings ?",
+    "is the scan normal ?": "are there any focal findings ?",
 }
 
 #: words that do not tell the questions apart, and words matched as another
@@ -443,9 +455,10 @@ def match_template(question: str, domain: Domain = CHEST_ABDOMEN_CT
     :data:`PARAPHRASES`, filled with one of the domain's lesion sites (and,
     where it names a kind, one the site holds), word for word once case,
     articles, plurals and the closing "?" are set aside: "Are there lesions
-    in the liver?" asks "is there a lesion in the liver ?". ``organ`` is
-    ``""`` for the study-level templates; ``kind`` is ``None`` where the
-    template names none.
+    in the liver?" asks "is there a lesion in the liver ?". A question of
+    :data:`NEGATIONS` matches the template whose answer it inverts
+    (:func:`negates` tells). ``organ`` is ``""`` for the study-level
+    templates; ``kind`` is ``None`` where the template names none.
     """
     return _index(domain, referring=False).get(_match_words(question, domain))
 
@@ -459,7 +472,8 @@ def _index(domain: Domain, referring: bool) -> _Index:
     if referring:
         phrasings = [(t, t) for t in REFER_TEMPLATES] + list(REFER_PARAPHRASES.items())
     else:
-        phrasings = [(t, t) for t in QUESTION_TEMPLATES] + list(PARAPHRASES.items())
+        phrasings = ([(t, t) for t in QUESTION_TEMPLATES] + list(PARAPHRASES.items())
+                     + list(NEGATIONS.items()))
     for phrasing, template in phrasings:
         if "{organ}" not in phrasing:
             filled.setdefault(_match_words(phrasing, domain), (template, "", None))
@@ -480,6 +494,24 @@ def _index(domain: Domain, referring: bool) -> _Index:
                                   (template, organ, kind if "{kind}" in template else None))
     _FILLED[(domain.name, referring)] = filled
     return filled
+
+
+def negates(question: str, domain: Domain = CHEST_ABDOMEN_CT) -> bool:
+    """Whether ``question`` asks the opposite of the template it matches (:data:`NEGATIONS`)."""
+    words = _match_words(question, domain)
+    return any(words == _match_words(q, domain) for q in NEGATIONS)
+
+
+def flip_yes_no(answer: str) -> str:
+    """``answer`` with a leading "yes" and "no" swapped (any case); anything else as it is."""
+    m = re.match(r"\s*(yes|no)\b", answer, flags=re.IGNORECASE)
+    if m is None:
+        return answer
+    word = m.group(1)
+    other = "no" if word.lower() == "yes" else "yes"
+    if word[0].isupper():
+        other = other.capitalize()
+    return answer[:m.start(1)] + other + answer[m.end(1):]
 
 
 def template_question(question: str, domain: Domain = CHEST_ABDOMEN_CT) -> str | None:
