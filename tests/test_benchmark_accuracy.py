@@ -103,3 +103,18 @@ def test_retrieval_benchmark_reads_the_models_domain(tmp_path: Path) -> None:
     assert data["domain"] == "mr-head" and data["studies"] == 3
     assert data["distinct_reports"] >= 1
     assert set(data["recall"]) == {"model", "frequency baseline"}
+
+
+def test_questions_benchmark_scores_every_phrasing_both_ways(tmp_path: Path) -> None:
+    out = tmp_path / "q.json"
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "questions.py"), "--n", "1",
+                          "--json", str(out)], capture_output=True, text=True, timeout=600,
+                         cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-2000:]
+    data = json.loads(out.read_text())
+    rows = data["phrasings"]
+    assert "does the {organ} have a lesion ?" in rows and "is the study normal ?" in rows
+    for r in rows.values():
+        assert 0.0 <= r["as_typed"] <= 1.0 and 0.0 <= r["as_answered"] <= 1.0 and r["n"] >= 1
+    assert set(data["summary"]) == {"templates", "templates, loosely", "other words"}
+    assert "all other words" in res.stdout
