@@ -92,6 +92,7 @@ def test_help_and_version_import_nothing_heavy() -> None:
         "    try: main(['--help'])\n"
         "    except SystemExit: pass\n"
         "    main(['version'])\n"
+        "    main(['questions'])\n"
         "print(sorted(m for m in ('torch', 'holoscan', 'monai', 'pydicom') if m in sys.modules))\n"
     )
     proc = _run([sys.executable, "-c", code])
@@ -102,6 +103,22 @@ def test_help_and_version_import_nothing_heavy() -> None:
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["version"]) == 0
     assert capsys.readouterr().out.strip() == f"tomoscribe {__version__}"
+
+
+def test_questions_lists_every_wording_for_the_models_domain(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    assert main(["questions"]) == 0
+    text = capsys.readouterr().out
+    assert "is there a lesion in the {organ} ?" in text and "segment the {organ} ." in text
+    assert "does the {organ} have a lesion ?" in text
+    assert "the opposite: is the study normal ?" in text
+    assert "right kidney" in text and "cerebellum" not in text
+    assert main(["questions", "-m", "head-mr"]) == 0
+    text = capsys.readouterr().out
+    assert "cerebellum" in text and "mass (" in text and "liver" not in text
+    assert main(["questions", "-m", str(tmp_path)]) == EXIT_ERROR  # no config.json there
+    err = capsys.readouterr().err
+    assert err.startswith("tomoscribe: error: cannot read the domain") and err.count("\n") == 1
 
 
 def test_run_help_lists_the_exit_statuses(capsys: pytest.CaptureFixture[str]) -> None:

@@ -3,12 +3,17 @@
 ::
 
     tomoscribe run -i INPUT_DIR -o OUTPUT_DIR [-m MODEL ...] [-q QUESTION ...] [-c CONFIG] [-v]
+    tomoscribe questions [-m MODEL]
     tomoscribe version
 
 ``-m`` takes a packaged model's name (``default``, ``head-mr``) or a model
 folder; repeated, it runs several models, each on the series in its own scope
 (:func:`operators.app.run_app`), and the study is skipped only when none of
 them reads it.
+
+``questions`` lists the questions a model answers from its report, in each
+wording it recognises (what to write in ``-q`` or the plugin's standing
+``Questions``).
 
 ``run`` prints the written files and the report, and exits with status 0. On a
 :class:`~tomoscribe.errors.TomoscribeError` it prints exactly one line,
@@ -33,6 +38,7 @@ from pathlib import Path
 from typing import TextIO
 
 from tomoscribe import __version__
+from tomoscribe.domain import Domain
 from tomoscribe.scope import ModelArg
 
 PROG = "tomoscribe"
@@ -133,6 +139,63 @@ def _cmd_run(args: argparse.Namespace) -> int:
     )
 
 
+def questions_text(domain: Domain) -> str:
+    """What :func:`_cmd_questions` prints for a model of ``domain``."""
+    from tomoscribe.model.text import (
+        NEGATIONS,
+        PARAPHRASES,
+        QUESTION_TEMPLATES,
+        REFER_PARAPHRASES,
+        REFER_TEMPLATES,
+    )
+
+    lines = [f"Questions a model of {domain.description} answers from its report, in the "
+             "templates' words (first) or any other listed:"]
+    for group, other, opposite in ((QUESTION_TEMPLATES, PARAPHRASES, NEGATIONS),
+                                   (REFER_TEMPLATES, REFER_PARAPHRASES, {})):
+        if group is REFER_TEMPLATES:
+            lines.append("Requests answered with a mask (models with a <seg> token):")
+        for template in group:
+            lines.append(f"  {template}")
+            also = [p for p, t in other.items() if t == template]
+            if also:
+                lines.append(f"      also: {' | '.join(also)}")
+            inverse = [p for p, t in opposite.items() if t == template]
+            if inverse:
+                lines.append(f"      the opposite: {' | '.join(inverse)}")
+    kinds = "; ".join(f"{k} ({', '.join(s for s in domain.sites if k in domain.kinds[s])})"
+                      for k in domain.lesion_kinds)
+    more = [s for s in domain.structures[1:] if s not in domain.sites]
+    organs = ", ".join(domain.sites) + (
+        f" (\"segment the {{organ}} .\": also {', '.join(more)})" if more else "")
+    lines += [
+        f"{{organ}}: {organs}",
+        f"{{kind}}: {kinds}",
+        "{kinds}: the kind's plural, where the site holds one kind",
+        "Case, articles, plurals and the closing mark do not matter. Any other question "
+        "goes to the language model as typed, which answers best in the templates' words.",
+    ]
+    return "\n".join(lines)
+
+
+def _cmd_questions(args: argparse.Namespace) -> int:
+    from tomoscribe.errors import TomoscribeError
+    from tomoscribe.scope import read_model_domain, resolve_model
+
+    try:
+        folder = resolve_model(args.model)
+    except TomoscribeError as exc:
+        error_line(exc)
+        return EXIT_ERROR
+    domain = read_model_domain(folder)
+    if domain is None:
+        error_line(f"cannot read the domain of the model in {folder}: its config.json is "
+                   "missing, unreadable or names no known domain")
+        return EXIT_ERROR
+    print(questions_text(domain))
+    return 0
+
+
 def _cmd_version(args: argparse.Namespace) -> int:
     print(f"{PROG} {__version__}")
     return 0
@@ -167,6 +230,16 @@ def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.set_defaults(handler=_cmd_run)
 
 
+def _add_questions(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("questions", help="list the questions a model answers from its report",
+                       description="The questions a model answers from its report, in every "
+                       "wording it recognises: what to write in -q or in the plugin's "
+                       "standing Questions.")
+    p.add_argument("-m", "--model", metavar="MODEL",
+                   help="a packaged model's name or a model folder; default: the default model")
+    p.set_defaults(handler=_cmd_questions)
+
+
 def _add_version(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("version", help="print the version")
     p.set_defaults(handler=_cmd_version)
@@ -175,6 +248,7 @@ def _add_version(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
 #: each adds one subcommand (its parser, with ``handler`` set) to the CLI
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = [
     _add_run,
+    _add_questions,
     _add_version,
 ]
 
