@@ -169,9 +169,11 @@ brought-lm: setup
 encoders: setup
 	$(PY) benchmarks/encoders.py --steps 300
 
-## bench: accuracy of the shipped model vs an image-blind baseline on held-out phantoms
+## bench: accuracy of the shipped model vs an image-blind baseline on held-out phantoms,
+## then every question wording it recognises, as typed and as answered (about 5 min)
 bench: setup
 	$(PY) benchmarks/accuracy.py
+	$(PY) benchmarks/questions.py
 
 ## scope: which studies the shipped model refuses (chest-abdomen CT, with and without Body Part
 ## Examined; head CT without it; head MR with and without it; a torso written as MR), 60 test
