@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -36,5 +37,9 @@ def test_resident_memory_stays_flat_over_studies() -> None:
                           timeout=600, cwd=Path(__file__).parents[1])
     assert proc.returncode == 0, proc.stderr[-2000:]
     rss = [float(v) for v in proc.stdout.split()]
-    # the default allocator grew 240 MiB from the second study to the sixth here; now ~20
-    assert rss[-1] - rss[1] < 80, rss
+    # Without trim_heap, resident memory grew 177 MiB from the second study to the
+    # last three (2026-11-25; 240 MiB when the trim came in). With it, the growth
+    # measured 19-66 MiB over runs of this same code: what glibc keeps after each
+    # study varies with the study's size and the run. The median of the last three
+    # keeps one such study from deciding it (the last study alone once read 82).
+    assert statistics.median(rss[-3:]) - rss[1] < 120, rss
