@@ -193,6 +193,33 @@ def model_scope(settings: Settings) -> tuple[Any, str]:
         return None, " ".join(f"{type(exc).__name__}: {exc}".split())
 
 
+def unrecognised_questions(settings: Settings) -> list[str]:
+    """The standing questions no configured model recognises, one line each for the log.
+
+    A question the model was trained on, or one in other words it matches
+    (``tomoscribe questions`` lists them), is answered from the report or in
+    the templates' words; any other goes to the language model as typed, and
+    may be answered badly: an administrator should hear of it once, at startup.
+    A model whose domain cannot be read here is left to the job to report.
+    """
+    try:
+        from tomoscribe.model.text import is_referring, match_template, refer_question
+        from tomoscribe.scope import read_model_domain
+
+        domains = [d for d in map(read_model_domain, configured_models(settings))
+                   if d is not None]
+    except Exception:  # tomoscribe missing, a broken config: never break Orthanc
+        return []
+    out = []
+    for q in settings.questions:
+        known = refer_question if is_referring(q) else match_template
+        if domains and not any(known(q, d) for d in domains):
+            out.append(f"tomoscribe: the standing question {q!r} is not one the model was "
+                       "trained on, in any wording it recognises (`tomoscribe questions` "
+                       "lists them): the language model answers it as typed")
+    return out
+
+
 def default_model_version(models: Sequence[Path | None] = ()) -> str:
     """The default ``ModelVersion``, the second half of a job's key.
 

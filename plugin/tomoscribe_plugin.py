@@ -69,7 +69,7 @@ class TomoscribePlugin:
     def __init__(self, settings: Settings, authorization: str):
         from jobs import JobStore
         from routes import Routes
-        from settings import model_scope
+        from settings import model_scope, unrecognised_questions
         from supervisor import Supervisor
 
         self.settings = settings
@@ -81,6 +81,8 @@ class TomoscribePlugin:
             models = "the models read" if getattr(self.scope, "members", None) else \
                 "the model reads"
             _log(f"tomoscribe: {models} {self.scope.what()}; other studies are skipped")
+        for line in unrecognised_questions(settings):
+            _log(line)
         self.store = JobStore(settings.db_path, max_attempts=settings.max_attempts)
         self.supervisor = Supervisor(settings, authorization, _log)
         self.routes = Routes(self.store, self.enqueue_study, self.health)

@@ -567,3 +567,32 @@ def test_worker_stops_cleanly_on_signals_in_quick_succession(tmp_path: Path) -> 
                 proc.kill()
     text = log.read_text()
     assert "stopping (SIGTERM)" in text and "Traceback" not in text, text
+
+
+def test_a_standing_question_the_model_does_not_recognise_is_logged_once(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """At startup: a question outside every wording the models match gets one log line.
+
+    The packaged models themselves (their config.json names their domain).
+    """
+    from settings import unrecognised_questions
+
+    asked = ["Are there any focal findings?", "Does the liver have a lesion?",
+             "Segment liver", "Is the brain normal?", "segment the brain"]
+    lines = unrecognised_questions(_settings(tmp_path, Questions=asked))
+    assert [line.split("'")[1] for line in lines] == ["Is the brain normal?",
+                                                      "segment the brain"]
+    assert all("\n" not in line and "tomoscribe questions" in line for line in lines)
+    # with the head model too, a question either model recognises is not logged
+    both = _settings(tmp_path, Questions=asked, ModelDirectory=["default", "head-mr"])
+    assert len(unrecognised_questions(both)) == 2
+    head = ["is there a cyst in the cerebellum ?"]
+    assert unrecognised_questions(_settings(tmp_path, Questions=head)) != []
+    assert unrecognised_questions(_settings(tmp_path, Questions=head,
+                                            ModelDirectory=["default", "head-mr"])) == []
+    # the plugin says so in Orthanc's log when it starts
+    orthanc, plugin = _start_plugin(tmp_path, monkeypatch, Questions=["Any lesion?",
+                                                                      "Is the brain normal?"])
+    plugin.supervisor.stop()
+    said = [line for line in orthanc.logs if "standing question" in line]
+    assert len(said) == 1 and "'Is the brain normal?'" in said[0]
