@@ -37,54 +37,40 @@ from pathlib import Path
 from tomoscribe.domain import CHEST_ABDOMEN_CT, Domain
 from tomoscribe.model.scribe import Scribe
 from tomoscribe.model.text import (
-    NEGATIONS,
-    PARAPHRASES,
-    QUESTION_TEMPLATES,
-    REFER_PARAPHRASES,
-    REFER_TEMPLATES,
+    QuestionMatch,
     WordTokenizer,
     answer_for,
     flip_yes_no,
+    phrasings,
     refer_answer,
 )
 from tomoscribe.phantom import SPLITS, make_phantom, render_acquisition
 from tomoscribe.volume import SliceRef, Volume
 
-#: ``(phrasing, template, negated, referring)`` for every phrasing recognised
-Phrasing = tuple[str, str, bool, bool]
+#: ``(row: the wording with its placeholders, question, what it asks, referring)``
+Item = tuple[str, str, QuestionMatch, bool]
 
 
-def loosely(template: str) -> str:
-    """A template as people type it: capitalised, without "the" and the closing mark."""
-    words = [w for w in template.split() if w != "the"]
+def loosely(text: str) -> str:
+    """A question as people type it: capitalised, without "the" and the closing mark."""
+    words = [w for w in text.split() if w != "the"]
     text = " ".join(words).removesuffix(" ?").removesuffix(" .")
     return text[:1].upper() + text[1:]
 
 
-def phrasings() -> list[Phrasing]:
-    """Every template, each typed loosely, then every other wording of one."""
-    out: list[Phrasing] = [(t, t, False, False) for t in QUESTION_TEMPLATES]
-    out += [(loosely(t), t, False, False) for t in QUESTION_TEMPLATES]
-    out += [(p, t, False, False) for p, t in PARAPHRASES.items()]
-    out += [(p, t, True, False) for p, t in NEGATIONS.items()]
-    out += [(t, t, False, True) for t in REFER_TEMPLATES]
-    out += [(loosely(t), t, False, True) for t in REFER_TEMPLATES]
-    out += [(p, t, False, True) for p, t in REFER_PARAPHRASES.items()]
-    return out
+def items(domain: Domain, referring_too: bool = True) -> list[Item]:
+    """Every recognised wording filled in (:func:`~tomoscribe.model.text.phrasings`).
 
-
-def filled(phrasing: str, domain: Domain) -> list[tuple[str, str]]:
-    """``(question, organ)`` for each lesion site a phrasing can name (``""``: none)."""
-    if "{organ}" not in phrasing:
-        return [(phrasing, "")]
-    out = []
-    for organ in domain.sites:
-        single = domain.single_kind(organ)
-        if "{kinds}" in phrasing and single is None:
-            continue
-        kind = domain.kinds[organ][0]
-        out.append((phrasing.format(organ=organ, kind=kind,
-                                    kinds=domain.plural[single] if single else ""), organ))
+    Per kind of question: the templates, each template typed loosely, then the
+    other wordings.
+    """
+    out: list[Item] = []
+    for referring in (False, True) if referring_too else (False,):
+        filled = list(phrasings(domain, referring))
+        templates = [(p, q, m, referring) for p, q, m in filled if p == m.template]
+        out += templates
+        out += [(loosely(p), loosely(q), m, referring) for p, q, m, _r in templates]
+        out += [(p, q, m, referring) for p, q, m in filled if p != m.template]
     return out
 
 
@@ -116,11 +102,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"questions: the model reads {domain.description}; this benchmark renders "
               f"{CHEST_ABDOMEN_CT.description} phantoms", file=sys.stderr)
         return 2
-    kinds = phrasings()
-    if scribe.net.segtoken is None:  # no mask decoder: no "segment" requests to score
-        kinds = [k for k in kinds if not k[3]]
-    typed: dict[str, list[bool]] = {p: [] for p, *_rest in kinds}
-    answered: dict[str, list[bool]] = {p: [] for p, *_rest in kinds}
+    asked = items(domain, referring_too=scribe.net.segtoken is not None)
+    rows_of = list(dict.fromkeys(row for row, *_rest in asked))  # in order, each once
+    typed: dict[str, list[bool]] = {row: [] for row in rows_of}
+    answered: dict[str, list[bool]] = {row: [] for row in rows_of}
     for i, seed in enumerate(SPLITS[args.split][: args.n]):
         ph = make_phantom(seed)
         hu, _labels, aff = render_acquisition(ph)
@@ -128,47 +113,40 @@ def main(argv: list[str] | None = None) -> int:
                                for k in range(hu.shape[0])])
         enc = scribe.encode(vol, early_refusal=False)
         counts = Counter(les.organ for les in ph.lesions)
-        items: list[tuple[str, str, str, bool]] = []  # (phrasing, question, gold, referring)
-        for phrasing, template, negated, referring in kinds:
-            for question, organ in filled(phrasing, domain):
-                if referring:
-                    gold = refer_answer(template, organ, counts)
-                else:
-                    gold = answer_for(template, organ, counts, domain)
-                    gold = flip_yes_no(gold) if negated else gold
-                items.append((phrasing, question, gold, referring))
-        report = scribe.generate(enc, [q for _p, q, _g, _r in items])
-        for (phrasing, question, gold, referring), ans in zip(items, report.answers,
-                                                             strict=True):
+        report = scribe.generate(enc, [q for _row, q, _m, _r in asked])
+        for (row, question, m, referring), ans in zip(asked, report.answers, strict=True):
             if referring:
-                want_mask = gold.startswith("<seg>")
-                answered[phrasing].append((ans.mask is not None) == want_mask)
-                typed[phrasing].append((scribe.refer(enc, question)[1] is not None) == want_mask)
+                want_mask = refer_answer(m.template, m.organ, counts).startswith("<seg>")
+                answered[row].append((ans.mask is not None) == want_mask)
+                typed[row].append((scribe.refer(enc, question)[1] is not None) == want_mask)
             else:
-                answered[phrasing].append(right(ans.answer, gold))
-                typed[phrasing].append(right(scribe.ask(enc, question)[0], gold))
+                gold = answer_for(m.template, m.organ, counts, domain)
+                gold = flip_yes_no(gold) if m.negated else gold
+                answered[row].append(right(ans.answer, gold))
+                typed[row].append(right(scribe.ask(enc, question)[0], gold))
         if (i + 1) % 10 == 0:
             print(f"  {i + 1}/{args.n} studies", file=sys.stderr, flush=True)
 
     def mean(v: list[bool]) -> float:
         return sum(v) / len(v) if v else float("nan")
 
-    rows = {p: {"template": t, "negated": neg, "referring": ref,
-                "as_typed": mean(typed[p]), "as_answered": mean(answered[p]),
-                "n": len(typed[p])} for p, t, neg, ref in kinds}
+    template_of = {row: m.template for row, _q, m, _r in asked}
+    rows = {row: {"template": template_of[row], "as_typed": mean(typed[row]),
+                  "as_answered": mean(answered[row]), "n": len(typed[row])} for row in rows_of}
     print(f"\n{args.n} phantoms of the {args.split} range, model {scribe.name} {scribe.version}: "
           "each phrasing asked as typed (the language model alone) and as answered "
           "(Scribe.generate)")
     print(f"{'phrasing':<44}{'as typed':>10}{'as answered':>13}{'n':>6}")
-    for p, r in rows.items():
-        print(f"{p:<44}{r['as_typed']:>10.3f}{r['as_answered']:>13.3f}{r['n']:>6}")
-    groups = {"templates": [p for p, t, *_r in kinds if p == t],
-              "templates, loosely": [p for p, t, *_r in kinds if p == loosely(t)],
-              "other words": [p for p, t, *_r in kinds if p not in (t, loosely(t))]}
+    for row, r in rows.items():
+        print(f"{row:<44}{r['as_typed']:>10.3f}{r['as_answered']:>13.3f}{r['n']:>6}")
+    groups = {"templates": [r for r in rows_of if r == template_of[r]],
+              "templates, loosely": [r for r in rows_of if r == loosely(template_of[r])],
+              "other words": [r for r in rows_of
+                              if r not in (template_of[r], loosely(template_of[r]))]}
     summary = {}
-    for name, ps in groups.items():
-        t = [x for p in ps for x in typed[p]]
-        a = [x for p in ps for x in answered[p]]
+    for name, members in groups.items():
+        t = [x for r in members for x in typed[r]]
+        a = [x for r in members for x in answered[r]]
         summary[name] = {"as_typed": mean(t), "as_answered": mean(a), "n": len(t)}
         print(f"{'all ' + name:<44}{mean(t):>10.3f}{mean(a):>13.3f}{len(t):>6}")
     result = {"model": scribe.name, "version": scribe.version, "split": args.split,

@@ -203,7 +203,7 @@ def unrecognised_questions(settings: Settings) -> list[str]:
     A model whose domain cannot be read here is left to the job to report.
     """
     try:
-        from tomoscribe.model.text import is_referring, match_template, refer_question
+        from tomoscribe.model.text import is_referring, match_question
         from tomoscribe.scope import read_model_domain
 
         domains = [d for d in map(read_model_domain, configured_models(settings))
@@ -212,8 +212,8 @@ def unrecognised_questions(settings: Settings) -> list[str]:
         return []
     out = []
     for q in settings.questions:
-        known = refer_question if is_referring(q) else match_template
-        if domains and not any(known(q, d) for d in domains):
+        referring = is_referring(q)
+        if domains and not any(match_question(q, d, referring) for d in domains):
             out.append(f"tomoscribe: the standing question {q!r} is not one the model was "
                        "trained on, in any wording it recognises (`tomoscribe questions` "
                        "lists them): the language model answers it as typed")

@@ -22,16 +22,15 @@ from tomoscribe.model.text import (
     REFER_PARAPHRASES,
     REFER_TEMPLATES,
     VOCAB,
+    QuestionMatch,
     WordTokenizer,
     answer_for,
     answer_from_findings,
     findings_to_text,
     flip_yes_no,
-    match_template,
-    negates,
+    match_question,
     parse_findings,
-    refer_question,
-    template_question,
+    phrasings,
     vocabulary,
     with_closing_mark,
 )
@@ -358,7 +357,8 @@ def test_a_question_about_another_domains_structures_is_routed_away() -> None:
      ("how many lesions are in the {organ} ?", "left lung", None)),
     (CHEST_ABDOMEN_CT, "Is there a lesion?", ("are there any focal findings ?", "", None)),
     (CHEST_ABDOMEN_CT, "where are the lesions?", ("which organ has a lesion ?", "", None)),
-    (CHEST_ABDOMEN_CT, "Is the study normal?", ("are there any focal findings ?", "", None)),
+    (CHEST_ABDOMEN_CT, "Is the study normal?",
+     ("are there any focal findings ?", "", None, True)),
     (HEAD_MR, "is there a cyst in the cerebellum",
      ("does the {organ} contain a {kind} ?", "cerebellum", "cyst")),
     # a count of one kind where a site holds two is not the site's count
@@ -370,8 +370,9 @@ def test_a_question_about_another_domains_structures_is_routed_away() -> None:
     (HEAD_MR, "is there a lesion in the liver ?", None),
 ])
 def test_a_question_is_matched_to_its_template_word_for_word(
-        domain: Domain, question: str, expected: tuple[str, str, str | None] | None) -> None:
-    assert match_template(question, domain) == expected
+        domain: Domain, question: str, expected: tuple[str, ...] | None) -> None:
+    got = match_question(question, domain)
+    assert got == (QuestionMatch(*expected) if expected is not None else None)
 
 
 def test_the_findings_answer_each_templated_question() -> None:
@@ -390,19 +391,23 @@ def test_the_findings_answer_each_templated_question() -> None:
         ("which organ has a lesion ?", "", None): "right lung , liver",
         ("are there any focal findings ?", "", None): "yes",
     }
-    for (template, organ, kind), answer in expected.items():
-        assert answer_from_findings(template, organ, kind, found) == answer, (template, organ)
+    for match, answer in expected.items():
+        assert answer_from_findings(QuestionMatch(*match), found) == answer, match
+    focal = QuestionMatch("are there any focal findings ?", "", None)
+    assert answer_from_findings(focal._replace(negated=True), found) == "no"  # study normal?
     normal = parse_findings("no focal abnormality . impression : normal study .")
-    assert answer_from_findings("are there any focal findings ?", "", None, normal) == "no"
-    assert answer_from_findings("which organ has a lesion ?", "", None, normal) == "none"
+    assert answer_from_findings(focal, normal) == "no"
+    assert answer_from_findings(focal._replace(negated=True), normal) == "yes"
+    assert answer_from_findings(QuestionMatch("which organ has a lesion ?", "", None),
+                                normal) == "none"
     head = parse_findings("cerebellum : one mass and one cyst . impression : cerebellum mass "
                           "and cyst .", HEAD_MR)
     t = "does the {organ} contain a {kind} ?"
-    assert answer_from_findings(t, "cerebellum", "cyst", head, HEAD_MR) == "yes"
-    assert answer_from_findings(t, "cerebellum", "mass", head, HEAD_MR) == "yes"
-    assert answer_from_findings(t, "left cerebral hemisphere", "mass", head, HEAD_MR) == "no"
-    assert answer_from_findings("how many lesions are in the {organ} ?", "cerebellum", None,
-                                head, HEAD_MR) == "two"
+    for site, kind, answer in (("cerebellum", "cyst", "yes"), ("cerebellum", "mass", "yes"),
+                               ("left cerebral hemisphere", "mass", "no")):
+        assert answer_from_findings(QuestionMatch(t, site, kind), head, HEAD_MR) == answer
+    count = QuestionMatch("how many lesions are in the {organ} ?", "cerebellum", None)
+    assert answer_from_findings(count, head, HEAD_MR) == "two"
 
 
 @pytest.mark.parametrize(("question", "expected"), [
@@ -419,36 +424,20 @@ def test_a_question_gets_the_closing_mark_training_questions_have(question: str,
 
 @pytest.mark.parametrize("domain", [CHEST_ABDOMEN_CT, HEAD_MR])
 def test_no_two_phrasings_are_taken_for_one_another(domain: Domain) -> None:
-    """Every template and paraphrase, filled in, is matched to what it asks."""
-    asked: list[tuple[str, tuple[str, str, str | None]]] = []
-    for phrasing, template in ([(t, t) for t in QUESTION_TEMPLATES] + list(PARAPHRASES.items())
-                               + list(NEGATIONS.items())):
-        organs = domain.sites if "{organ}" in phrasing else ("",)
-        for organ in organs:
-            single = domain.single_kind(organ) if organ else None
-            if "{kinds}" in phrasing and single is None:
-                continue
-            kinds = domain.kinds[organ] if "{kind}" in phrasing else (None,)
-            for kind in kinds:
-                q = phrasing.format(organ=organ, kind=kind,
-                                    kinds=domain.plural[single] if single else "")
-                asked.append((q, (template, organ, kind if "{kind}" in template else None)))
-    assert len(asked) > len(QUESTION_TEMPLATES) * len(domain.sites)
-    for q, expected in asked:
-        assert match_template(q, domain) == expected, q
-        assert template_question(q, domain) == expected[0].format(
-            organ=expected[1], kind=expected[2])
-    # and the "segment ..." requests
-    for phrasing, template in [(t, t) for t in REFER_TEMPLATES] + list(REFER_PARAPHRASES.items()):
-        if "{organ}" not in phrasing:
-            assert refer_question(phrasing, domain) == template
-            continue
-        for organ in domain.sites:
-            single = domain.single_kind(organ)
-            if "{kinds}" in phrasing and single is None:
-                continue
-            q = phrasing.format(organ=organ, kinds=domain.plural[single] if single else "")
-            assert refer_question(q, domain) == template.format(organ=organ), q
+    """Every template and other wording, filled in, is matched to what it asks."""
+    for referring, entries in ((False, {**PARAPHRASES, **NEGATIONS}),
+                               (True, REFER_PARAPHRASES)):
+        filled = list(phrasings(domain, referring))
+        templates = REFER_TEMPLATES if referring else QUESTION_TEMPLATES
+        # every entry is filled in for some site, but a "{kinds}" one needs a one-kind site
+        one_kind = any(domain.single_kind(site) for site in domain.sites)
+        assert {p for p, _q, _m in filled} == set(templates) | {
+            p for p in entries if one_kind or "{kinds}" not in p}
+        assert len(filled) > len(templates) * len(domain.sites)
+        for _phrasing, question, match in filled:
+            assert match_question(question, domain, referring) == match, question
+            assert match_question(match.question, domain, referring) == match._replace(
+                negated=False), question  # asked in the template's own words
 
 
 @pytest.mark.parametrize(("domain", "request_", "expected"), [
@@ -466,11 +455,16 @@ def test_no_two_phrasings_are_taken_for_one_another(domain: Domain) -> None:
 ])
 def test_a_segment_request_is_matched_to_its_template(domain: Domain, request_: str,
                                                       expected: str | None) -> None:
-    assert refer_question(request_, domain) == expected
+    match = match_question(request_, domain, referring=True)
+    assert (match.question if match is not None else None) == expected
 
 
 def test_a_question_that_inverts_its_template_is_told_apart() -> None:
-    assert negates("Is the study normal?") and negates("is this study normal")
-    assert not negates("is the study abnormal ?") and not negates("is the liver normal ?")
+    def negated(q: str) -> bool:
+        match = match_question(q)
+        return match is not None and match.negated
+
+    assert negated("Is the study normal?") and negated("is this study normal")
+    assert not negated("is the study abnormal ?") and not negated("is the liver normal ?")
     assert [flip_yes_no(a) for a in ("Yes", "no .", "No. (Asked ...)", "None", "yesterday")] == [
         "No", "yes .", "Yes. (Asked ...)", "None", "yesterday"]

@@ -68,18 +68,16 @@ from tomoscribe.model.text import (
     REPORT,
     UNK,
     ParsedFinding,
+    QuestionMatch,
     WordTokenizer,
     answer_from_findings,
     findings_to_text,
     flip_yes_no,
     impression_of,
     is_referring,
-    match_template,
-    negates,
+    match_question,
     parse_findings,
-    refer_question,
     sentence_case,
-    template_question,
     with_closing_mark,
     without_sites,
 )
@@ -577,15 +575,14 @@ class Scribe:
             mask = snapped
         return text, mask
 
-    def answer_from_report(self, question: str, findings: Sequence[ParsedFinding]
-                           ) -> str | None:
-        """The answer the report gives ``question``, for the SR; ``None`` where it gives none.
+    def answer_from_report(self, match: QuestionMatch, findings: Sequence[ParsedFinding]
+                           ) -> str:
+        """The answer the report gives a trained question, for the SR.
 
-        Only the templated questions about lesions
-        (:func:`tomoscribe.model.text.match_template`) are answered here: each
-        is a question the findings settle ("is the liver normal ?": no, the
-        report names a liver lesion). ``findings`` are the report's, after
-        grounding.
+        The trained questions about lesions, in any wording
+        (:func:`tomoscribe.model.text.match_question`), are questions the
+        findings settle ("is the liver normal ?": no, the report names a liver
+        lesion). ``findings`` are the report's, after grounding.
 
         Why not the language model's own answer: asked alone it can contradict
         the report it wrote (on normal validation phantoms, "yes" to "is
@@ -597,12 +594,7 @@ class Scribe:
         0.892; on 200 test phantoms 0.989 against 0.991, and 0.945 against
         0.950 (organs the report leaves out and the model, asked, names).
         """
-        matched = match_template(question, self.domain)
-        if matched is None:
-            return None
-        template, organ, kind = matched
-        answer = answer_from_findings(template, organ, kind, findings, self.domain)
-        return sentence_case(flip_yes_no(answer) if negates(question, self.domain) else answer)
+        return sentence_case(answer_from_findings(match, findings, self.domain))
 
     def _within_named_organ(self, question: str, mask: np.ndarray, encoded: Encoded
                             ) -> np.ndarray:
@@ -731,8 +723,11 @@ class Scribe:
             WordTokenizer.words(text) == WordTokenizer.words(findings_to_text([], self.domain)))
         answers = []
         for q in questions:
-            if self.net.segtoken is not None and is_referring(q):
-                asked = refer_question(q, self.domain) or q  # in the templates' words
+            referring = self.net.segtoken is not None and is_referring(q)
+            # a trained question typed in other words is asked in the template's
+            matched = match_question(q, self.domain, referring=referring)
+            asked = matched.question if matched is not None else q
+            if referring:
                 ans, mask = self.refer(encoded, asked, blind=blind)
                 if mask is not None:  # the model answered <seg>: the mask is the answer
                     shown = (f"Segmented: {float(mask.sum()) * voxel_ml:.1f} ml."
@@ -742,15 +737,14 @@ class Scribe:
                     continue
                 _tokens, q_relevance = self.prefix(
                     encoded, self.tok.encode(with_closing_mark(asked)), blind=blind)
-            else:  # a trained question typed in other words is asked in the templates'
-                ans, q_relevance = self.ask(encoded, template_question(q, self.domain) or q,
-                                            blind=blind)
-                if negates(q, self.domain):  # "is the study normal ?": the template's opposite
+            else:
+                ans, q_relevance = self.ask(encoded, asked, blind=blind)
+                if matched is not None and matched.negated:  # "is the study normal ?"
                     ans = flip_yes_no(ans)
             key_slices = self.key_slices_for(q, findings, label_map, q_relevance, grid)
             text_ans = sentence_case(ans.replace(SEG, " ").strip())
-            from_report = self.answer_from_report(q, parsed) if reads_back else None
-            if from_report is not None:
+            if matched is not None and not referring and reads_back:
+                from_report = self.answer_from_report(matched, parsed)
                 answers.append(Answer(q, _with_model_answer(from_report, text_ans),
                                       key_slices, model_answer=text_ans or "(no answer)"))
                 continue

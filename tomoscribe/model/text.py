@@ -29,10 +29,10 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from tomoscribe.domain import CHEST_ABDOMEN_CT, Domain
 
@@ -425,10 +425,65 @@ REFER_PARAPHRASES: dict[str, str] = {
     "segment every lesion .": "segment the lesions .",
 }
 
-_Index = dict[tuple[str, ...], tuple[str, str, str | None]]
-#: per (domain name, question or referring): every template and paraphrase
-#: filled in, as :func:`_match_words` -> ``(template, organ, kind)``
-_FILLED: dict[tuple[str, bool], _Index] = {}
+class QuestionMatch(NamedTuple):
+    """The trained question a free-text question asks (:func:`match_question`).
+
+    ``template`` is a :data:`QUESTION_TEMPLATES` or :data:`REFER_TEMPLATES`
+    entry; ``organ`` the site filled in (``""`` for a study-level template);
+    ``kind`` the kind named (``None`` where the template names none);
+    ``negated``: the question asks the template's opposite (:data:`NEGATIONS`).
+    """
+
+    template: str
+    organ: str
+    kind: str | None
+    negated: bool = False
+
+    @property
+    def question(self) -> str:
+        """The question in the template's own words, as the model was trained on it."""
+        return self.template.format(organ=self.organ, kind=self.kind)
+
+
+def phrasings(domain: Domain, referring: bool = False
+              ) -> Iterator[tuple[str, str, QuestionMatch]]:
+    """Every recognised wording, filled in: ``(phrasing, question, what it asks)``.
+
+    The templates first, then :data:`PARAPHRASES` and :data:`NEGATIONS` (with
+    ``referring``: :data:`REFER_TEMPLATES`, then :data:`REFER_PARAPHRASES`).
+    ``{organ}`` is each lesion site (any structure for "segment the {organ}
+    ." requests), ``{kind}`` each kind the site holds, ``{kinds}`` the plural
+    of a site's one kind (sites with several are left out of those).
+    """
+    if referring:
+        entries = [(t, t, False) for t in REFER_TEMPLATES]
+        entries += [(p, t, False) for p, t in REFER_PARAPHRASES.items()]
+    else:
+        entries = [(t, t, False) for t in QUESTION_TEMPLATES]
+        entries += [(p, t, False) for p, t in PARAPHRASES.items()]
+        entries += [(p, t, True) for p, t in NEGATIONS.items()]
+    for phrasing, template, negated in entries:
+        if "{organ}" not in phrasing:
+            yield phrasing, phrasing, QuestionMatch(template, "", None, negated)
+            continue
+        organs = (domain.structures[1:] if referring and "lesion" not in template
+                  else domain.sites)
+        for organ in organs:
+            single = domain.single_kind(organ)
+            if "{kinds}" in phrasing and single is None:
+                continue  # "how many cysts" is not "how many lesions" there
+            kinds: tuple[str | None, ...] = (
+                domain.kinds[organ] if "{kind}" in phrasing else (None,))
+            for kind in kinds:
+                question = phrasing.format(organ=organ, kind=kind,
+                                           kinds=domain.plural[single] if single else "")
+                yield phrasing, question, QuestionMatch(
+                    template, organ, kind if "{kind}" in template else None, negated)
+
+
+#: per (domain name, referring): :func:`_match_words` of every filled-in
+#: wording -> what it asks (the first wording to give those words wins)
+_FILLED: dict[tuple[str, bool], dict[tuple[str, ...], QuestionMatch]] = {}
 
 
 def _match_words(text: str, domain: Domain) -> tuple[str, ...]:
@@ -448,59 +503,22 @@ def _match_words(text: str, domain: Domain) -> tuple[str, ...]:
     return tuple(_SAME.get(w, w) for w in joined.split() if w not in _DROPPED)
 
 
-def match_template(question: str, domain: Domain = CHEST_ABDOMEN_CT
-                   ) -> tuple[str, str, str | None] | None:
-    """The trained question a free-text ``question`` asks: ``(template, organ, kind)`` or ``None``.
+def match_question(question: str, domain: Domain = CHEST_ABDOMEN_CT,
+                   referring: bool = False) -> QuestionMatch | None:
+    """The trained question (``referring``: "segment ..." request) ``question`` asks, or ``None``.
 
-    A question matches a :data:`QUESTION_TEMPLATES` entry, or one of its
-    :data:`PARAPHRASES`, filled with one of the domain's lesion sites (and,
-    where it names a kind, one the site holds), word for word once case,
-    articles, plurals and the closing "?" are set aside: "Are there lesions
-    in the liver?" asks "is there a lesion in the liver ?". A question of
-    :data:`NEGATIONS` matches the template whose answer it inverts
-    (:func:`negates` tells). ``organ`` is ``""`` for the study-level
-    templates; ``kind`` is ``None`` where the template names none.
+    A question matches a template or one of its other wordings
+    (:func:`phrasings`) word for word once case, articles, plurals and the
+    closing mark are set aside: "Are there lesions in the liver?" asks "is
+    there a lesion in the liver ?", "Segment liver" asks "segment the liver .".
     """
-    return _index(domain, referring=False).get(_match_words(question, domain))
-
-
-def _index(domain: Domain, referring: bool) -> _Index:
-    """The filled-in templates and paraphrases of questions, or of referring requests."""
-    filled = _FILLED.get((domain.name, referring))
-    if filled is not None:
-        return filled
-    filled = {}
-    if referring:
-        phrasings = [(t, t) for t in REFER_TEMPLATES] + list(REFER_PARAPHRASES.items())
-    else:
-        phrasings = ([(t, t) for t in QUESTION_TEMPLATES] + list(PARAPHRASES.items())
-                     + list(NEGATIONS.items()))
-    for phrasing, template in phrasings:
-        if "{organ}" not in phrasing:
-            filled.setdefault(_match_words(phrasing, domain), (template, "", None))
-            continue
-        # "segment the {organ} ." names any structure; the rest, lesion sites
-        organs = (domain.structures[1:] if referring and "lesion" not in template
-                  else domain.sites)
-        for organ in organs:
-            single = domain.single_kind(organ)
-            if "{kinds}" in phrasing and single is None:
-                continue  # "how many cysts" is not "how many lesions" there
-            kinds: tuple[str | None, ...] = (
-                domain.kinds[organ] if "{kind}" in phrasing else (None,))
-            for kind in kinds:
-                q = phrasing.format(organ=organ, kind=kind,
-                                    kinds=domain.plural[single] if single else "")
-                filled.setdefault(_match_words(q, domain),
-                                  (template, organ, kind if "{kind}" in template else None))
-    _FILLED[(domain.name, referring)] = filled
-    return filled
-
-
-def negates(question: str, domain: Domain = CHEST_ABDOMEN_CT) -> bool:
-    """Whether ``question`` asks the opposite of the template it matches (:data:`NEGATIONS`)."""
-    words = _match_words(question, domain)
-    return any(words == _match_words(q, domain) for q in NEGATIONS)
+    index = _FILLED.get((domain.name, referring))
+    if index is None:
+        index = {}
+        for _phrasing, filled, match in phrasings(domain, referring):
+            index.setdefault(_match_words(filled, domain), match)
+        _FILLED[(domain.name, referring)] = index
+    return index.get(_match_words(question, domain))
 
 
 def flip_yes_no(answer: str) -> str:
@@ -515,41 +533,14 @@ def flip_yes_no(answer: str) -> str:
     return answer[:m.start(1)] + other + answer[m.end(1):]
 
 
-def template_question(question: str, domain: Domain = CHEST_ABDOMEN_CT) -> str | None:
-    """The trained question ``question`` asks, in the templates' words, or ``None``.
-
-    "Does the liver have a lesion?" -> "is there a lesion in the liver ?"
-    (:func:`match_template`).
-    """
-    matched = match_template(question, domain)
-    if matched is None:
-        return None
-    template, organ, kind = matched
-    return template.format(organ=organ, kind=kind)
-
-
-def refer_question(question: str, domain: Domain = CHEST_ABDOMEN_CT) -> str | None:
-    """The trained "segment ..." request ``question`` makes, in the templates' words, or ``None``.
-
-    "Segment liver" -> "segment the liver ."; "segment the liver lesions" ->
-    "segment the lesions in the liver ." (:data:`REFER_PARAPHRASES`; matched
-    as :func:`match_template` matches).
-    """
-    matched = _index(domain, referring=True).get(_match_words(question, domain))
-    if matched is None:
-        return None
-    template, organ, _kind = matched
-    return template.format(organ=organ)
-
-
-def answer_from_findings(template: str, organ: str, kind: str | None,
-                         findings: Sequence[ParsedFinding],
+def answer_from_findings(match: QuestionMatch, findings: Sequence[ParsedFinding],
                          domain: Domain = CHEST_ABDOMEN_CT) -> str:
-    """The answer a report's ``findings`` give to a templated question (model grammar).
+    """The answer a report's ``findings`` give to a trained question (model grammar).
 
     The lesion count of a site is its finding's count; a finding names its
-    kinds (else the site's first kind). Counterpart of :func:`answer_for`,
-    which answers from the ground truth's lesions.
+    kinds (else the site's first kind); a negated question gets the
+    template's opposite. Counterpart of :func:`answer_for`, which answers from
+    the ground truth's lesions.
     """
     counts: Counter[str] = Counter()
     kind_counts: Counter[tuple[str, str]] = Counter()
@@ -557,4 +548,5 @@ def answer_from_findings(template: str, organ: str, kind: str | None,
         counts[pf.organ] += pf.count
         for k in pf.kinds or (pf.kind,):
             kind_counts[(pf.organ, k)] += 1
-    return answer_for(template, organ, counts, domain, kind, kind_counts)
+    answer = answer_for(match.template, match.organ, counts, domain, match.kind, kind_counts)
+    return flip_yes_no(answer) if match.negated else answer
