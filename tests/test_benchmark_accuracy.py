@@ -118,3 +118,21 @@ def test_questions_benchmark_scores_every_phrasing_both_ways(tmp_path: Path) -> 
         assert 0.0 <= r["as_typed"] <= 1.0 and 0.0 <= r["as_answered"] <= 1.0 and r["n"] >= 1
     assert set(data["summary"]) == {"templates", "templates, loosely", "other words"}
     assert "all other words" in res.stdout
+
+
+def test_misses_benchmark_puts_every_error_in_one_stage(tmp_path: Path) -> None:
+    out = tmp_path / "m.json"
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "misses.py"), "--n", "3",
+                          "--json", str(out)], capture_output=True, text=True, timeout=600,
+                         cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert set(data["missed"]) == {"not segmented", "under the minimum", "grounded elsewhere",
+                                   "left out by the text"}
+    assert set(data["false"]) == {"another organ's lesion", "false component"}
+    assert data["organs_with_lesions"] > 0  # the first three validation phantoms have lesions
+    missed = [c for c in data["cases"] if c["error"] == "missed"]
+    assert sum(data["missed"].values()) == len(missed)
+    for case in data["cases"]:
+        assert case["cause"] in set(data["missed"]) | set(data["false"])
+    assert "second look" in res.stdout and "missed, by stage" in res.stdout

@@ -164,8 +164,13 @@ def test_a_lesion_in_the_body_beside_an_organ_is_not_the_organs() -> None:
     enc = Encoded(vol, torch.zeros(1, 1, 1), torch.zeros(1, 1, 1, 1, 1), torch.zeros(1, 1, 1),
                   extra={"refined": y})
     assert scribe.lesioned_organs(enc) == {"liver"}
-    _comps, owners = scribe._refined_components(enc)
+    comps, owners = scribe._refined_components(enc)
     assert sorted(owners.values()) == ["liver", "spleen"]
+    # each component's grounding, the body named, on the segments' own labelling
+    same, grounded = scribe.grounded_components(enc)
+    assert same is comps
+    assert {grounded[int(comps[9, 9, 9])], grounded[int(comps[9, 27, 31])]} == {"liver", "body"}
+    assert grounded[int(comps[9, 27, 31])] == "body"
 
 
 def test_a_lesion_ringed_by_body_inside_an_organ_is_the_organs() -> None:

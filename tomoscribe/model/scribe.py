@@ -181,15 +181,31 @@ class Scribe:
         body out, so that such a component still joins the segment of a
         finding the organ has.)
         """
-        _comps, _owners, grounding = self._refined_ownership(encoded)
-        return grounding
+        _comps, grounded = self.grounded_components(encoded)
+        body = self.organ_names.get(BODY_CLASS)
+        return {s for s in grounded.values() if s != body}
+
+    def grounded_components(self, encoded: Encoded) -> tuple[np.ndarray, dict[int, str]]:
+        """The refined lesion components and the structure each is grounded in (computed once).
+
+        Returns ``(components (D, H, W) int32, {component: structure})``:
+        the structure most of the component's :data:`GROUND_RING`-voxel
+        shell belongs to, the body outline included (its name is the body's:
+        a component lying in the body grounds no finding). A component with
+        no labelled voxel around it is not in the map. The components are
+        :meth:`_refined_components`' (the same labelling); error analysis
+        (``benchmarks/misses.py``) reads them to tell why a finding was
+        missed.
+        """
+        comps, _owners, grounded = self._refined_ownership(encoded)
+        return comps, grounded
 
     def _refined_ownership(self, encoded: Encoded
-                           ) -> tuple[np.ndarray, dict[int, str], set[str]]:
+                           ) -> tuple[np.ndarray, dict[int, str], dict[int, str]]:
         """Both ownership rules from one labelling of the refined lesions (cached).
 
         Returns ``(components (D, H, W) int32, {component: organ, two-voxel
-        shell, body left out}, {organs that own a component, GROUND_RING-voxel
+        shell, body left out}, {component: structure, GROUND_RING-voxel
         shell, body counted})``.
         """
         cached = encoded.extra.get("refined_ownership")
@@ -199,17 +215,17 @@ class Scribe:
                                                  list(self.organ_names), voxel_ml,
                                                  ring=GROUND_RING)
             owners: dict[int, str] = {}
-            grounding: set[str] = set()
+            grounded: dict[int, str] = {}
             for c, counts in shells.items():
                 organ = shell_owner(counts, slice(0, 2), exclude=(BODY_CLASS,))
                 if organ is not None:
                     owners[c] = self.organ_names[organ]
                 with_body = shell_owner(counts)
-                if with_body is not None and with_body != BODY_CLASS:
-                    grounding.add(self.organ_names[with_body])
-            cached = (comps, owners, grounding)
+                if with_body is not None and with_body in self.organ_names:
+                    grounded[c] = self.organ_names[with_body]
+            cached = (comps, owners, grounded)
             encoded.extra["refined_ownership"] = cached
-        found: tuple[np.ndarray, dict[int, str], set[str]] = cached
+        found: tuple[np.ndarray, dict[int, str], dict[int, str]] = cached
         return found
 
     def key_slices_for(self, question: str, findings: list[Finding], label_map: np.ndarray,
