@@ -170,10 +170,12 @@ encoders: setup
 	$(PY) benchmarks/encoders.py --steps 300
 
 ## bench: accuracy of the shipped model vs an image-blind baseline on held-out phantoms,
-## then every question wording it recognises, as typed and as answered (about 5 min)
+## then every question wording it recognises, as typed and as answered, then where the
+## findings go wrong on 120 validation phantoms (about 8 min)
 bench: setup
 	$(PY) benchmarks/accuracy.py
 	$(PY) benchmarks/questions.py
+	$(PY) benchmarks/misses.py
 
 ## scope: which studies the shipped model refuses (chest-abdomen CT, with and without Body Part
 ## Examined; head CT without it; head MR with and without it; a torso written as MR), 60 test

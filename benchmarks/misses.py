@@ -32,12 +32,14 @@ organ (most of the lesion's two-voxel shell is another structure: a "right
 lung nodule" inside the liver where the two overlap, a liver lesion mostly
 in the body wall). There the label, not the model, is arguably wrong.
 
-**A second look**, measured, not used: for each organ grounded by a
-component but left out of the text, the language model is asked "is there
-a lesion in the {organ} ?" alone; the table says how often it says yes
-where the organ has a lesion and where it has none. Findings the text
-names and the segmentation does not ground (withheld, ``Report.withheld``)
-are counted too, true and false.
+Where the report itself changed the text, both ways are counted, true and
+false: findings the text names that the segmentation does not ground
+(withheld, ``Report.withheld``), and findings the text left out that the
+report adds because the lesion stands out on the image (the second look,
+``Report.added``). For each organ still grounded by a component but left
+out, the language model is asked "is there a lesion in the {organ} ?"
+alone: how often it says yes where the organ has a lesion and where it has
+none (what taking its own answer as the second look would do).
 """
 
 from __future__ import annotations
@@ -113,6 +115,8 @@ class StudyErrors:
     looks: list[dict[str, object]] = field(default_factory=list)
     withheld_true: list[str] = field(default_factory=list)
     withheld_false: list[str] = field(default_factory=list)
+    added_true: list[str] = field(default_factory=list)
+    added_false: list[str] = field(default_factory=list)
     organs_with_lesions: int = 0
 
 
@@ -126,6 +130,7 @@ def study_errors(scribe: Scribe, seed: int) -> StudyErrors:
     report = scribe.generate(enc)
     named = {f.structure for f in report.findings}
     withheld = {s.split(":", 1)[0].strip().lower() for s in report.withheld}
+    added = {s.split(":", 1)[0].strip().lower() for s in report.added}
     refined_lesion = enc.extra["refined"] == scribe.cfg.lesion_class
     comps, grounded = scribe.grounded_components(enc)
     body = scribe.organ_names[BODY_CLASS]
@@ -176,7 +181,7 @@ def study_errors(scribe: Scribe, seed: int) -> StudyErrors:
             "lesion_of": sorted(others), "component_ml": round(ml, 3),
             "lesion_outside_its_organ": outside})
 
-    # the second look: organs a component grounds that the text leaves out
+    # organs a component grounds that the report still leaves out: the model asked alone
     looks = []
     for organ in sorted({s for s in grounded.values() if s != body} - named):
         answer, _relevance = scribe.ask(enc, f"is there a lesion in the {organ} ?")
@@ -185,7 +190,7 @@ def study_errors(scribe: Scribe, seed: int) -> StudyErrors:
                       "asked_alone": answer.split()[0] if answer.split() else "",
                       "component_ml": round(ml * voxel_ml, 3)})
     return StudyErrors(errors, looks, sorted(withheld & truth), sorted(withheld - truth),
-                       len(truth))
+                       sorted(added & truth), sorted(added - truth), len(truth))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -232,12 +237,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{cause:<26}{len(rows):>6}{outside:>9}")
     withheld_true = sum(len(s.withheld_true) for s in studies)
     withheld_false = sum(len(s.withheld_false) for s in studies)
+    added_true = sum(len(s.added_true) for s in studies)
+    added_false = sum(len(s.added_false) for s in studies)
     print(f"\nwithheld (named by the text, not grounded): {withheld_true} true, "
           f"{withheld_false} false")
+    print(f"added (left out by the text, standing out on the image): {added_true} true, "
+          f"{added_false} false")
     yes_true = sum(bool(x["has_lesion"]) and x["asked_alone"] == "yes" for x in looks)
     yes_false = sum(not x["has_lesion"] and x["asked_alone"] == "yes" for x in looks)
     n_true = sum(bool(x["has_lesion"]) for x in looks)
-    print(f"second look (grounded organs the text leaves out): {len(looks)}, {n_true} with a "
+    print(f"still left out (grounded organs the report leaves out): {len(looks)}, {n_true} with a "
           f"lesion; asked alone, the model says yes to {yes_true} of them and to "
           f"{yes_false} of the {len(looks) - n_true} without")
     print("\ncases:")
@@ -251,7 +260,8 @@ def main(argv: list[str] | None = None) -> int:
         "missed_by_band": {c: dict(by_cause[c]) for c in MISS_CAUSES},
         "false": {c: len([e for e in false if e["cause"] == c]) for c in FALSE_CAUSES},
         "withheld": {"true": withheld_true, "false": withheld_false},
-        "second_look": {"organs": len(looks), "with_lesion": n_true,
+        "added": {"true": added_true, "false": added_false},
+        "still_left_out": {"organs": len(looks), "with_lesion": n_true,
                         "yes_with_lesion": yes_true, "yes_without": yes_false},
         "cases": errors, "looks": looks,
         "wall_seconds": round(time.perf_counter() - wall0, 1),

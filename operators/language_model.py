@@ -66,6 +66,9 @@ class LanguageModelOperator(StepOperator):
         self.state.explanation.extend(
             f"report: withheld, no lesion segmented there: {sentence}"
             for sentence in report.withheld)
+        self.state.explanation.extend(
+            f"report: added, the text left out a lesion that stands out on the image: {sentence}"
+            for sentence in report.added)
         self.state.answers = [(a.question, a.answer) for a in report.answers]
         self.state.answer_slices = [tuple(a.key_slices) for a in report.answers]
         op_output.emit(report, self.OUTPUT)

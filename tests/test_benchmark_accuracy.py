@@ -135,4 +135,6 @@ def test_misses_benchmark_puts_every_error_in_one_stage(tmp_path: Path) -> None:
     assert sum(data["missed"].values()) == len(missed)
     for case in data["cases"]:
         assert case["cause"] in set(data["missed"]) | set(data["false"])
-    assert "second look" in res.stdout and "missed, by stage" in res.stdout
+    assert "missed, by stage" in res.stdout and "still left out" in res.stdout
+    assert "added (left out" in res.stdout
+    assert set(data["added"]) == {"true", "false"}

@@ -20,6 +20,7 @@ from tomoscribe.model.text import (
     impression_of,
     parse_findings,
     sentence_case,
+    with_findings,
     without_sites,
 )
 from tomoscribe.phantom import make_phantom, render_acquisition
@@ -95,6 +96,22 @@ def test_without_sites_drops_a_finding_and_its_impression_item() -> None:
         "liver : one hypodense lesion . impression : liver .")
 
 
+def test_with_findings_adds_a_site_in_report_order() -> None:
+    lesions = [("right lung", "nodule"), ("liver", "hypodense lesion"),
+               ("left kidney", "cyst"), ("left kidney", "cyst")]
+    for k in range(len(lesions)):  # any one site left out comes back where it belongs
+        site = lesions[k][0]
+        shorter = findings_to_text([les for les in lesions if les[0] != site])
+        back = [les for les in lesions if les[0] == site]
+        assert with_findings(shorter, back) == findings_to_text(lesions)
+    text = findings_to_text(lesions)
+    assert with_findings(text, [("liver", "hypodense lesion")]) == text  # named: its own words
+    assert with_findings(findings_to_text([]), [("spleen", "hypodense lesion")]) == (
+        findings_to_text([("spleen", "hypodense lesion")]))
+    assert parse_findings(with_findings(text, [("spleen", "hypodense lesion")]))[2].organ == (
+        "spleen")
+
+
 def test_a_finding_the_segmentation_does_not_show_is_withheld(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """The shipped model on a study with a liver lesion, told to write a spleen one too."""
@@ -118,6 +135,61 @@ def test_a_finding_the_segmentation_does_not_show_is_withheld(
     # the image-blind baseline must not see the image through the segmentation
     blind = scribe.generate(enc, blind=True)
     assert extra in {f.structure for f in blind.findings} and not blind.withheld
+
+
+def test_a_lesion_the_text_leaves_out_is_added_where_it_stands_out(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The shipped model, told to leave out an organ with a plain lesion, gets it back."""
+    scribe = Scribe.load(None)
+    ph = next(p for p in map(make_phantom, range(2_000_000, 2_000_020)) if p.lesions)
+    organs = {les.organ for les in ph.lesions}
+    hu, _labels, aff = render_acquisition(ph)
+    enc = scribe.encode(Volume(hu, aff, [SliceRef(f"2.25.{k}", "1.2.840.10008.5.1.4.1.1.2")
+                                         for k in range(hu.shape[0])]))
+    plain = scribe.generate(enc)
+    assert {f.structure for f in plain.findings} == organs and not plain.added
+    left_out = ph.lesions[0].organ
+    shorter = findings_to_text([(les.organ, les.kind) for les in ph.lesions
+                                if les.organ != left_out])
+    monkeypatch.setattr(Scribe, "write_text", lambda self, tokens: shorter)
+    question = f"is there a lesion in the {left_out} ?"
+    report = scribe.generate(enc, [question])
+    assert {f.structure for f in report.findings} == organs
+    assert len(report.added) == 1 and report.added[0].startswith(left_out.capitalize())
+    assert left_out in report.impression.lower()
+    mine = next(f for f in report.findings if f.structure == left_out)
+    assert mine.segment is not None and mine.size_mm is not None
+    assert report.answers[0].answer.startswith("Yes")  # the answers follow the report
+    # the image-blind baseline must not see the image through the second look
+    blind = scribe.generate(enc, blind=True)
+    assert left_out not in {f.structure for f in blind.findings} and not blind.added
+
+
+def test_the_second_look_adds_a_lesion_only_where_it_differs_from_its_organ() -> None:
+    """A kidney component as dark as a cyst is added; one as dense as the kidney is not."""
+    from tomoscribe.model.api import Encoded
+    from tomoscribe.model.scribe import lesion_contrast
+
+    scribe = Scribe.load(None)
+    rng = np.random.default_rng(0)
+    y = np.ones((24, 48, 48), np.uint8)  # body
+    y[2:22, 2:22, 2:22] = 6  # right kidney
+    y[2:22, 26:46, 26:46] = 7  # left kidney
+    image = rng.normal(30.0, 8.0, y.shape).astype(np.float32)  # kidneys and body alike
+    y[9:13, 9:13, 9:13] = 8  # a cyst in the right kidney: water
+    image[9:13, 9:13, 9:13] = rng.normal(0.0, 8.0, (4, 4, 4))
+    y[9:13, 33:37, 33:37] = 8  # a false component in the left kidney: kidney
+    vol = Volume(image, np.diag([2.0, 2.0, 2.0, 1.0]), [
+        SliceRef(f"2.25.{k}", "1.2.840.10008.5.1.4.1.1.2") for k in range(y.shape[0])])
+    enc = Encoded(vol, torch.zeros(1, 1, 1), torch.zeros(1, 1, 1, 1, 1), torch.zeros(1, 1, 1),
+                  extra={"refined": y})
+    comps, grounded = scribe.grounded_components(enc)
+    cyst, fake = int(comps[10, 10, 10]), int(comps[10, 34, 34])
+    assert grounded[cyst] == "right kidney" and grounded[fake] == "left kidney"
+    assert lesion_contrast(image, comps == cyst, y == 6) < -2.5
+    assert abs(lesion_contrast(image, comps == fake, y == 7)) < 1.0
+    assert scribe.second_look(enc, set()) == [("right kidney", "cyst", cyst)]
+    assert scribe.second_look(enc, {"right kidney"}) == []  # the text named it: nothing to add
 
 
 def test_a_seg_answer_whose_coarse_mask_misses_the_lesions_gets_the_organs_lesions(

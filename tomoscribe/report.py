@@ -117,6 +117,11 @@ class Report:
             which the segmentation shows no lesion; they are not in
             ``findings``, ``text`` or ``impression`` (every finding reported
             has a lesion segment).
+        added: finding sentences the report names that the language model's
+            text left out: a lesion the segmentation shows in that organ that
+            stands out plainly from it on the image
+            (:meth:`tomoscribe.model.scribe.Scribe.second_look`); they are in
+            ``findings``, ``text`` and ``impression`` like the others.
     """
 
     findings: list[Finding]
@@ -130,6 +135,7 @@ class Report:
     model_version: str = "0.1.0"
     reads: str = ""
     withheld: list[str] = field(default_factory=list)
+    added: list[str] = field(default_factory=list)
 
     def segment(self, label: int) -> Segment:
         """Return the segment with this label (``KeyError`` if absent)."""

@@ -281,6 +281,38 @@ def without_sites(text: str, sites: Iterable[str], domain: Domain = CHEST_ABDOME
     return " ".join(pf.sentence for pf in kept) + " impression : " + " , ".join(items) + " ."
 
 
+def with_findings(text: str, lesions: Sequence[tuple[str, str]],
+                  domain: Domain = CHEST_ABDOMEN_CT) -> str:
+    """``text`` (model grammar) with findings for the sites of ``lesions`` it does not name.
+
+    ``lesions`` are ``(site, kind)`` pairs, one per lesion, written as
+    :func:`findings_to_text` writes them; a site ``text`` already names keeps
+    its own sentence. Findings and impression items stay in the domain's
+    site order. A text with no finding (the normal study's sentence) becomes
+    the new findings alone.
+    """
+    kept = parse_findings(text, domain)
+    named = {pf.organ for pf in kept}
+    new = [(site, kind) for site, kind in lesions if site not in named and site in domain.kinds]
+    if not new:
+        return text
+    if not kept:
+        return findings_to_text(new, domain)
+    added = findings_to_text(new, domain)
+    sentences = {pf.organ: pf.sentence for pf in kept}
+    sentences.update({pf.organ: pf.sentence for pf in parse_findings(added, domain)})
+    items = [i.strip() for i in impression_of(text).rstrip(" .").split(",") if i.strip()]
+    items += [i.strip() for i in impression_of(added).rstrip(" .").split(",") if i.strip()]
+
+    def site_order(item: str) -> int:
+        sites = [k for k, site in enumerate(domain.sites)
+                 if item == site or item.startswith(site + " ")]
+        return sites[0] if sites else len(domain.sites)
+
+    body = " ".join(sentences[site] for site in domain.sites if site in sentences)
+    return body + " impression : " + " , ".join(sorted(items, key=site_order)) + " ."
+
+
 def sentence_case(text: str) -> str:
     """Turn the model's token text into readable prose for the SR."""
     text = re.sub(r"\s+([.,:?])", r"\1", text.strip())
