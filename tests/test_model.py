@@ -10,6 +10,7 @@ import torch
 
 import tomoscribe
 from tomoscribe.errors import ModelError
+from tomoscribe.model.api import Encoded
 from tomoscribe.model.dcformer import DCFormerEncoder, DecomposedConv3d
 from tomoscribe.model.network import NetConfig, ScribeNet
 from tomoscribe.model.preprocess import canonical_orientation, labels_to_model_grid, prepare
@@ -23,7 +24,7 @@ from tomoscribe.model.text import (
     with_findings,
     without_sites,
 )
-from tomoscribe.phantom import make_phantom, render_acquisition
+from tomoscribe.phantom import Phantom, make_phantom, render_acquisition
 from tomoscribe.train import make_sample, save_model, seg_loss
 from tomoscribe.volume import SliceRef, Volume
 
@@ -112,15 +113,22 @@ def test_with_findings_adds_a_site_in_report_order() -> None:
         "spleen")
 
 
-def test_a_finding_the_segmentation_does_not_show_is_withheld(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    """The shipped model on a study with a liver lesion, told to write a spleen one too."""
+@pytest.fixture(scope="module")
+def lesion_study() -> tuple[Scribe, Phantom, Encoded]:
+    """The shipped model and the first test phantom with lesions, encoded once."""
     scribe = Scribe.load(None)
     ph = next(p for p in map(make_phantom, range(2_000_000, 2_000_020)) if p.lesions)
-    organs = {les.organ for les in ph.lesions}
     hu, _labels, aff = render_acquisition(ph)
     enc = scribe.encode(Volume(hu, aff, [SliceRef(f"2.25.{k}", "1.2.840.10008.5.1.4.1.1.2")
                                          for k in range(hu.shape[0])]))
+    return scribe, ph, enc
+
+
+def test_a_finding_the_segmentation_does_not_show_is_withheld(
+        lesion_study: tuple[Scribe, Phantom, Encoded], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The shipped model on a study with a liver lesion, told to write a spleen one too."""
+    scribe, ph, enc = lesion_study
+    organs = {les.organ for les in ph.lesions}
     plain = scribe.generate(enc)
     assert {f.structure for f in plain.findings} == organs and not plain.withheld
     extra = next(o for o in ("spleen", "liver", "left kidney") if o not in organs)
@@ -138,14 +146,10 @@ def test_a_finding_the_segmentation_does_not_show_is_withheld(
 
 
 def test_a_lesion_the_text_leaves_out_is_added_where_it_stands_out(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+        lesion_study: tuple[Scribe, Phantom, Encoded], monkeypatch: pytest.MonkeyPatch) -> None:
     """The shipped model, told to leave out an organ with a plain lesion, gets it back."""
-    scribe = Scribe.load(None)
-    ph = next(p for p in map(make_phantom, range(2_000_000, 2_000_020)) if p.lesions)
+    scribe, ph, enc = lesion_study
     organs = {les.organ for les in ph.lesions}
-    hu, _labels, aff = render_acquisition(ph)
-    enc = scribe.encode(Volume(hu, aff, [SliceRef(f"2.25.{k}", "1.2.840.10008.5.1.4.1.1.2")
-                                         for k in range(hu.shape[0])]))
     plain = scribe.generate(enc)
     assert {f.structure for f in plain.findings} == organs and not plain.added
     left_out = ph.lesions[0].organ
