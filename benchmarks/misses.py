@@ -4,9 +4,10 @@
 
 ``benchmarks/accuracy.py`` counts the findings a report gets wrong; this says
 where each went wrong, so that the next change goes to the stage that lost
-it. On each held-out chest-abdomen phantom the model writes its report
-(``Scribe.encode``, ``Scribe.generate``), and each error at organ level is put
-in the first of these stages that explains it:
+it. On each held-out phantom of the model's domain (chest-abdomen CT, or
+head MR for a head model such as ``tomoscribe/weights-head-mr``) the model
+writes its report (``Scribe.encode``, ``Scribe.generate``), and each error
+at organ level is put in the first of these stages that explains it:
 
 A **missed finding** (an organ with lesions the report does not name), from
 the earliest stage to the last, by the furthest stage any of its lesions
@@ -55,17 +56,11 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from tomoscribe.domain import CHEST_ABDOMEN_CT
+from tomoscribe import phantom, phantom_head
+from tomoscribe.domain import CHEST_ABDOMEN_CT, HEAD_MR, Domain
 from tomoscribe.model.refine import BODY_CLASS
 from tomoscribe.model.scribe import Scribe
-from tomoscribe.phantom import (
-    LESION_LABEL,
-    ORGAN_LABELS,
-    SPLITS,
-    Lesion,
-    make_phantom,
-    render_acquisition,
-)
+from tomoscribe.phantom import SPLITS
 from tomoscribe.volume import SliceRef, Volume
 
 #: miss causes, earliest stage first; a missed organ takes the furthest its lesions reached
@@ -73,31 +68,65 @@ MISS_CAUSES = ("not segmented", "under the minimum", "grounded elsewhere",
                "left out by the text")
 FALSE_CAUSES = ("another organ's lesion", "false component")
 BANDS = ((10.0, 15.0), (15.0, 25.0), (25.0, 36.0))
-_NAMES = {v: k for k, v in ORGAN_LABELS.items()}
 
 
-def lesion_masks(lesions: list[Lesion], labels: np.ndarray, aff: np.ndarray
-                 ) -> list[np.ndarray]:
+@dataclass
+class Truth:
+    """One rendered phantom: what the model reads and what it should find.
+
+    ``lesions`` are ``(site, centre (LPS mm), diameter mm)``; ``labels`` the
+    ground-truth label map on the image's grid, whose structures are
+    ``names`` (label: name) and whose lesions are ``lesion_label``.
+    """
+
+    volume: Volume
+    labels: np.ndarray
+    lesions: list[tuple[str, tuple[float, float, float], float]]
+    names: dict[int, str]
+    lesion_label: int
+
+
+def render_truth(domain: Domain, seed: int) -> Truth:
+    """The phantom of ``seed`` for ``domain`` (chest-abdomen CT or head MR), rendered."""
+    if domain == HEAD_MR:
+        hp = phantom_head.make_head_phantom(seed, modality="MR")
+        values, labels, aff = phantom_head.render_head_acquisition(hp)
+        vol = Volume(values * np.float32(hp.scale), aff, [
+            SliceRef(f"2.25.{seed}.{k}", "1.2.840.10008.5.1.4.1.1.4")
+            for k in range(values.shape[0])])
+        return Truth(vol, labels, [(les.site, les.centre, les.diameter_mm) for les in hp.lesions],
+                     {v: k for k, v in phantom_head.STRUCTURE_LABELS.items()},
+                     phantom_head.LESION_LABEL)
+    ph = phantom.make_phantom(seed)
+    hu, labels, aff = phantom.render_acquisition(ph)
+    vol = Volume(hu, aff, [SliceRef(f"2.25.{seed}.{k}", "1.2.840.10008.5.1.4.1.1.2")
+                           for k in range(hu.shape[0])])
+    return Truth(vol, labels, [(les.organ, les.centre, les.diameter_mm) for les in ph.lesions],
+                 {v: k for k, v in phantom.ORGAN_LABELS.items()}, phantom.LESION_LABEL)
+
+
+def lesion_masks(truth: Truth) -> list[np.ndarray]:
     """Each lesion's voxels ``(D, H, W)`` bool: its sphere, where the labels say lesion."""
+    labels, aff = truth.labels, truth.volume.affine
     idx = np.indices(labels.shape, dtype=np.float32).reshape(3, -1)
     world = (aff[:3, :3].astype(np.float32) @ idx + aff[:3, 3:4].astype(np.float32))
-    is_lesion = labels == LESION_LABEL
+    is_lesion = labels == truth.lesion_label
     out = []
-    for les in lesions:
-        d2 = ((world - np.asarray(les.centre, np.float32)[:, None]) ** 2).sum(axis=0)
-        sphere = (d2 <= (les.diameter_mm / 2.0) ** 2).reshape(labels.shape)
+    for _site, centre, diameter in truth.lesions:
+        d2 = ((world - np.asarray(centre, np.float32)[:, None]) ** 2).sum(axis=0)
+        sphere = (d2 <= (diameter / 2.0) ** 2).reshape(labels.shape)
         out.append(sphere & is_lesion)
     return out
 
 
-def lies_in(mask: np.ndarray, labels: np.ndarray) -> str | None:
-    """The structure most of a lesion's two-voxel shell is (body included), or ``None``."""
+def lies_in(mask: np.ndarray, truth: Truth) -> str | None:
+    """The structure most of a lesion's two-voxel shell is (the region included), or ``None``."""
     if not mask.any():
         return None
     shell = ndimage.binary_dilation(mask, iterations=2) & ~mask
-    counts = np.bincount(labels[shell].ravel(), minlength=LESION_LABEL + 1)
-    counts[[0, LESION_LABEL]] = 0
-    return _NAMES.get(int(counts.argmax())) if counts.any() else None
+    counts = np.bincount(truth.labels[shell].ravel(), minlength=truth.lesion_label + 1)
+    counts[[0, truth.lesion_label]] = 0
+    return truth.names.get(int(counts.argmax())) if counts.any() else None
 
 
 def _band(diameter: float) -> str:
@@ -122,10 +151,8 @@ class StudyErrors:
 
 def study_errors(scribe: Scribe, seed: int) -> StudyErrors:
     """Every finding error of one phantom's report, with its cause (see the module docstring)."""
-    ph = make_phantom(seed)
-    hu, labels, aff = render_acquisition(ph)
-    vol = Volume(hu, aff, [SliceRef(f"2.25.{seed}.{k}", "1.2.840.10008.5.1.4.1.1.2")
-                           for k in range(hu.shape[0])])
+    study = render_truth(scribe.domain, seed)
+    vol = study.volume
     enc = scribe.encode(vol, early_refusal=False)
     report = scribe.generate(enc)
     named = {f.structure for f in report.findings}
@@ -135,17 +162,17 @@ def study_errors(scribe: Scribe, seed: int) -> StudyErrors:
     comps, grounded = scribe.grounded_components(enc)
     body = scribe.organ_names[BODY_CLASS]
     voxel_ml = float(np.prod(vol.spacing)) / 1000.0
-    masks = lesion_masks(ph.lesions, labels, aff)
-    truth = {les.organ for les in ph.lesions}
+    masks = lesion_masks(study)
+    truth = {site for site, _c, _d in study.lesions}
     errors: list[dict[str, object]] = []
 
     for organ in sorted(truth - named):
         stage, diameters, outside, where = 0, [], False, set()
-        for les, mask in zip(ph.lesions, masks, strict=True):
-            if les.organ != organ:
+        for (site, _centre, diameter), mask in zip(study.lesions, masks, strict=True):
+            if site != organ:
                 continue
-            diameters.append(round(les.diameter_mm, 1))
-            placed = lies_in(mask, labels)
+            diameters.append(round(diameter, 1))
+            placed = lies_in(mask, study)
             outside |= placed is not None and placed != organ
             if not (refined_lesion & mask).any():
                 continue
@@ -170,10 +197,10 @@ def study_errors(scribe: Scribe, seed: int) -> StudyErrors:
         mine = [c for c, s in grounded.items() if s == organ]
         others = set()
         outside = False
-        for les, mask in zip(ph.lesions, masks, strict=True):
+        for (site, _centre, _diameter), mask in zip(study.lesions, masks, strict=True):
             if mask.any() and np.isin(comps[mask], mine).any():
-                others.add(les.organ)
-                outside |= lies_in(mask, labels) == organ
+                others.add(site)
+                outside |= lies_in(mask, study) == organ
         ml = float(np.isin(comps, mine).sum()) * voxel_ml
         errors.append({
             "seed": seed, "error": "false", "organ": organ,
@@ -204,9 +231,9 @@ def main(argv: list[str] | None = None) -> int:
 
     wall0 = time.perf_counter()
     scribe = Scribe.load(args.model_dir)
-    if scribe.domain != CHEST_ABDOMEN_CT:
+    if scribe.domain not in (CHEST_ABDOMEN_CT, HEAD_MR):
         print(f"misses: the model reads {scribe.domain.description}; this benchmark renders "
-              f"chest-abdomen CT phantoms", file=sys.stderr)
+              f"phantoms of chest-abdomen CT and head MR only", file=sys.stderr)
         return 2
     studies = []
     for i, seed in enumerate(SPLITS[args.split][: args.n]):
@@ -252,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\ncases:")
     for e in errors:
         extra = {k: v for k, v in e.items() if k not in ("seed", "error", "organ", "cause")}
-        print(f"  {e['seed']} {e['error']:<7}{e['organ']:<14}{e['cause']:<24}{extra}")
+        print(f"  {e['seed']} {e['error']:<7}{e['organ']:<26}{e['cause']:<24}{extra}")
     result = {
         "split": args.split, "n": args.n, "model": scribe.version,
         "organs_with_lesions": organs,

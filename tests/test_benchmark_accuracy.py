@@ -138,3 +138,10 @@ def test_misses_benchmark_puts_every_error_in_one_stage(tmp_path: Path) -> None:
     assert "missed, by stage" in res.stdout and "still left out" in res.stdout
     assert "added (left out" in res.stdout
     assert set(data["added"]) == {"true", "false"}
+    # a head MR model is traced on head phantoms
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "misses.py"), "--n", "2",
+                          "--model-dir", str(ROOT / "tomoscribe" / "weights-head-mr"),
+                          "--json", str(out)], capture_output=True, text=True, timeout=600,
+                         cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "head-mr" in json.loads(out.read_text())["model"]
