@@ -59,7 +59,7 @@ from scipy import ndimage
 from tomoscribe import phantom, phantom_head
 from tomoscribe.domain import CHEST_ABDOMEN_CT, HEAD_MR, Domain
 from tomoscribe.model.refine import BODY_CLASS
-from tomoscribe.model.scribe import Scribe
+from tomoscribe.model.scribe import Scribe, lesion_contrast
 from tomoscribe.phantom import SPLITS
 from tomoscribe.volume import SliceRef, Volume
 
@@ -147,6 +147,7 @@ class StudyErrors:
     added_true: list[str] = field(default_factory=list)
     added_false: list[str] = field(default_factory=list)
     organs_with_lesions: int = 0
+    contrasts: list[dict[str, object]] = field(default_factory=list)
 
 
 def study_errors(scribe: Scribe, seed: int) -> StudyErrors:
@@ -161,6 +162,7 @@ def study_errors(scribe: Scribe, seed: int) -> StudyErrors:
     refined_lesion = enc.extra["refined"] == scribe.cfg.lesion_class
     comps, grounded = scribe.grounded_components(enc)
     body = scribe.organ_names[BODY_CLASS]
+    labels_of = {name: label for label, name in scribe.organ_names.items()}
     voxel_ml = float(np.prod(vol.spacing)) / 1000.0
     masks = lesion_masks(study)
     truth = {site for site, _c, _d in study.lesions}
@@ -216,8 +218,20 @@ def study_errors(scribe: Scribe, seed: int) -> StudyErrors:
         looks.append({"seed": seed, "organ": organ, "has_lesion": organ in truth,
                       "asked_alone": answer.split()[0] if answer.split() else "",
                       "component_ml": round(ml * voxel_ml, 3)})
+    # every component grounded in a site: how far it stands out, and whether it is a lesion
+    lesion_voxels = np.any(masks, axis=0) if masks else np.zeros(comps.shape, bool)
+    contrasts = []
+    for c, site in sorted(grounded.items()):
+        if site not in scribe.domain.kinds:
+            continue
+        mine = comps == c
+        organ = enc.extra["refined"] == labels_of[site]
+        contrasts.append({"seed": seed, "site": site,
+                          "kind": scribe.domain.single_kind(site) or "several",
+                          "lesion": bool((mine & lesion_voxels).any()),
+                          "contrast": round(lesion_contrast(vol.voxels, mine, organ), 2)})
     return StudyErrors(errors, looks, sorted(withheld & truth), sorted(withheld - truth),
-                       sorted(added & truth), sorted(added - truth), len(truth))
+                       sorted(added & truth), sorted(added - truth), len(truth), contrasts)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -276,6 +290,35 @@ def main(argv: list[str] | None = None) -> int:
     print(f"still left out (grounded organs the report leaves out): {len(looks)}, {n_true} with a "
           f"lesion; asked alone, the model says yes to {yes_true} of them and to "
           f"{yes_false} of the {len(looks) - n_true} without")
+    contrasts = [x for s in studies for x in s.contrasts]
+    rule = scribe.domain.lesion_contrast
+    print("\ncontrast of the components grounded in a site, in SD of the organ next to them "
+          "(Scribe.second_look's test):")
+    print(f"{'kind':<18}{'threshold':>10}{'lesions':>9}{'passing':>9}{'false':>7}{'passing':>9}"
+          f"{'false, most lesion-like':>25}")
+    summary: dict[str, dict[str, object]] = {}
+    for kind in sorted({str(x["kind"]) for x in contrasts}):
+        rows = [x for x in contrasts if x["kind"] == kind]
+        wanted = rule.get(kind)
+        sign = 1.0 if wanted is None or wanted > 0 else -1.0
+
+        def passes(x: dict[str, object], wanted: float | None = wanted, sign: float = sign
+                   ) -> bool:
+            return wanted is not None and sign * float(str(x["contrast"])) >= abs(wanted)
+
+        true = [x for x in rows if x["lesion"]]
+        false = [x for x in rows if not x["lesion"]]
+        worst = max((sign * float(str(x["contrast"])) for x in false), default=None)
+        summary[kind] = {"threshold": wanted, "lesions": len(true),
+                         "lesions_passing": sum(map(passes, true)), "false": len(false),
+                         "false_passing": sum(map(passes, false)),
+                         "false_most_lesion_like": None if worst is None else sign * worst}
+        shown = "n/a" if wanted is None else f"{wanted:+.1f}"
+        most = "" if worst is None else f"{sign * worst:+.2f}"
+        passing_true = "n/a" if wanted is None else str(summary[kind]["lesions_passing"])
+        passing_false = "n/a" if wanted is None else str(summary[kind]["false_passing"])
+        print(f"{kind:<18}{shown:>10}{len(true):>9}{passing_true:>9}{len(false):>7}"
+              f"{passing_false:>9}{most:>25}")
     print("\ncases:")
     for e in errors:
         extra = {k: v for k, v in e.items() if k not in ("seed", "error", "organ", "cause")}
@@ -290,7 +333,8 @@ def main(argv: list[str] | None = None) -> int:
         "added": {"true": added_true, "false": added_false},
         "still_left_out": {"organs": len(looks), "with_lesion": n_true,
                         "yes_with_lesion": yes_true, "yes_without": yes_false},
-        "cases": errors, "looks": looks,
+        "contrast_by_kind": summary,
+        "cases": errors, "looks": looks, "contrasts": contrasts,
         "wall_seconds": round(time.perf_counter() - wall0, 1),
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -138,6 +138,7 @@ def test_misses_benchmark_puts_every_error_in_one_stage(tmp_path: Path) -> None:
     assert "missed, by stage" in res.stdout and "still left out" in res.stdout
     assert "added (left out" in res.stdout
     assert set(data["added"]) == {"true", "false"}
+    assert "contrast of the components" in res.stdout and "contrasts" in data
     # a head MR model is traced on head phantoms
     res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "misses.py"), "--n", "2",
                           "--model-dir", str(ROOT / "tomoscribe" / "weights-head-mr"),

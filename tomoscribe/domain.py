@@ -132,9 +132,9 @@ CHEST_ABDOMEN_CT = Domain(
     short={"hypodense lesion": "lesion", "nodule": "nodule", "cyst": "cyst"},
     short_plural={"hypodense lesion": "lesions", "nodule": "nodules", "cyst": "cysts"},
     intensity="ct",
-    # chosen on 120 validation phantoms (0.8.0, benchmarks/misses.py and a
-    # one-off contrast script, 2026-11-25): the refiner's false components
-    # in the liver, spleen and kidneys were at most 1.17 SD darker than their
+    # chosen on 120 validation phantoms (0.8.0, the contrast table of
+    # benchmarks/misses.py, 2026-11-25): the refiner's false components in
+    # the liver, spleen and kidneys were at most 1.17 SD darker than their
     # organ, the false ones in a lung at most 2.91 SD brighter, true nodules
     # at least 6.44 brighter
     lesion_contrast={"nodule": 4.0, "hypodense lesion": -1.5, "cyst": -1.5},
