@@ -20,7 +20,8 @@ reached:
   structure (:meth:`~tomoscribe.model.scribe.Scribe.grounded_components`: the
   body outline, or another organ);
 * ``left out by the text``: a component grounded in the organ, but the
-  language model's text does not name the organ.
+  language model's text does not name the organ, and no component there
+  stood out enough for the second look to name it.
 
 A **false finding** (an organ the report names that has no lesion):
 
@@ -41,6 +42,13 @@ report adds because the lesion stands out on the image (the second look,
 out, the language model is asked "is there a lesion in the {organ} ?"
 alone: how often it says yes where the organ has a lesion and where it has
 none (what taking its own answer as the second look would do).
+
+Last, the **contrast** of every component grounded in a site
+(:func:`~tomoscribe.model.scribe.lesion_contrast`), per kind of lesion, for
+the components that touch a lesion and for the others, against the
+domain's threshold (:attr:`~tomoscribe.domain.Domain.lesion_contrast`): the
+figures the second look's thresholds were chosen from, on the validation
+range.
 """
 
 from __future__ import annotations
