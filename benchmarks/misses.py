@@ -66,7 +66,6 @@ from scipy import ndimage
 
 from tomoscribe import phantom, phantom_head
 from tomoscribe.domain import CHEST_ABDOMEN_CT, HEAD_MR, Domain
-from tomoscribe.model.refine import BODY_CLASS
 from tomoscribe.model.scribe import Scribe, lesion_contrast
 from tomoscribe.phantom import SPLITS
 from tomoscribe.volume import SliceRef, Volume
@@ -169,7 +168,6 @@ def study_errors(scribe: Scribe, seed: int) -> StudyErrors:
     added = {s.split(":", 1)[0].strip().lower() for s in report.added}
     refined_lesion = enc.extra["refined"] == scribe.cfg.lesion_class
     comps, grounded = scribe.grounded_components(enc)
-    body = scribe.organ_names[BODY_CLASS]
     labels_of = {name: label for label, name in scribe.organ_names.items()}
     voxel_ml = float(np.prod(vol.spacing)) / 1000.0
     masks = lesion_masks(study)
@@ -220,7 +218,7 @@ def study_errors(scribe: Scribe, seed: int) -> StudyErrors:
 
     # organs a component grounds that the report still leaves out: the model asked alone
     looks = []
-    for organ in sorted({s for s in grounded.values() if s != body} - named):
+    for organ in sorted(scribe.lesioned_organs(enc) - named):
         answer, _relevance = scribe.ask(enc, f"is there a lesion in the {organ} ?")
         ml = float(np.isin(comps, [c for c, s in grounded.items() if s == organ]).sum())
         looks.append({"seed": seed, "organ": organ, "has_lesion": organ in truth,

@@ -273,9 +273,7 @@ def without_sites(text: str, sites: Iterable[str], domain: Domain = CHEST_ABDOME
     kept = [pf for pf in parse_findings(text, domain) if pf.organ not in drop]
     if not kept:
         return findings_to_text([], domain)
-    items = [i.strip() for i in impression_of(text).rstrip(" .").split(",")]
-    items = [i for i in items
-             if i and not any(i == site or i.startswith(site + " ") for site in drop)]
+    items = [i for i in _impression_items(text) if _item_site(i, drop) is None]
     if not items:  # the impression named none of the sites kept: name them
         items = [pf.organ for pf in kept]
     return " ".join(pf.sentence for pf in kept) + " impression : " + " , ".join(items) + " ."
@@ -301,16 +299,24 @@ def with_findings(text: str, lesions: Sequence[tuple[str, str]],
     added = findings_to_text(new, domain)
     sentences = {pf.organ: pf.sentence for pf in kept}
     sentences.update({pf.organ: pf.sentence for pf in parse_findings(added, domain)})
-    items = [i.strip() for i in impression_of(text).rstrip(" .").split(",") if i.strip()]
-    items += [i.strip() for i in impression_of(added).rstrip(" .").split(",") if i.strip()]
+    items = _impression_items(text) + _impression_items(added)
 
     def site_order(item: str) -> int:
-        sites = [k for k, site in enumerate(domain.sites)
-                 if item == site or item.startswith(site + " ")]
-        return sites[0] if sites else len(domain.sites)
+        site = _item_site(item, domain.sites)
+        return domain.sites.index(site) if site is not None else len(domain.sites)
 
     body = " ".join(sentences[site] for site in domain.sites if site in sentences)
     return body + " impression : " + " , ".join(sorted(items, key=site_order)) + " ."
+
+
+def _impression_items(text: str) -> list[str]:
+    """The items of a report's impression ("liver lesion", "right lung nodules"), in order."""
+    return [i.strip() for i in impression_of(text).rstrip(" .").split(",") if i.strip()]
+
+
+def _item_site(item: str, sites: Iterable[str]) -> str | None:
+    """The site an impression item starts with (the first of ``sites`` to match), or ``None``."""
+    return next((site for site in sites if item == site or item.startswith(site + " ")), None)
 
 
 def sentence_case(text: str) -> str:
