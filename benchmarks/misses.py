@@ -240,6 +240,44 @@ def study_errors(scribe: Scribe, seed: int) -> StudyErrors:
                        sorted(added & truth), sorted(added - truth), len(truth), contrasts)
 
 
+def contrast_table(contrasts: list[dict[str, object]], rule: dict[str, float]
+                   ) -> dict[str, dict[str, object]]:
+    """Print, per kind of lesion, how the grounded components' contrast meets the threshold.
+
+    ``contrasts`` are :class:`StudyErrors` ``contrasts`` rows; ``rule`` the
+    domain's thresholds (:attr:`~tomoscribe.domain.Domain.lesion_contrast`).
+    Returns the table, kind by kind, as the JSON holds it.
+    """
+    print("\ncontrast of the components grounded in a site, in SD of the organ next to them "
+          "(Scribe.second_look's test):")
+    print(f"{'kind':<18}{'threshold':>10}{'lesions':>9}{'passing':>9}{'false':>7}{'passing':>9}"
+          f"{'false, most lesion-like':>25}")
+    summary: dict[str, dict[str, object]] = {}
+    for kind in sorted({str(x["kind"]) for x in contrasts}):
+        rows = [x for x in contrasts if x["kind"] == kind]
+        wanted = rule.get(kind)
+        sign = 1.0 if wanted is None or wanted > 0 else -1.0
+
+        def passes(x: dict[str, object], wanted: float | None = wanted, sign: float = sign
+                   ) -> bool:
+            return wanted is not None and sign * float(str(x["contrast"])) >= abs(wanted)
+
+        true = [x for x in rows if x["lesion"]]
+        spurious = [x for x in rows if not x["lesion"]]
+        worst = max((sign * float(str(x["contrast"])) for x in spurious), default=None)
+        summary[kind] = {"threshold": wanted, "lesions": len(true),
+                         "lesions_passing": sum(map(passes, true)), "false": len(spurious),
+                         "false_passing": sum(map(passes, spurious)),
+                         "false_most_lesion_like": None if worst is None else sign * worst}
+        shown = "n/a" if wanted is None else f"{wanted:+.1f}"
+        most = "" if worst is None else f"{sign * worst:+.2f}"
+        passing_true = "n/a" if wanted is None else str(summary[kind]["lesions_passing"])
+        passing_false = "n/a" if wanted is None else str(summary[kind]["false_passing"])
+        print(f"{kind:<18}{shown:>10}{len(true):>9}{passing_true:>9}{len(spurious):>7}"
+              f"{passing_false:>9}{most:>25}")
+    return summary
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -297,34 +335,7 @@ def main(argv: list[str] | None = None) -> int:
           f"lesion; asked alone, the model says yes to {yes_true} of them and to "
           f"{yes_false} of the {len(looks) - n_true} without")
     contrasts = [x for s in studies for x in s.contrasts]
-    rule = scribe.domain.lesion_contrast
-    print("\ncontrast of the components grounded in a site, in SD of the organ next to them "
-          "(Scribe.second_look's test):")
-    print(f"{'kind':<18}{'threshold':>10}{'lesions':>9}{'passing':>9}{'false':>7}{'passing':>9}"
-          f"{'false, most lesion-like':>25}")
-    summary: dict[str, dict[str, object]] = {}
-    for kind in sorted({str(x["kind"]) for x in contrasts}):
-        rows = [x for x in contrasts if x["kind"] == kind]
-        wanted = rule.get(kind)
-        sign = 1.0 if wanted is None or wanted > 0 else -1.0
-
-        def passes(x: dict[str, object], wanted: float | None = wanted, sign: float = sign
-                   ) -> bool:
-            return wanted is not None and sign * float(str(x["contrast"])) >= abs(wanted)
-
-        true = [x for x in rows if x["lesion"]]
-        false = [x for x in rows if not x["lesion"]]
-        worst = max((sign * float(str(x["contrast"])) for x in false), default=None)
-        summary[kind] = {"threshold": wanted, "lesions": len(true),
-                         "lesions_passing": sum(map(passes, true)), "false": len(false),
-                         "false_passing": sum(map(passes, false)),
-                         "false_most_lesion_like": None if worst is None else sign * worst}
-        shown = "n/a" if wanted is None else f"{wanted:+.1f}"
-        most = "" if worst is None else f"{sign * worst:+.2f}"
-        passing_true = "n/a" if wanted is None else str(summary[kind]["lesions_passing"])
-        passing_false = "n/a" if wanted is None else str(summary[kind]["false_passing"])
-        print(f"{kind:<18}{shown:>10}{len(true):>9}{passing_true:>9}{len(false):>7}"
-              f"{passing_false:>9}{most:>25}")
+    summary = contrast_table(contrasts, scribe.domain.lesion_contrast)
     print("\ncases:")
     for e in errors:
         extra = {k: v for k, v in e.items() if k not in ("seed", "error", "organ", "cause")}
