@@ -406,6 +406,37 @@ def test_organ_share_draws_that_fraction_from_an_organs_boxes(
     assert not (tmp_path / "out").exists()
 
 
+def test_small_share_centres_that_fraction_of_patches_on_small_lesions(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from tomoscribe.train_refine import PatchStream, lesion_sizes
+
+    # one box with a large lesion (125 voxels) and a small one (8), one without a lesion
+    y = np.ones((24, 40, 40), dtype=np.uint8)
+    y[2:7, 2:7, 2:7] = LESION
+    y[18:20, 33:35, 33:35] = LESION
+    boxes = [{"x": np.zeros((4, 24, 40, 40), dtype=np.float16), "y": y, "lesion": True,
+              "organ": 3},
+             {"x": np.zeros((4, 24, 40, 40), dtype=np.float16),
+              "y": np.ones((24, 40, 40), dtype=np.uint8), "lesion": False, "organ": 4}]
+    assert sorted(lesion_sizes(boxes[0])) == [8, 125]
+
+    def small_centred(share: float) -> int:
+        stream = PatchStream(boxes, (8, 8, 8), coarse_dropout=0.0, hint_jitter=0.0, seed=2,
+                             small_share=share, small_voxels=40)
+        assert len(stream.small) == 1
+        # an 8-voxel patch centred (within a quarter) on the small lesion holds all of it
+        return sum(int((py == LESION).sum()) == 8
+                   for (_px, py), _ in zip(stream, range(400), strict=False))
+
+    # without the share a quarter of the patches find the small lesion (half centred on a
+    # lesion, half of those on this one); with 0.6, 0.6 + 0.4 / 4 = 0.7
+    assert 60 <= small_centred(0.0) <= 140
+    assert 240 <= small_centred(0.6) <= 320
+    assert main(["--init", str(DEFAULT_MODEL_DIR), "--out", str(tmp_path / "out"),
+                 "--small-share", "1.0", "--steps", "0"]) == 2
+    assert "--small-share" in capsys.readouterr().out
+
+
 def test_flipped_passes_are_flipped_back_and_averaged() -> None:
     from tomoscribe.model.refine import FLIP_SETS, OrganRefiner, box_softmax
 

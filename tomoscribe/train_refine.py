@@ -252,13 +252,24 @@ def refine_loss(logits: torch.Tensor, y: torch.Tensor, lesion_weight: float,
     return loss
 
 
-def patch(box: Box, size: tuple[int, int, int], rng: np.random.Generator
-          ) -> tuple[np.ndarray, np.ndarray]:
+def lesion_sizes(box: Box) -> list[int]:
+    """Voxels of each lesion component of a box's target, in :func:`ndimage.label` order."""
+    from scipy import ndimage
+
+    y = box["y"]
+    assert isinstance(y, np.ndarray)
+    comps, n = ndimage.label(y == LESION)
+    return [int(v) for v in np.bincount(comps.ravel(), minlength=n + 1)[1:]]
+
+
+def patch(box: Box, size: tuple[int, int, int], rng: np.random.Generator,
+          component: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """A training patch of a box (the whole box along axes shorter than ``size``).
 
     Centred (jittered by a quarter patch) on a voxel of one of the box's
     lesions, each lesion as likely as the next whatever its size, when the
-    box has one; anywhere otherwise.
+    box has one (lesion ``component``, numbered as :func:`lesion_sizes`
+    numbers them, when given); anywhere otherwise.
     """
     from scipy import ndimage
 
@@ -267,7 +278,8 @@ def patch(box: Box, size: tuple[int, int, int], rng: np.random.Generator
     shape = y.shape
     if box["lesion"]:
         comps, n = ndimage.label(y == LESION)
-        pts = np.argwhere(comps == int(rng.integers(1, n + 1)))
+        pick = component if component is not None else int(rng.integers(1, n + 1))
+        pts = np.argwhere(comps == pick)
         centre = pts[int(rng.integers(len(pts)))]
     else:
         centre = np.array([int(rng.integers(n)) for n in shape])
@@ -327,8 +339,11 @@ class PatchStream(torch.utils.data.IterableDataset[tuple[torch.Tensor, torch.Ten
     """An endless stream of augmented training patches ``((1, 4, d, h, w), (1, d, h, w))``.
 
     With ``shares`` (organ class -> fraction), that fraction of the patches
-    comes from that organ's boxes, the rest from every box. Half of the
-    patches come from boxes with a lesion (centred on one); each
+    comes from that organ's boxes, the rest from every box. With
+    ``small_share``, that fraction of all patches is centred on a lesion of
+    fewer than ``small_voxels`` voxels (any box's, each such lesion as likely
+    as the next). Half of the
+    other patches come from boxes with a lesion (centred on one); each
     is flipped at random, has its coarse lesion channel zeroed with
     probability ``coarse_dropout`` and its organ hint jittered with
     probability ``hint_jitter``. Run in DataLoader workers (``--loaders``),
@@ -337,8 +352,13 @@ class PatchStream(torch.utils.data.IterableDataset[tuple[torch.Tensor, torch.Ten
     """
 
     def __init__(self, boxes: list[Box], size: tuple[int, int, int], coarse_dropout: float,
-                 hint_jitter: float, seed: int, shares: dict[int, float] | None = None) -> None:
+                 hint_jitter: float, seed: int, shares: dict[int, float] | None = None,
+                 small_share: float = 0.0, small_voxels: int = 40) -> None:
         self.boxes, self.size, self.seed = boxes, size, seed
+        #: (box, lesion component) of every lesion under ``small_voxels`` voxels
+        self.small = [(i, k + 1) for i, b in enumerate(boxes) if b["lesion"]
+                      for k, v in enumerate(lesion_sizes(b)) if v < small_voxels]
+        self.small_share = small_share if self.small else 0.0
         self.coarse_dropout, self.hint_jitter = coarse_dropout, hint_jitter
         self.shares = {c: p for c, p in (shares or {}).items()
                        if any(b["organ"] == c for b in boxes)}
@@ -356,15 +376,24 @@ class PatchStream(torch.utils.data.IterableDataset[tuple[torch.Tensor, torch.Ten
         chance = np.array([max(p, 0.0) for p, _ in groups])
         chance /= chance.sum()
         while True:
+            if self.small_share and rng.random() < self.small_share:
+                i, component = self.small[int(rng.integers(len(self.small)))]
+                x, y = augment(*patch(self.boxes[i], self.size, rng, component), rng)
+                yield self._perturbed(x, rng), y
+                continue
             with_lesion, without = pools[int(rng.choice(len(pools), p=chance))]
             pool = with_lesion if (with_lesion and rng.random() < 0.5) or not without else without
             b = self.boxes[int(pool[int(rng.integers(len(pool)))])]
             x, y = augment(*patch(b, self.size, rng), rng)
-            if rng.random() < self.coarse_dropout:
-                x[:, 3] = 0.0  # no coarse lesion hint: the lesion must come from the image
-            if rng.random() < self.hint_jitter:
-                jitter_hint(x, rng)  # the organ's edge must come from the image
-            yield x, y
+            yield self._perturbed(x, rng), y
+
+    def _perturbed(self, x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+        """The coarse hints of a patch ``(1, 4, d, h, w)`` dropped or jittered, in place."""
+        if rng.random() < self.coarse_dropout:
+            x[:, 3] = 0.0  # no coarse lesion hint: the lesion must come from the image
+        if rng.random() < self.hint_jitter:
+            jitter_hint(x, rng)  # the organ's edge must come from the image
+        return x
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -396,6 +425,10 @@ def main(argv: list[str] | None = None) -> int:
                    metavar=("STRUCTURE", "FRACTION"),
                    help="draw this fraction of the patches from one structure's boxes "
                         "(repeatable; e.g. --organ-share 'right kidney' 0.3)")
+    p.add_argument("--small-share", type=float, default=0.0,
+                   help="share of patches centred on a lesion under --small-voxels voxels")
+    p.add_argument("--small-voxels", type=int, default=40,
+                   help="what --small-share counts as small (40: a 15 mm lesion at 3 x 3 x 5 mm)")
     p.add_argument("--fresh", action="store_true",
                    help="start the refiner from new weights, not from --init's refiner")
     p.add_argument("--seed", type=int, default=0)
@@ -427,6 +460,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"{', '.join(names)} and a fraction between 0 and 1", flush=True)
             return 2
         shares[names[name]] = share
+    if not 0.0 <= args.small_share < 1.0:
+        print(f"error: --small-share {args.small_share}: a fraction from 0 up to 1", flush=True)
+        return 2
     if sum(shares.values()) >= 1.0:
         print("error: the --organ-share fractions must add up to less than 1", flush=True)
         return 2
@@ -459,7 +495,10 @@ def main(argv: list[str] | None = None) -> int:
         step, spent = int(state["step"]), float(state["seconds"])
         print(f"resumed from {ckpt} at step {step}", flush=True)
     stream = PatchStream(boxes, tuple(args.patch), args.coarse_dropout, args.hint_jitter,
-                         args.seed * 1000 + step, shares)
+                         args.seed * 1000 + step, shares, args.small_share, args.small_voxels)
+    if args.small_share:
+        print(f"{len(stream.small)} lesions under {args.small_voxels} voxels, "
+              f"{args.small_share:.0%} of the patches centred on one", flush=True)
     patches = iter(torch.utils.data.DataLoader(
         stream, batch_size=None, num_workers=args.loaders,
         prefetch_factor=4 if args.loaders else None, persistent_workers=bool(args.loaders)))
@@ -482,7 +521,8 @@ def main(argv: list[str] | None = None) -> int:
                         "hint_jitter": args.hint_jitter,
                         "recall_weight": args.recall_weight, "patch": list(args.patch),
                         "fresh": args.fresh, "device": device.type,
-                        "organ_share": {n: float(f) for n, f in args.organ_share}}]
+                        "organ_share": {n: float(f) for n, f in args.organ_share},
+                        "small_share": args.small_share, "small_voxels": args.small_voxels}]
             meta = {k: v for k, v in prior.items()
                     if k not in ("name", "net", "history", "version")}
             save_model(net, args.out, {**meta, "version": args.version, "refine_steps": step,
