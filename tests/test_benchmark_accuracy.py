@@ -133,12 +133,29 @@ def test_misses_benchmark_puts_every_error_in_one_stage(tmp_path: Path) -> None:
     assert data["organs_with_lesions"] > 0  # the first three validation phantoms have lesions
     missed = [c for c in data["cases"] if c["error"] == "missed"]
     assert sum(data["missed"].values()) == len(missed)
+    assert sum(data["false"].values()) == len([c for c in data["cases"] if c["error"] == "false"])
     for case in data["cases"]:
         assert case["cause"] in set(data["missed"]) | set(data["false"])
     assert "missed, by stage" in res.stdout and "still left out" in res.stdout
     assert "added (left out" in res.stdout
     assert set(data["added"]) == {"true", "false"}
     assert "contrast of the components" in res.stdout and "contrasts" in data
+    # the contrast table counts false components apart from the false findings (the JSON's
+    # "false" once took the last kind's false components for the false findings)
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from misses import contrast_table
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    rows: list[dict[str, object]] = [
+        {"kind": "nodule", "lesion": True, "contrast": 9.0},
+        {"kind": "nodule", "lesion": False, "contrast": 4.5},
+        {"kind": "nodule", "lesion": False, "contrast": 1.0},
+        {"kind": "cyst", "lesion": True, "contrast": -1.0}]
+    table = contrast_table(rows, {"nodule": 4.0, "cyst": -1.5})
+    assert table["nodule"] == {"threshold": 4.0, "lesions": 1, "lesions_passing": 1, "false": 2,
+                               "false_passing": 1, "false_most_lesion_like": 4.5}
+    assert table["cyst"]["lesions_passing"] == 0 and table["cyst"]["false"] == 0
     # a head MR model is traced on head phantoms
     res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "misses.py"), "--n", "2",
                           "--model-dir", str(ROOT / "tomoscribe" / "weights-head-mr"),
