@@ -66,7 +66,7 @@ from scipy import ndimage
 
 from tomoscribe import phantom, phantom_head
 from tomoscribe.domain import CHEST_ABDOMEN_CT, HEAD_MR, Domain
-from tomoscribe.model.scribe import Scribe, lesion_contrast
+from tomoscribe.model.scribe import Scribe
 from tomoscribe.phantom import SPLITS
 from tomoscribe.volume import SliceRef, Volume
 
@@ -168,7 +168,6 @@ def study_errors(scribe: Scribe, seed: int) -> StudyErrors:
     added = {s.split(":", 1)[0].strip().lower() for s in report.added}
     refined_lesion = enc.extra["refined"] == scribe.cfg.lesion_class
     comps, grounded = scribe.grounded_components(enc)
-    labels_of = {name: label for label, name in scribe.organ_names.items()}
     voxel_ml = float(np.prod(vol.spacing)) / 1000.0
     masks = lesion_masks(study)
     truth = {site for site, _c, _d in study.lesions}
@@ -230,12 +229,10 @@ def study_errors(scribe: Scribe, seed: int) -> StudyErrors:
     for c, site in sorted(grounded.items()):
         if site not in scribe.domain.kinds:
             continue
-        mine = comps == c
-        organ = enc.extra["refined"] == labels_of[site]
         contrasts.append({"seed": seed, "site": site,
                           "kind": scribe.domain.single_kind(site) or "several",
-                          "lesion": bool((mine & lesion_voxels).any()),
-                          "contrast": round(lesion_contrast(vol.voxels, mine, organ), 2)})
+                          "lesion": bool(lesion_voxels[comps == c].any()),
+                          "contrast": round(scribe.component_contrast(enc, c, site), 2)})
     return StudyErrors(errors, looks, sorted(withheld & truth), sorted(withheld - truth),
                        sorted(added & truth), sorted(added - truth), len(truth), contrasts)
 

@@ -257,24 +257,38 @@ class Scribe:
         no second look.
         """
         rule = self.domain.lesion_contrast
-        refined = encoded.extra.get("refined")
-        if not rule or refined is None:
+        if not rule or "refined" not in encoded.extra:
             return []
-        comps, grounded = self.grounded_components(encoded)
-        labels = {name: label for label, name in self.organ_names.items()}
-        boxes = ndimage.find_objects(comps)
+        _comps, grounded = self.grounded_components(encoded)
         out: list[tuple[str, str, int]] = []
         for c, site in sorted(grounded.items()):
             kind = self.domain.single_kind(site)
-            if site in named or kind is None or kind not in rule or boxes[c - 1] is None:
+            if site in named or kind is None or kind not in rule:
                 continue
-            box = tuple(slice(max(b.start - 3, 0), b.stop + 3) for b in boxes[c - 1])
-            contrast = lesion_contrast(encoded.volume.voxels[box], comps[box] == c,
-                                       refined[box] == labels[site])
+            contrast = self.component_contrast(encoded, c, site)
             wanted = rule[kind]
             if contrast >= wanted if wanted > 0 else contrast <= wanted:
                 out.append((site, kind, c))
         return out
+
+    def component_contrast(self, encoded: Encoded, component: int, site: str) -> float:
+        """:func:`lesion_contrast` of one :meth:`grounded_components` component against ``site``.
+
+        Read in the component's bounding box grown by three voxels, which
+        holds its two-voxel shell: the same figure as on the whole volume.
+        """
+        comps, _grounded = self.grounded_components(encoded)
+        label = next(k for k, name in self.organ_names.items() if name == site)
+        boxes = encoded.extra.get("component_boxes")
+        if boxes is None:
+            boxes = encoded.extra["component_boxes"] = ndimage.find_objects(comps)
+        assert isinstance(boxes, list)
+        found = boxes[component - 1] if component <= len(boxes) else None
+        if found is None:
+            return 0.0
+        box = tuple(slice(max(b.start - 3, 0), b.stop + 3) for b in found)
+        return lesion_contrast(encoded.volume.voxels[box], comps[box] == component,
+                               encoded.extra["refined"][box] == label)
 
     def key_slices_for(self, question: str, findings: list[Finding], label_map: np.ndarray,
                        relevance: np.ndarray | None, grid: GridMap) -> tuple[int, ...]:
