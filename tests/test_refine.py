@@ -23,6 +23,7 @@ from tomoscribe.model.refine import (
     box_shape,
     canonical_spacing,
     coarse_in_box,
+    drop_weak_lesions,
     from_canonical,
     organ_box,
     owned_lesion_stats,
@@ -148,6 +149,51 @@ def test_refined_labels_merge_organs_and_lesions() -> None:
     assert owned.stats == want and sum(n for _ml, n in want.values()) >= 1
     with pytest.raises(ValueError, match="not one of"):
         refine(_Oracle(), hu, spacing, grid, logits, [2], 8, stats_mode="peak")  # type: ignore[arg-type]
+
+
+def test_weak_lesion_components_take_their_next_likeliest_class() -> None:
+    # a box refined at half the source resolution along H and W: two lesion
+    # components, one sure (p 0.9) and one weak (p 0.6), on a background whose
+    # organ/other split differs left and right
+    prob = torch.zeros(3, 2, 4, 4)
+    prob[OTHER] = 0.7
+    prob[ORGAN, :, :, 2:] = 0.7
+    prob[OTHER, :, :, 2:] = 0.1
+    prob[:, 0, 0, 0] = torch.tensor([0.05, 0.05, 0.9])  # sure lesion (other side)
+    prob[:, 1, 3, 3] = torch.tensor([0.1, 0.3, 0.6])  # weak lesion (organ side)
+    pred = np.zeros((2, 8, 8), np.uint8)
+    pred[0, 0:2, 0:2] = LESION
+    pred[1, 6:8, 6:8] = LESION
+    kept = drop_weak_lesions(prob, pred.copy(), 0.0)
+    assert np.array_equal(kept, pred)  # 0: every component stays
+    out = drop_weak_lesions(prob, pred.copy(), 0.7)
+    assert (out[0, 0:2, 0:2] == LESION).all()
+    assert (out[1, 6:8, 6:8] == ORGAN).all()  # the organ is likelier than other there
+    assert (out == LESION).sum() == 4
+    # the threshold compares with the component's mean, not its peak
+    prob[:, 1, 3, 2] = torch.tensor([0.0, 0.0, 1.0])
+    pred[1, 6:8, 4:6] = LESION  # the weak component grows into a sure half: mean 0.8
+    assert (drop_weak_lesions(prob, pred.copy(), 0.7)[1] == LESION).sum() == 8
+    assert (drop_weak_lesions(prob, pred.copy(), 0.85)[1] == LESION).sum() == 0
+
+
+def test_refine_drops_weak_components_only_when_asked() -> None:
+    ph = make_phantom(3, lesion_probability=1.0)
+    hu, _labels, aff = render_acquisition(ph)
+    _x, grid = prepare(hu, aff, (24, 48, 48))
+    logits = torch.zeros(1, 9, 24, 48, 48)
+    logits[:, 3] = 5.0  # the liver everywhere: one box holding the whole volume
+    spacing = tuple(np.linalg.norm(aff[:3, :3], axis=0))
+    plain = refine(_Oracle(), hu, spacing, grid, logits, [3], 8)  # type: ignore[arg-type]
+    # the oracle's logits (0.5, 1 or 0, 2) give its lesions a probability of 0.63-0.74
+    assert (plain.labels == 8).any()
+    kept = refine(_Oracle(), hu, spacing, grid, logits, [3], 8,  # type: ignore[arg-type]
+                  min_lesion_prob=0.6)
+    assert np.array_equal(kept.labels, plain.labels)
+    dropped = refine(_Oracle(), hu, spacing, grid, logits, [3], 8,  # type: ignore[arg-type]
+                     min_lesion_prob=0.8)
+    assert not (dropped.labels == 8).any()
+    assert ((dropped.labels == 3) | (plain.labels != 8)).all()  # the lesion became liver
 
 
 def test_owned_statistics_give_each_lesion_to_one_organ() -> None:

@@ -187,7 +187,8 @@ def _stats_chunk(args: tuple[Path, list[int], str]) -> list[list[tuple[float, fl
             x, grid = prepare(hu, aff, net.cfg.model_shape, net.cfg.the_domain.intensity)
             logits, _dec = net.seg(net.encoder(x), x)
             res = refine(net.refine, hu, tuple(np.linalg.norm(aff[:3, :3], axis=0)), grid,
-                         logits, organs, net.cfg.lesion_class, net.cfg.refine_flips, mode)
+                         logits, organs, net.cfg.lesion_class, net.cfg.refine_flips, mode,
+                         net.cfg.refine_min_lesion_prob)
             rows.append([res.stats[c] for c in organs])
     return rows
 
@@ -204,6 +205,9 @@ def refined_region_stats(init: Path, seeds: list[int], checkpoint: Path,
     align stages of one recipe share them.
     """
     key: dict[str, object] = {"seeds": seeds, "vision": vision_hash(init)}
+    min_prob = load_net(init).cfg.refine_min_lesion_prob
+    if min_prob:  # caches written before the setting existed kept every component
+        key["min_lesion_prob"] = min_prob
     if mode != "rim":  # caches written before the modes existed are "rim"
         key["mode"] = mode
         key["min_lesion_ml"] = MIN_LESION_ML  # "owned" leaves out smaller components

@@ -105,6 +105,10 @@ class NetConfig:
     #: averaged with the plain pass (test-time augmentation: 0 none, 1 left-right,
     #: 3 each axis, 7 every combination; see :data:`tomoscribe.model.refine.FLIP_SETS`)
     refine_flips: int = 0
+    #: the refiner's lesion components whose mean lesion probability is under
+    #: this are relabelled organ or other (0: every component is kept; see
+    #: :func:`tomoscribe.model.refine.drop_weak_lesions`)
+    refine_min_lesion_prob: float = 0.0
     #: a ``<seg>`` token and its mask decoder (referring segmentation, see
     #: :mod:`tomoscribe.model.segtoken`)
     seg_token: bool = False

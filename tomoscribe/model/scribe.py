@@ -491,7 +491,8 @@ class Scribe:
                 raise OutOfScopeError(why)
             refined = refine(self.net.refine, volume.voxels, volume.spacing, grid, logits,
                              refined_organs(self.cfg.organ_classes), self.cfg.lesion_class,
-                             self.cfg.refine_flips, self.cfg.refine_stats_mode)
+                             self.cfg.refine_flips, self.cfg.refine_stats_mode,
+                             self.cfg.refine_min_lesion_prob)
             extra["refined"] = refined.labels  # (D, H, W) uint8 on the source grid
             extra["refined_stats"] = refined.stats
             if self.cfg.refine_stats:
