@@ -363,6 +363,20 @@ def test_refine_stage_trains_and_the_model_uses_it(tmp_path: Path) -> None:
     assert torch.allclose(data["stats"][seed], want, atol=1e-4)
     assert torch.all(want[:, 1] == want[:, 1].round())  # a count of components
 
+    # with weak components dropped: cached apart, and fed as at inference
+    conf = json.loads((owned / "config.json").read_text())
+    conf["net"]["refine_min_lesion_prob"] = 0.9
+    (owned / "config.json").write_text(json.dumps(conf))
+    strict = tmp_path / "strict"
+    assert train_main(["--stage", "language", "--init", str(owned), "--out", str(strict),
+                       "--checkpoint", str(tmp_path / "ck2"), "--samples", "3", "--steps", "1",
+                       "--batch", "2", "--workers", "1"]) == 0
+    data = torch.load(tmp_path / "ck2" / "refine-stats.pt", weights_only=False)
+    assert data["key"]["min_lesion_prob"] == 0.9
+    enc4 = Scribe.load(strict).encode(Volume(hu, aff, enc2.volume.slices))
+    want = torch.tensor([enc4.extra["refined_stats"][c] for c in range(2, 8)])
+    assert torch.allclose(data["stats"][seed], want, atol=1e-4)
+
 
 def test_recall_term_weighs_a_small_lesion_like_a_large_one() -> None:
     from tomoscribe.train_refine import refine_loss
