@@ -450,8 +450,9 @@ def drop_weak_lesions(prob: torch.Tensor, pred: np.ndarray, min_prob: float) -> 
 
     Why: a refiner trained on more small lesions (``train_refine
     --small-share``) also gives more small false components, and on 120
-    validation phantoms those averaged a lesion probability of 0.60-0.98
-    where a true lesion's best component averaged 0.89 or more (see the
+    validation phantoms those behind falsely named sites averaged a lesion
+    probability of 0.60-0.98 where each true site's best component averaged
+    0.89 or more (see the
     README's "Where the findings go wrong").
     """
     from scipy import ndimage
@@ -491,7 +492,8 @@ def refine(net: OrganRefiner, hu: np.ndarray, spacing: Sequence[float], grid: Gr
             see the module docstring).
         min_lesion_prob: a box's lesion components whose mean lesion
             probability is under this are not lesions (:func:`drop_weak_lesions`;
-            0 keeps every one).
+            0 keeps every one). The ``"rim"`` statistics, read from the
+            softmax, still count them; the ``"owned"`` ones do not.
     """
     if stats_mode not in STATS_MODES:
         raise ValueError(f"refine statistics mode {stats_mode!r} is not one of {STATS_MODES}")
