@@ -205,7 +205,8 @@ def refined_region_stats(init: Path, seeds: list[int], checkpoint: Path,
     align stages of one recipe share them.
     """
     key: dict[str, object] = {"seeds": seeds, "vision": vision_hash(init)}
-    min_prob = load_net(init).cfg.refine_min_lesion_prob
+    net_conf = json.loads((init / "config.json").read_text())["net"]
+    min_prob = NetConfig.from_dict(net_conf).refine_min_lesion_prob
     if min_prob:  # caches written before the setting existed kept every component
         key["min_lesion_prob"] = min_prob
     if mode != "rim":  # caches written before the modes existed are "rim"

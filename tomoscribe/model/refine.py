@@ -259,6 +259,16 @@ def box_input(canon_hu: np.ndarray, prob: torch.Tensor, grid: GridMap, box: Box,
 CHUNK_VOXELS = 2_000_000
 
 
+def nearest_voxels(size: Sequence[int], shape: Sequence[int]) -> tuple[np.ndarray, ...]:
+    """Open-mesh indices picking, for each of ``size`` source voxels, its nearest of ``shape``.
+
+    Both grids span the same extent (a box and its refinement grid); index an
+    array of ``shape`` with the result to get one of ``size``.
+    """
+    return np.ix_(*[np.minimum((np.arange(size[a]) * shape[a]) // size[a], shape[a] - 1)
+                    for a in range(3)])
+
+
 def box_labels(prob: torch.Tensor, box: Box) -> np.ndarray:
     """Labels ``(D, H, W)`` uint8 on a box's source voxels from its refined probabilities.
 
@@ -282,13 +292,12 @@ def box_labels(prob: torch.Tensor, box: Box) -> np.ndarray:
     if tuple(prob.shape[1:]) == size:
         return coarse.numpy()
     shape = tuple(int(v) for v in prob.shape[1:])
-    idx = [np.minimum((np.arange(size[a]) * shape[a]) // size[a], shape[a] - 1)
-           for a in range(3)]
-    out = coarse.numpy()[np.ix_(idx[0], idx[1], idx[2])]
+    idx = nearest_voxels(size, shape)
+    out = coarse.numpy()[idx]
     lab = coarse[None, None].float()
     uneven = (F.max_pool3d(lab, 3, stride=1, padding=1)
               != -F.max_pool3d(-lab, 3, stride=1, padding=1))[0, 0].numpy()
-    edge = np.nonzero(uneven[np.ix_(idx[0], idx[1], idx[2])])
+    edge = np.nonzero(uneven[idx])
     # normalised input coordinates (align_corners=False) of each source voxel's
     # centre: the box grid and the source voxels span the same extent
     norm = [torch.from_numpy((e.astype(np.float32) + 0.5) * 2.0 / n - 1.0)
@@ -452,18 +461,15 @@ def drop_weak_lesions(prob: torch.Tensor, pred: np.ndarray, min_prob: float) -> 
     --small-share``) also gives more small false components, and on 120
     validation phantoms those behind falsely named sites averaged a lesion
     probability of 0.60-0.98 where each true site's best component averaged
-    0.89 or more (see the
-    README's "Where the findings go wrong").
+    0.89 or more (see the README's "Where the findings go wrong").
     """
     from scipy import ndimage
 
     lesion = pred == LESION
     if min_prob <= 0 or not lesion.any():
         return pred
-    shape = tuple(int(v) for v in prob.shape[1:])
-    idx = [np.minimum((np.arange(pred.shape[a]) * shape[a]) // pred.shape[a], shape[a] - 1)
-           for a in range(3)]
-    near = prob.numpy()[(slice(None), *np.ix_(idx[0], idx[1], idx[2]))]  # (3, D, H, W)
+    idx = nearest_voxels(pred.shape, tuple(int(v) for v in prob.shape[1:]))
+    near = np.stack([p[idx] for p in prob.numpy()])  # (3, D, H, W) on the source voxels
     comps, n = ndimage.label(lesion)
     means = np.asarray(ndimage.mean(near[LESION], comps, index=np.arange(1, n + 1)))
     weak = np.isin(comps, np.nonzero(means < min_prob)[0] + 1)
