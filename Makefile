@@ -3,7 +3,7 @@
 SHELL := /bin/bash
 PY := .venv/bin/python
 
-.PHONY: setup test lint demo stop train train-head ablation encoders bench scope sample brought-lm
+.PHONY: setup test lint demo stop train train-head ablation encoder-swap encoders bench scope sample brought-lm
 
 setup:
 	@bash scripts/setup.sh
@@ -163,6 +163,23 @@ brought-lm: setup
 	for m in llama gpt2; do $(PY) benchmarks/accuracy.py --model-dir checkpoints/with-$$m \
 		--json benchmarks/results/brought-$$m.json; done
 	$(PY) benchmarks/brought_lm.py --time tomoscribe/weights checkpoints/with-gpt2 checkpoints/with-llama
+
+## encoder-swap: the full-pipeline encoder row: the shipped model with its 3D encoder replaced by
+## new weights, DCFormer's or the 3D ViT's, everything else continued from tomoscribe/weights;
+## for each, the same 300 segmentation steps, language stage and alignment, then the test
+## phantoms (README "Ablation: DCFormer against a 3D ViT"; about 55 min a row on 2 CPU cores)
+SWAP = $(TRAIN) --init tomoscribe/weights --checkpoint checkpoints/swap-$(1) \
+		--out checkpoints/swap-$(1)-joint --encoder $(1) --fresh-encoder --steps 300 --batch 4 \
+		--lm-start 1000000000 --save-every 50 && \
+	$(TRAIN) --stage language --init checkpoints/swap-$(1)-joint --checkpoint checkpoints/swap-$(1) \
+		--out checkpoints/swap-$(1)-lang --steps 1000 --batch 32 --lr 5e-4 --point-weight 3 && \
+	$(TRAIN) --stage align --init checkpoints/swap-$(1)-lang --checkpoint checkpoints/swap-$(1) \
+		--out checkpoints/swap-$(1)-weights --steps 1500 --batch 128 --lr 1e-3 && \
+	$(PY) benchmarks/accuracy.py --n 60 --model-dir checkpoints/swap-$(1)-weights \
+		--json benchmarks/results/swap-$(1)-test60.json
+encoder-swap: setup
+	$(call SWAP,vit)
+	$(call SWAP,dcformer)
 
 ## encoders: the ablation's encoder row: DCFormer and a 3D ViT of the same size, each
 ## trained from new weights for the same segmentation steps, scored on validation phantoms

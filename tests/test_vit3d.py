@@ -89,3 +89,34 @@ def test_encoder_cost_counts_the_vits_attention() -> None:
     tokens = 6 * 12 * 12
     attention = cfg.vit_depth * 2 * 2 * tokens * tokens * cfg.vit_width / 1e9  # QK^T and AV
     assert gflop > attention  # the fused kernels' work is counted too
+
+
+@pytest.mark.parametrize("encoder", ["vit", "dcformer"])
+def test_an_encoder_swap_keeps_everything_but_the_encoder(tmp_path: Path, encoder: str) -> None:
+    """``--init M --encoder E --fresh-encoder``: the encoder starts from new weights, the
+    segmentation head, refiner and language side continue M (at learning rate 0 nothing
+    moves but batch-norm statistics, so what was loaded is what was saved)."""
+    from tomoscribe.scope import DEFAULT_MODEL_DIR
+    from tomoscribe.train import main as train_main
+
+    out = tmp_path / "swap"
+    assert train_main(["--init", str(DEFAULT_MODEL_DIR), "--encoder", encoder, "--fresh-encoder",
+                       "--out", str(out), "--checkpoint", str(tmp_path / "ck"), "--samples", "2",
+                       "--steps", "1", "--batch", "1", "--lr", "0", "--workers", "1",
+                       "--lm-start", "1000"]) == 0
+    assert json.loads((out / "config.json").read_text())["net"]["encoder"] == encoder
+    old = torch.load(DEFAULT_MODEL_DIR / "model.pt", map_location="cpu", weights_only=True)
+    new = torch.load(out / "model.pt", map_location="cpu", weights_only=True)
+    stats = ("running_mean", "running_var", "num_batches_tracked")
+    kept = [k for k in old if not k.startswith("encoder.") and not k.endswith(stats)]
+    assert any(k.startswith("seg.") for k in kept) and any(k.startswith("refine.") for k in kept)
+    assert all(torch.equal(old[k].float(), new[k].float()) for k in kept)
+    enc_old = {k: v for k, v in old.items() if k.startswith("encoder.")}
+    enc_new = {k: v for k, v in new.items() if k.startswith("encoder.")}
+    if encoder == "dcformer":  # same names and shapes, new values
+        assert enc_new.keys() == enc_old.keys()
+    assert not any(k in enc_old and enc_old[k].shape == v.shape and torch.equal(enc_old[k], v)
+                   for k, v in enc_new.items() if v.numel() > 1)
+    with pytest.raises(SystemExit):  # the other stages freeze the encoder
+        train_main(["--init", str(DEFAULT_MODEL_DIR), "--fresh-encoder", "--stage", "language",
+                    "--out", str(tmp_path / "x")])

@@ -716,6 +716,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--encoder", choices=("dcformer", "vit"), default=None,
                    help="3D encoder of a model trained from new weights (default dcformer; "
                    "vit: the ablation's ViT of the same size, see tomoscribe/model/vit3d.py)")
+    p.add_argument("--fresh-encoder", action="store_true",
+                   help="with --init: start the 3D encoder from new weights and keep the rest "
+                   "(the encoder-swap ablation, README; implied when --encoder changes it)")
     p.add_argument("--head-channels", type=int, default=None,
                    help="channels of the full-resolution segmentation head "
                    f"(default {NetConfig.head_channels})")
@@ -752,6 +755,10 @@ def main(argv: list[str] | None = None) -> int:
            if args.init is not None else NetConfig.for_domain(args.domain or CHEST_ABDOMEN_CT))
     if args.domain is not None and args.domain != cfg.domain:
         p.error(f"--domain {args.domain}: --init {args.init} is a {cfg.domain} model")
+    fresh_encoder = args.fresh_encoder or (args.encoder is not None
+                                           and args.encoder != cfg.encoder)
+    if fresh_encoder and (args.init is None or args.stage != "joint"):
+        p.error("a new encoder needs --init and --stage joint (the other stages freeze it)")
     if args.slice_owned is None and args.slice_tokens and not cfg.slice_tokens:
         args.slice_owned = True  # a new branch reads the owned-lesion area
     for name in ("encoder", "head_channels", "slice_tokens", "slice_owned", "psat_slices",
@@ -782,6 +789,8 @@ def main(argv: list[str] | None = None) -> int:
         init = torch.load(args.init / "model.pt", map_location="cpu", weights_only=True)
         if args.lm is not None:  # only the vision side fits a new LM
             init = {k: v for k, v in init.items() if k.split(".")[0] in VISION_MODULES}
+        if fresh_encoder:  # the encoder starts as built; the rest continues --init
+            init = {k: v for k, v in init.items() if k.split(".")[0] != "encoder"}
         load_overlapping(net, init)
         print(f"initialised from {args.init}", flush=True)
     if args.stage in ("language", "align"):
