@@ -167,7 +167,8 @@ brought-lm: setup
 ## encoder-swap: the full-pipeline encoder row: the shipped model with its 3D encoder replaced by
 ## new weights, DCFormer's or the 3D ViT's, everything else continued from tomoscribe/weights;
 ## for each, the same 300 segmentation steps, language stage and alignment, then the test
-## phantoms (README "Ablation: DCFormer against a 3D ViT"; about 55 min a row on 2 CPU cores)
+## phantoms and image-report retrieval over 200 of them (README "Ablation: DCFormer against a
+## 3D ViT"; about 1 h a row on 2 CPU cores)
 SWAP = $(TRAIN) --init tomoscribe/weights --checkpoint checkpoints/swap-$(1) \
 		--out checkpoints/swap-$(1)-joint --encoder $(1) --fresh-encoder --steps 300 --batch 4 \
 		--lm-start 1000000000 --save-every 50 && \
@@ -176,7 +177,9 @@ SWAP = $(TRAIN) --init tomoscribe/weights --checkpoint checkpoints/swap-$(1) \
 	$(TRAIN) --stage align --init checkpoints/swap-$(1)-lang --checkpoint checkpoints/swap-$(1) \
 		--out checkpoints/swap-$(1)-weights --steps 1500 --batch 128 --lr 1e-3 && \
 	$(PY) benchmarks/accuracy.py --n 60 --model-dir checkpoints/swap-$(1)-weights \
-		--json benchmarks/results/swap-$(1)-test60.json
+		--json benchmarks/results/swap-$(1)-test60.json && \
+	$(PY) benchmarks/retrieval.py --n 200 --model-dir checkpoints/swap-$(1)-weights \
+		--json benchmarks/results/swap-$(1)-retrieval200.json
 encoder-swap: setup
 	$(call SWAP,vit)
 	$(call SWAP,dcformer)

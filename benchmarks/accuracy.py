@@ -396,12 +396,21 @@ def _encode_flops(scribe: Scribe, vol: Volume) -> dict[str, float]:
     """GFLOP of :meth:`Scribe.encode` on one volume, by top-level module (and in total).
 
     Counted by ``torch.utils.flop_counter`` (convolutions and matrix products;
-    element-wise work is not counted).
+    element-wise work is not counted), with the plain ("math") attention and
+    without the transformer layers' fused inference path: the counter does
+    not see inside those kernels (it gave a ViT encoder's convolutions only,
+    0.14 GFLOP of its 0.63; see ``encoders.encoder_cost``).
     """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
-    with FlopCounterMode(display=False) as counter:
-        scribe.encode(vol, early_refusal=False)
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+            scribe.encode(vol, early_refusal=False)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
     counts = counter.get_flop_counts()
     out = {"total": counter.get_total_flops() / 1e9}
     for name, child in scribe.net.named_children():

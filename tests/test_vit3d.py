@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -120,3 +121,27 @@ def test_an_encoder_swap_keeps_everything_but_the_encoder(tmp_path: Path, encode
     with pytest.raises(SystemExit):  # the other stages freeze the encoder
         train_main(["--init", str(DEFAULT_MODEL_DIR), "--fresh-encoder", "--stage", "language",
                     "--out", str(tmp_path / "x")])
+
+
+def test_the_accuracy_benchmark_counts_a_vit_encoders_attention(tmp_path: Path) -> None:
+    """``accuracy.py``'s per-module GFLOP of a ViT model's encoder is ``encoders.py``'s
+    (the fused inference kernels, which the counter cannot see into, are turned off)."""
+    import accuracy  # benchmarks/accuracy.py
+    import encoders
+
+    from tomoscribe.model.scribe import Scribe
+    from tomoscribe.train import save_model
+    from tomoscribe.volume import SliceRef, Volume
+
+    torch.manual_seed(0)
+    cfg = NetConfig(encoder="vit")
+    save_model(ScribeNet(cfg), tmp_path, {"version": "0.0.1-test"})
+    hu = np.full((40, 64, 64), -1000.0, dtype=np.float32)
+    hu[8:32, 12:52, 12:52] = 40.0
+    aff = np.diag([2.5, 5.0, 5.0, 1.0])
+    vol = Volume(hu, aff, [SliceRef(f"2.25.1.{k}", "1.2.840.10008.5.1.4.1.1.2")
+                           for k in range(40)])
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    flops = accuracy._encode_flops(Scribe.load(tmp_path), vol)
+    assert flops["encoder"] == pytest.approx(encoders.encoder_cost(cfg)[1], rel=1e-6)
+    assert torch.backends.mha.get_fastpath_enabled() == fastpath  # put back
