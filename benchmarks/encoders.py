@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/encoders.py [--steps 300] [--n 40] [--json PATH]
         [--rows dcformer vit dcformer-siglip --siglip checkpoints/siglip/encoder.pt]
+    .venv/bin/python benchmarks/encoders.py --score MODEL_DIR [MODEL_DIR ...] [--n 40]
 
 The ablation's encoder row. Each encoder (``NetConfig.encoder`` "dcformer",
 the shipped model's, and "vit", :mod:`tomoscribe.model.vit3d`, 147 k
@@ -19,11 +20,15 @@ a SigLIP pretraining run (``python -m tomoscribe.train_siglip``, file
 ``--siglip``) instead of new ones, with the same head, data and steps: what
 the contrastive stage buys the segmentation.
 
+``--score DIR [DIR ...]`` trains nothing: it scores trained model folders'
+coarse segmentation (their encoder and head, before the organ-box refiner)
+on the same validation phantoms, e.g. the two models of ``make
+encoder-swap``, which continue the shipped model with a new encoder each.
+
 This compares the encoders where they differ (what the segmentation sees)
-on a budget a CPU affords. It is not the full pipeline row: the shipped
-model's language stages, refiner and alignment head were trained on
-DCFormer's features, and retraining them on a ViT takes the hours
-``make train`` takes.
+on a budget a CPU affords, from new weights throughout. The full pipeline
+row (each encoder under the refiner, the language model and the alignment
+head, all continued from the shipped model) is ``make encoder-swap``.
 """
 
 from __future__ import annotations
@@ -39,10 +44,18 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from tomoscribe.model.network import NetConfig, build_encoder
+from tomoscribe.model.network import NetConfig, ScribeNet, build_encoder
+from tomoscribe.model.scribe import Scribe
 from tomoscribe.model.seghead import SegHead
+from tomoscribe.phantom import SPLITS
 from tomoscribe.report import ORGANS
-from tomoscribe.train import add_phantom_arguments, phantom_caches, seg_loss, warmup_cosine
+from tomoscribe.train import (
+    add_phantom_arguments,
+    build_cache,
+    phantom_caches,
+    seg_loss,
+    warmup_cosine,
+)
 
 ENCODERS = ("dcformer", "vit")
 #: benchmark rows: an encoder kind, and whether it starts from SigLIP-pretrained weights
@@ -66,6 +79,50 @@ class SegNet(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits, _dec = self.seg(self.encoder(x), x)
         return logits  # type: ignore[no-any-return]
+
+
+class CoarseSeg(torch.nn.Module):
+    """A trained model's encoder and segmentation head, before the refiner.
+
+    Shapes: ``(B, C, D, H, W) -> (B, K, D, H, W)`` logits.
+    """
+
+    def __init__(self, net: ScribeNet) -> None:
+        super().__init__()
+        self.encoder, self.seg = net.encoder, net.seg
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits, _dec = self.seg(self.encoder(x), x)
+        return logits  # type: ignore[no-any-return]
+
+
+def score_models(dirs: list[Path], n: int, workers: int, cache_dir: Path, out: Path) -> int:
+    """Coarse-segmentation Dice of trained model folders on ``n`` validation phantoms.
+
+    The validation samples are cached in ``cache_dir`` (as the training run's are).
+    """
+    dice: dict[str, dict[str, float]] = {}
+    params: dict[str, int] = {}
+    shape: tuple[int, int, int] | None = None
+    for folder in dirs:
+        net = Scribe.load(folder).net
+        shape = tuple(net.cfg.model_shape)  # type: ignore[assignment]
+        tag = "x".join(map(str, shape))  # type: ignore[arg-type]
+        val = build_cache(list(SPLITS["val"][:n]), shape, cache_dir / f"val-{n}-{tag}.pt",
+                          workers)
+        dice[str(folder)] = dice_per_class(CoarseSeg(net), val, net.cfg.num_classes)
+        params[str(folder)] = sum(p.numel() for p in net.encoder.parameters())
+    classes = [c for c in CLASS_NAMES.values() if c != "body"]
+    print(f"\ncoarse segmentation (encoder and head, before the refiner), Dice on {n} "
+          f"validation phantoms (model grid {'x'.join(map(str, shape or ()))})")
+    print(f"{'model':32} {'encoder':>8} " + " ".join(f"{c[:12]:>12}" for c in classes))
+    for name, row in dice.items():
+        print(f"{name[-32:]:32} {params[name]:>8} " + " ".join(f"{row[c]:>12.3f}" for c in classes))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"val_phantoms": n, "scored": {
+        name: {"encoder_parameters": params[name], "dice": dice[name]} for name in dice}},
+        indent=2))
+    return 0
 
 
 def _batch(samples: list[dict[str, object]], idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,7 +164,7 @@ def train(cfg: NetConfig, samples: list[dict[str, object]], steps: int, batch: i
 
 
 @torch.no_grad()
-def dice_per_class(net: SegNet, samples: list[dict[str, object]],
+def dice_per_class(net: torch.nn.Module, samples: list[dict[str, object]],
                    num_classes: int) -> dict[str, float]:
     """Mean Dice of each class over the samples that hold it, on the model grid."""
     net.eval()
@@ -149,11 +206,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--n", type=int, default=40, help="validation phantoms scored")
     add_phantom_arguments(ap)
-    ap.add_argument("--json", type=Path, default=Path("benchmarks/results/encoders.json"))
+    ap.add_argument("--json", type=Path, default=None,
+                    help="default benchmarks/results/encoders.json (encoders-scored.json "
+                    "with --score)")
     ap.add_argument("--rows", nargs="+", choices=tuple(ROWS), default=list(ENCODERS),
                     help="rows to train and score (dcformer-siglip needs --siglip)")
     ap.add_argument("--siglip", type=Path, default=Path("checkpoints/siglip/encoder.pt"),
                     help="encoder weights of a SigLIP pretraining run, for dcformer-siglip")
+    ap.add_argument("--score", type=Path, nargs="+", default=None, metavar="MODEL_DIR",
+                    help="score these trained models' coarse segmentation, train nothing")
     ap.add_argument("--costs-only", action="store_true",
                     help="print parameters and GFLOP of each encoder, train nothing")
     args = ap.parse_args(argv)
@@ -167,6 +228,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ViT / DCFormer: parameters {costs['vit'][0] / costs['dcformer'][0]:.2f}x, "
               f"GFLOP {costs['vit'][1] / costs['dcformer'][1]:.2f}x")
         return 0
+    if args.score:
+        return score_models(args.score, args.n, args.workers,
+                            args.cache.parent if args.cache else Path("checkpoints"),
+                            args.json or Path("benchmarks/results/encoders-scored.json"))
     if "dcformer-siglip" in args.rows and not args.siglip.is_file():
         ap.error(f"row dcformer-siglip needs --siglip: no file {args.siglip}")
     _, samples, val = phantom_caches(args, args.n)
@@ -198,8 +263,9 @@ def main(argv: list[str] | None = None) -> int:
               f"time per step {ratios[2]:.2f}x")
     rows = {name: {"encoder_parameters": cost[name][0], "encoder_gflop": cost[name][1],
                    "seconds_per_step": cost[name][2], "dice": dice[name]} for name in args.rows}
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({
+    out = args.json or Path("benchmarks/results/encoders.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({
         "steps": args.steps, "batch": args.batch, "lr": args.lr, "samples": args.samples,
         "val_phantoms": args.n, "model_shape": shape, "seed": args.seed, "rows": rows,
         "siglip": str(args.siglip) if "dcformer-siglip" in args.rows else None,

@@ -80,6 +80,19 @@ def test_encoder_benchmark_runs_small(tmp_path: Path, capsys: pytest.CaptureFixt
         assert all(0.0 <= v <= 1.0 for v in row["dice"].values() if v == v)
     printed = capsys.readouterr().out
     assert "ViT / DCFormer: parameters" in printed
+    # --score: a trained model folder's coarse segmentation, nothing trained
+    from tomoscribe.train import save_model
+
+    model = tmp_path / "model"
+    save_model(ScribeNet(NetConfig(model_shape=(16, 32, 32), encoder="vit")), model,
+               {"version": "0.0.1-test"})
+    scored = tmp_path / "scored.json"
+    assert encoders.main(["--score", str(model), "--n", "2", "--workers", "1",
+                          "--cache", str(tmp_path / "train.pt"), "--json", str(scored)]) == 0
+    row = json.loads(scored.read_text())["scored"][str(model)]
+    assert row["encoder_parameters"] > 0 and set(row["dice"]) >= {"liver", "lesion"}
+    assert (tmp_path / "val-2-16x32x32.pt").is_file()
+    assert "before the refiner" in capsys.readouterr().out
 
 
 def test_encoder_cost_counts_the_vits_attention() -> None:
