@@ -167,8 +167,9 @@ brought-lm: setup
 ## encoder-swap: the full-pipeline encoder row: the shipped model with its 3D encoder replaced by
 ## new weights, DCFormer's or the 3D ViT's, everything else continued from tomoscribe/weights;
 ## for each, the same 300 segmentation steps, language stage and alignment, then the test
-## phantoms and image-report retrieval over 200 of them (README "Ablation: DCFormer against a
-## 3D ViT"; about 1 h a row on 2 CPU cores)
+## phantoms and image-report retrieval over 200 of them; then each model's coarse segmentation
+## on 40 validation phantoms (README "Ablation: DCFormer against a 3D ViT"; about 1 h a row on
+## 2 CPU cores)
 SWAP = $(TRAIN) --init tomoscribe/weights --checkpoint checkpoints/swap-$(1) \
 		--out checkpoints/swap-$(1)-joint --encoder $(1) --fresh-encoder --steps 300 --batch 4 \
 		--lm-start 1000000000 --save-every 50 && \
@@ -183,6 +184,8 @@ SWAP = $(TRAIN) --init tomoscribe/weights --checkpoint checkpoints/swap-$(1) \
 encoder-swap: setup
 	$(call SWAP,vit)
 	$(call SWAP,dcformer)
+	$(PY) benchmarks/encoders.py --score checkpoints/swap-vit-weights \
+		checkpoints/swap-dcformer-weights tomoscribe/weights --json benchmarks/results/swap-coarse.json
 
 ## encoders: the ablation's encoder row: DCFormer and a 3D ViT of the same size, each
 ## trained from new weights for the same segmentation steps, scored on validation phantoms
