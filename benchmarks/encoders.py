@@ -115,9 +115,9 @@ def score_models(dirs: list[Path], n: int, workers: int, cache_dir: Path, out: P
     classes = [c for c in CLASS_NAMES.values() if c != "body"]
     print(f"\ncoarse segmentation (encoder and head, before the refiner), Dice on {n} "
           f"validation phantoms (model grid {'x'.join(map(str, shape or ()))})")
-    print(f"{'model':32} {'encoder':>8} " + " ".join(f"{c[:12]:>12}" for c in classes))
+    print(f"{'model':40} {'encoder':>8} " + " ".join(f"{c[:12]:>12}" for c in classes))
     for name, row in dice.items():
-        print(f"{name[-32:]:32} {params[name]:>8} " + " ".join(f"{row[c]:>12.3f}" for c in classes))
+        print(f"{name[-40:]:40} {params[name]:>8} " + " ".join(f"{row[c]:>12.3f}" for c in classes))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"val_phantoms": n, "scored": {
         name: {"encoder_parameters": params[name], "dice": dice[name]} for name in dice}},
