@@ -114,10 +114,11 @@ def test_an_encoder_swap_keeps_everything_but_the_encoder(tmp_path: Path, encode
     from tomoscribe.train import main as train_main
 
     out = tmp_path / "swap"
+    small = ["--samples", "2", "--steps", "1", "--batch", "1", "--workers", "1",
+             "--cache", str(tmp_path / "samples.pt"), "--lm-start", "1000"]
     assert train_main(["--init", str(DEFAULT_MODEL_DIR), "--encoder", encoder, "--fresh-encoder",
-                       "--out", str(out), "--checkpoint", str(tmp_path / "ck"), "--samples", "2",
-                       "--steps", "1", "--batch", "1", "--lr", "0", "--workers", "1",
-                       "--lm-start", "1000"]) == 0
+                       "--out", str(out), "--checkpoint", str(tmp_path / "ck"), "--lr", "0",
+                       *small]) == 0
     assert json.loads((out / "config.json").read_text())["net"]["encoder"] == encoder
     old = torch.load(DEFAULT_MODEL_DIR / "model.pt", map_location="cpu", weights_only=True)
     new = torch.load(out / "model.pt", map_location="cpu", weights_only=True)
@@ -131,6 +132,13 @@ def test_an_encoder_swap_keeps_everything_but_the_encoder(tmp_path: Path, encode
         assert enc_new.keys() == enc_old.keys()
     assert not any(k in enc_old and enc_old[k].shape == v.shape and torch.equal(enc_old[k], v)
                    for k, v in enc_new.items() if v.numel() > 1)
+    # without --init, --encoder picks the encoder of a model from new weights, as before
+    scratch = tmp_path / "scratch"
+    assert train_main(["--encoder", encoder, "--out", str(scratch), "--checkpoint",
+                       str(tmp_path / "ck2"), *small]) == 0
+    assert json.loads((scratch / "config.json").read_text())["net"]["encoder"] == encoder
+    with pytest.raises(SystemExit):  # nothing to keep
+        train_main(["--fresh-encoder", "--out", str(tmp_path / "x")])
     with pytest.raises(SystemExit):  # the other stages freeze the encoder
         train_main(["--init", str(DEFAULT_MODEL_DIR), "--fresh-encoder", "--stage", "language",
                     "--out", str(tmp_path / "x")])

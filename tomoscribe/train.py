@@ -755,7 +755,7 @@ def main(argv: list[str] | None = None) -> int:
            if args.init is not None else NetConfig.for_domain(args.domain or CHEST_ABDOMEN_CT))
     if args.domain is not None and args.domain != cfg.domain:
         p.error(f"--domain {args.domain}: --init {args.init} is a {cfg.domain} model")
-    fresh_encoder = args.fresh_encoder or (args.encoder is not None
+    fresh_encoder = args.fresh_encoder or (args.init is not None and args.encoder is not None
                                            and args.encoder != cfg.encoder)
     if fresh_encoder and (args.init is None or args.stage != "joint"):
         p.error("a new encoder needs --init and --stage joint (the other stages freeze it)")
