@@ -168,7 +168,7 @@ brought-lm: setup
 ## new weights, DCFormer's or the 3D ViT's, everything else continued from tomoscribe/weights;
 ## for each, the same 300 segmentation steps, language stage and alignment, then the test
 ## phantoms and image-report retrieval over 200 of them; then each model's coarse segmentation
-## on 40 validation phantoms (README "Ablation: DCFormer against a 3D ViT"; about 1 h a row on
+## on 40 validation phantoms (README "Ablation: DCFormer against a 3D ViT"; about 50 min a row on
 ## 2 CPU cores)
 SWAP = $(TRAIN) --init tomoscribe/weights --checkpoint checkpoints/swap-$(1) \
 		--out checkpoints/swap-$(1)-joint --encoder $(1) --fresh-encoder --steps 300 --batch 4 \

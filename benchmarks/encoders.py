@@ -66,30 +66,18 @@ CLASS_NAMES = {**{i + 1: o for i, o in enumerate(ORGANS)}, 8: "lesion"}
 
 
 class SegNet(torch.nn.Module):
-    """An encoder and the shipped model's segmentation head.
+    """An encoder and a segmentation head: new ones for ``cfg``, or a trained model's.
 
     Shapes: ``(B, C, D, H, W) -> (B, K, D, H, W)`` logits.
     """
 
-    def __init__(self, cfg: NetConfig) -> None:
+    def __init__(self, cfg: NetConfig, trained: ScribeNet | None = None) -> None:
         super().__init__()
-        self.encoder = build_encoder(cfg)
-        self.seg = SegHead(cfg.channels, cfg.num_classes, cfg.in_channels, cfg.head_channels)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits, _dec = self.seg(self.encoder(x), x)
-        return logits  # type: ignore[no-any-return]
-
-
-class CoarseSeg(torch.nn.Module):
-    """A trained model's encoder and segmentation head, before the refiner.
-
-    Shapes: ``(B, C, D, H, W) -> (B, K, D, H, W)`` logits.
-    """
-
-    def __init__(self, net: ScribeNet) -> None:
-        super().__init__()
-        self.encoder, self.seg = net.encoder, net.seg
+        if trained is not None:  # its encoder and head, before the refiner
+            self.encoder, self.seg = trained.encoder, trained.seg
+        else:
+            self.encoder = build_encoder(cfg)
+            self.seg = SegHead(cfg.channels, cfg.num_classes, cfg.in_channels, cfg.head_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits, _dec = self.seg(self.encoder(x), x)
@@ -103,18 +91,18 @@ def score_models(dirs: list[Path], n: int, workers: int, cache_dir: Path, out: P
     """
     dice: dict[str, dict[str, float]] = {}
     params: dict[str, int] = {}
-    shape: tuple[int, int, int] | None = None
+    vals: dict[str, list[dict[str, object]]] = {}  # by model grid: loaded once
     for folder in dirs:
         net = Scribe.load(folder).net
-        shape = tuple(net.cfg.model_shape)  # type: ignore[assignment]
-        tag = "x".join(map(str, shape))  # type: ignore[arg-type]
-        val = build_cache(list(SPLITS["val"][:n]), shape, cache_dir / f"val-{n}-{tag}.pt",
-                          workers)
-        dice[str(folder)] = dice_per_class(CoarseSeg(net), val, net.cfg.num_classes)
+        tag = "x".join(map(str, net.cfg.model_shape))
+        if tag not in vals:
+            vals[tag] = build_cache(list(SPLITS["val"][:n]), net.cfg.model_shape,
+                                    cache_dir / f"val-{n}-{tag}.pt", workers)
+        dice[str(folder)] = dice_per_class(SegNet(net.cfg, net), vals[tag], net.cfg.num_classes)
         params[str(folder)] = sum(p.numel() for p in net.encoder.parameters())
     classes = [c for c in CLASS_NAMES.values() if c != "body"]
     print(f"\ncoarse segmentation (encoder and head, before the refiner), Dice on {n} "
-          f"validation phantoms (model grid {'x'.join(map(str, shape or ()))})")
+          f"validation phantoms (model grid {', '.join(vals)})")
     print(f"{'model':40} {'encoder':>8} " + " ".join(f"{c[:12]:>12}" for c in classes))
     for name, row in dice.items():
         print(f"{name[-40:]:40} {params[name]:>8} " + " ".join(f"{row[c]:>12.3f}" for c in classes))
