@@ -383,6 +383,38 @@ def test_a_model_trained_here_gets_a_version_of_its_own(tmp_path: Path) -> None:
     assert Scribe.load(tmp_path / "d").version == "0.6.0"
 
 
+def test_the_seg_stage_trains_the_segmentation_head_alone(tmp_path: Path) -> None:
+    """``--stage seg --init M``: the segmentation head learns; every other tensor of M (the
+    encoder's batch-norm statistics included: it runs as at inference) is what was saved,
+    and ``config.json`` keeps M's record with the run added to its history."""
+    import json
+
+    from tomoscribe.train import main as train_main
+
+    init = Path(tomoscribe.__file__).parent / "weights-head-mr"
+    out = tmp_path / "seg"
+    assert train_main(["--stage", "seg", "--init", str(init), "--out", str(out),
+                       "--checkpoint", str(tmp_path / "ck"), "--samples", "2", "--steps", "2",
+                       "--batch", "1", "--workers", "1", "--lr", "1e-2",
+                       "--cache", str(tmp_path / "samples.pt")]) == 0
+    old = torch.load(init / "model.pt", map_location="cpu", weights_only=True)
+    new = torch.load(out / "model.pt", map_location="cpu", weights_only=True)
+    assert new.keys() == old.keys()
+    others = [k for k in old if not k.startswith("seg.")]
+    assert any(k.startswith("encoder.") and k.endswith("running_mean") for k in others)
+    assert all(torch.equal(old[k], new[k]) for k in others)
+    assert any(not torch.equal(old[k], new[k]) for k in old if k.startswith("seg."))
+    before = json.loads((init / "config.json").read_text())
+    after = json.loads((out / "config.json").read_text())
+    assert after["scope"] == before["scope"]
+    assert all(after["net"][k] == v for k, v in before["net"].items())  # newer keys added
+    assert after["history"][:-1] == before["history"]
+    assert after["history"][-1]["stage"] == "seg" and after["seg_steps"] == 2
+    assert after["version"] != before["version"]  # a local version of its own
+    with pytest.raises(SystemExit):  # nothing to start from
+        train_main(["--stage", "seg", "--out", str(tmp_path / "x")])
+
+
 def test_scribe_load_refuses_bad_folder(tmp_path: Path) -> None:
     with pytest.raises(ModelError, match=r"lacks config\.json"):
         Scribe.load(tmp_path)

@@ -722,10 +722,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--head-channels", type=int, default=None,
                    help="channels of the full-resolution segmentation head "
                    f"(default {NetConfig.head_channels})")
-    p.add_argument("--stage", choices=("joint", "language", "align"), default="joint",
-                   help="joint: everything end to end; language: projectors and LM only, "
-                   "on the frozen encoder of --init (fast: features are cached); align: "
-                   "the SigLIP image-report head only, on the same cached features")
+    p.add_argument("--stage", choices=("joint", "seg", "language", "align"), default="joint",
+                   help="joint: everything end to end; seg: the segmentation head alone "
+                   "(segmentation loss only), on the frozen encoder of --init, every other "
+                   "module kept; language: projectors and LM only, on the frozen encoder of "
+                   "--init (fast: features are cached); align: the SigLIP image-report head "
+                   "only, on the same cached features")
     p.add_argument("--refine-stats", action=argparse.BooleanOptionalAction, default=None,
                    help="language stage: region tokens read the refiner's lesion statistics "
                    "(--init must have a refiner, see python -m tomoscribe.train_refine)")
@@ -827,7 +829,15 @@ def main(argv: list[str] | None = None) -> int:
                                    "train_samples": len(samples), "history": history})
         print(f"saved {args.out} after {steps} language steps", flush=True)
         return 0
-    opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=1e-4)
+    seg_only = args.stage == "seg"
+    if seg_only:  # the segmentation head alone learns; the encoder runs as at inference
+        if args.init is None:
+            p.error("--stage seg needs --init (the trained encoder)")
+        prior = json.loads((args.init / "config.json").read_text())
+        for name, module in net.named_children():
+            module.requires_grad_(name == "seg")
+    trained = [param for param in net.parameters() if param.requires_grad]
+    opt = torch.optim.AdamW(trained, lr=args.lr, weight_decay=1e-4)
     step = 0
     spent = 0.0  # training seconds in earlier runs (for --minutes across resumes)
     ckpt = args.checkpoint / "last.pt"
@@ -844,8 +854,22 @@ def main(argv: list[str] | None = None) -> int:
     n_params = sum(p.numel() for p in net.parameters())
     print(f"{n_params / 1e6:.2f} M parameters, {len(samples)} samples", flush=True)
 
+    def joint_meta(steps: int) -> dict[str, object]:
+        """``config.json``'s record: a seg run keeps --init's and adds itself to the history."""
+        if not seg_only:
+            return {"version": args.version, "trained_steps": steps,
+                    "train_samples": len(samples)}
+        history = [*prior.get("history", []), {"stage": "seg", "steps": steps,
+                                               "batch": args.batch, "lr": args.lr,
+                                               "lesion_weight": args.lesion_weight,
+                                               "lesion_dice": args.lesion_dice}]
+        return {**{k: v for k, v in prior.items() if k not in ("name", "net", "history")},
+                "version": args.version, "seg_steps": steps, "history": history}
+
     t0 = time.time() - spent
     net.train()
+    if seg_only:  # the frozen encoder's batch norms keep their running statistics
+        net.encoder.eval()
     while step < args.steps:
         elapsed = time.time() - t0
         # progress: by steps or by the time budget, whichever is further along;
@@ -863,17 +887,22 @@ def main(argv: list[str] | None = None) -> int:
         batch = [samples[int(i)] for i in idx]
         x = torch.from_numpy(np.stack([b["x"] for b in batch])).float()  # type: ignore[misc]
         y = torch.from_numpy(np.stack([b["y"] for b in batch])).long()  # type: ignore[misc]
-        tokens, logits = net.encode(x)
+        if seg_only:
+            with torch.no_grad():
+                feats = net.encoder(x)
+            logits, _dec = net.seg(feats, x)
+        else:
+            tokens, logits = net.encode(x)
         loss_seg = seg_loss(logits, y, weights, cfg.lesion_class, args.lesion_dice)
         loss = loss_seg
         loss_lm = torch.zeros(())
-        if step >= args.lm_start:
+        if not seg_only and step >= args.lm_start:
             reports, qas = text_batch(batch, tok, rng)
             loss_lm = lm_step_loss(net, tokens, reports, qas, answer_id)
             loss = loss + loss_lm
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), 2.0)
+        torch.nn.utils.clip_grad_norm_(trained, 2.0)
         opt.step()
         step += 1
         if step % 10 == 0:
@@ -885,10 +914,8 @@ def main(argv: list[str] | None = None) -> int:
             torch.save({"net": net.state_dict(), "opt": opt.state_dict(), "step": step,
                         "seconds": time.time() - t0}, ckpt.with_suffix(".tmp"))
             os.replace(ckpt.with_suffix(".tmp"), ckpt)
-            save_model(net, args.out, {"version": args.version, "trained_steps": step,
-                                       "train_samples": len(samples)})
-    save_model(net, args.out, {"version": args.version, "trained_steps": step,
-                               "train_samples": len(samples)})
+            save_model(net, args.out, joint_meta(step))
+    save_model(net, args.out, joint_meta(step))
     print(f"saved {args.out} at step {step}", flush=True)
     return 0
 
