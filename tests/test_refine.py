@@ -428,6 +428,18 @@ def test_fresh_refiner_and_patch_loaders(tmp_path: Path) -> None:
         refine_keys = [k for k in shipped if k.startswith("refine.")]
         assert refine_keys
         assert all(torch.equal(shipped[k], after[k]) for k in refine_keys) is same
+    # --min-lesion-prob sets the model's threshold for dropping weak lesion components
+    strict = tmp_path / "strict"
+    assert main(["--init", str(DEFAULT_MODEL_DIR), "--out", str(strict), "--checkpoint",
+                 str(tmp_path / "ck-strict"), "--phantoms", "1", "--steps", "0",
+                 "--workers", "1", "--min-lesion-prob", "0.8"]) == 0
+    conf = json.loads((strict / "config.json").read_text())
+    assert conf["net"]["refine_min_lesion_prob"] == 0.8
+    assert conf["history"][-1]["min_lesion_prob"] == 0.8
+    assert Scribe.load(strict).cfg.refine_min_lesion_prob == 0.8
+    with pytest.raises(SystemExit):
+        main(["--init", str(DEFAULT_MODEL_DIR), "--out", str(tmp_path / "x"),
+              "--min-lesion-prob", "1.5"])
 
     rng = np.random.default_rng(0)
     y = np.zeros((12, 20, 20), dtype=np.uint8)

@@ -444,7 +444,13 @@ def main(argv: list[str] | None = None) -> int:
                    help="torch device of the refiner's training (cpu, cuda, auto)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     p.add_argument("--save-every", type=int, default=200)
+    p.add_argument("--min-lesion-prob", type=float, default=None,
+                   help="the model's refine_min_lesion_prob: lesion components whose mean "
+                   "lesion probability is under it are dropped at inference "
+                   "(refine.drop_weak_lesions; default: --init's, 0 keeps every one)")
     args = p.parse_args(argv)
+    if args.min_lesion_prob is not None and not 0.0 <= args.min_lesion_prob < 1.0:
+        p.error("--min-lesion-prob must be in [0, 1)")
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
                           else "cpu" if args.device == "auto" else args.device)
 
@@ -482,6 +488,8 @@ def main(argv: list[str] | None = None) -> int:
           flush=True)
 
     cfg.refine_width = args.width or cfg.refine_width or 12
+    if args.min_lesion_prob is not None:
+        cfg.refine_min_lesion_prob = args.min_lesion_prob
     net = ScribeNet(cfg)
     init = torch.load(args.init / "model.pt", map_location="cpu", weights_only=True)
     if args.fresh:
@@ -527,7 +535,8 @@ def main(argv: list[str] | None = None) -> int:
                         "recall_weight": args.recall_weight, "patch": list(args.patch),
                         "fresh": args.fresh, "device": device.type,
                         "organ_share": {n: float(f) for n, f in args.organ_share},
-                        "small_share": args.small_share, "small_voxels": args.small_voxels}]
+                        "small_share": args.small_share, "small_voxels": args.small_voxels,
+                        "min_lesion_prob": cfg.refine_min_lesion_prob}]
             meta = {k: v for k, v in prior.items()
                     if k not in ("name", "net", "history", "version")}
             save_model(net, args.out, {**meta, "version": args.version, "refine_steps": step,
