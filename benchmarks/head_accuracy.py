@@ -221,8 +221,9 @@ def main(argv: list[str] | None = None) -> int:
     dice: dict[str, list[float]] = {s: [] for s in STRUCTURES_SCORED}
     band_dice: dict[str, list[float]] = {f"{lo:.0f}-{hi:.0f} mm": [] for lo, hi in BANDS}
     band_found: dict[str, list[bool]] = {b: [] for b in band_dice}
+    band_coarse: dict[str, list[float]] = {b: [] for b in band_dice}  # before the refiner
     seconds: list[float] = []
-    small_by_look: dict[str, list[tuple[float, bool]]] = {}
+    small_by_look: dict[str, list[tuple[float, bool, float]]] = {}
     refer = ({"model": Refer(), "image-blind": Refer()} if scribe.net.segtoken is not None
              else {})
     seeds = list(SPLITS[args.split][: args.n])
@@ -257,11 +258,13 @@ def main(argv: list[str] | None = None) -> int:
             if (labels == lab).any():
                 dice[s].append(_dice(report.label_map == lab, labels == lab))
         # lesions, segmentation alone: the refiner's labels, or the head's on the source grid
+        coarse = enc.extra["grid"].to_source_labels(
+            enc.seg_logits.argmax(dim=1)[0].to(torch.uint8).numpy())
         seg = enc.extra.get("refined")
         if seg is None:  # a model without a refiner
-            seg = enc.extra["grid"].to_source_labels(
-                enc.seg_logits.argmax(dim=1)[0].to(torch.uint8).numpy())
+            seg = coarse
         seg_les = seg == scribe.cfg.lesion_class
+        coarse_les = coarse == scribe.cfg.lesion_class
         comps, _n = ndimage.label(labels == LESION_LABEL)
         site_slices: dict[str, set[int]] = {}  # source slices holding each site's lesions
         for les in ph.lesions:
@@ -280,10 +283,11 @@ def main(argv: list[str] | None = None) -> int:
                     band = f"{lo:.0f}-{hi:.0f} mm"
                     band_dice[band].append(_dice(seg_les & near, t_mask))
                     band_found[band].append(bool((seg_les & t_mask).any()))
+                    band_coarse[band].append(_dice(coarse_les & near, t_mask))
                     if lo == BANDS[0][0]:  # the smallest band, by what the lesion looks like
                         look = f"{ph.sequence} {les.kind}{' in oedema' if les.oedema_mm else ''}"
                         small_by_look.setdefault(look, []).append(
-                            (band_dice[band][-1], band_found[band][-1]))
+                            (band_dice[band][-1], band_found[band][-1], band_coarse[band][-1]))
         # key-slice pointing: a finding's first key image holds a lesion of its site
         for name, rep in (("model", report), ("image-blind", blind)):
             for f in rep.findings:
@@ -319,10 +323,12 @@ def main(argv: list[str] | None = None) -> int:
         "structure_dice": {s: float(np.mean(v)) for s, v in dice.items() if v},
         "lesion_dice_by_size": {b: {"dice": float(np.mean(v)) if v else None,
                                     "detected": float(np.mean(band_found[b])) if v else None,
+                                    "coarse_dice": float(np.mean(band_coarse[b])) if v else None,
                                     "n": len(v)} for b, v in band_dice.items()},
         "referring_segmentation": {name: r.row() for name, r in refer.items()},
-        "smallest_band_by_look": {k: {"dice": float(np.mean([d for d, _f in v])),
-                                      "detected": float(np.mean([f for _d, f in v])),
+        "smallest_band_by_look": {k: {"dice": float(np.mean([d for d, _f, _c in v])),
+                                      "detected": float(np.mean([f for _d, f, _c in v])),
+                                      "coarse_dice": float(np.mean([c for _d, _f, c in v])),
                                       "n": len(v)} for k, v in sorted(small_by_look.items())},
         "questions_per_study": len(items),
         "majority_report_text": majority_text,
@@ -347,12 +353,14 @@ def main(argv: list[str] | None = None) -> int:
         for k, v in result["findings_f1_by_weighting"].items()))
     print("structure Dice (model): " + ", ".join(
         f"{s} {d:.3f}" for s, d in result["structure_dice"].items()))
-    print("lesions, segmentation alone (detected / Dice): " + ", ".join(
-        f"{b}: n/a" if not v["n"] else f"{b}: {v['detected']:.3f} / {v['dice']:.3f} (n={v['n']})"
-        for b, v in result["lesion_dice_by_size"].items()))
+    print("lesions, segmentation alone (detected / Dice / Dice of the head before the "
+          "refiner): " + ", ".join(
+              f"{b}: n/a" if not v["n"] else
+              f"{b}: {v['detected']:.3f} / {v['dice']:.3f} / {v['coarse_dice']:.3f} (n={v['n']})"
+              for b, v in result["lesion_dice_by_size"].items()))
     print(f"lesions of {BANDS[0][0]:.0f}-{BANDS[0][1]:.0f} mm by weighting and kind "
-          "(detected / Dice): " + ", ".join(
-              f"{k} {v['detected']:.2f} / {v['dice']:.3f} (n={v['n']})"
+          "(detected / Dice / before the refiner): " + ", ".join(
+              f"{k} {v['detected']:.2f} / {v['dice']:.3f} / {v['coarse_dice']:.3f} (n={v['n']})"
               for k, v in result["smallest_band_by_look"].items()))
     pointing = {name: ("n/a" if r["key_slice_pointing"] is None
                        else f"{r['key_slice_pointing']:.3f}", r["key_slice_findings"])

@@ -72,6 +72,10 @@ def test_head_benchmark_scores_a_head_model_and_refuses_another(tmp_path: Path) 
     assert data["questions_per_study"] == 17
     assert "key-slice pointing" in res.stdout
     assert set(data["rows"]["model"]) >= {"key_slice_pointing", "key_slice_findings"}
+    # lesions by size: the refined segmentation's Dice beside the head's before the refiner
+    assert "before the refiner" in res.stdout
+    assert all(set(v) == {"dice", "detected", "coarse_dice", "n"}
+               for v in data["lesion_dice_by_size"].values())
     # every referring question: 4 structures x 2 templates + "segment the lesions ."
     assert {k: v["questions"] for k, v in data["referring_segmentation"].items()} == {
         "model": 2 * 9, "image-blind": 2 * 9}
